@@ -1,0 +1,269 @@
+"""Config loading, composition, validation, and the CLI's config/usage contract (exit codes, messages)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from vla_dist.cli import main
+from vla_dist.config import ConfigError, RunConfig, load_config, save_resolved, validate
+from vla_dist.errors import VlaDistError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+HEAVY_MODULES = ("ray", "genesis", "torch", "deepspeed")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _subprocess_env() -> dict[str, str]:
+    # Works before `pip install -e .` too: the checkout goes first on the path.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _config_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI, assert it exits 2 for a bad config, return its stderr."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    return err
+
+
+# --- loading and composition -------------------------------------------------------------------
+
+
+def test_quickstart_loads_and_validates() -> None:
+    cfg = validate(load_config(None, []))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.task.name == "all"  # from task/all.yaml via defaults
+    assert (cfg.task.image_size, cfg.collect.episodes) == (64, 12)
+    assert (cfg.collect.num_actors, cfg.collect.envs_per_actor) == (2, 2)
+    assert (cfg.run.dir, cfg.data.dir, cfg.cluster.address) == ("runs/quickstart", "data/quickstart", None)
+
+
+def test_default_config_found_from_another_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, []).collect.episodes == 12
+
+
+def test_overrides_apply_with_yaml_types() -> None:
+    cfg = load_config(None, ["collect.episodes=4", "task.cameras=[front]", "cluster.address=auto", "sim.dt=5e-3"])
+    assert cfg.collect.episodes == 4
+    assert cfg.task.cameras == ["front"]
+    assert cfg.cluster.address == "auto"
+    assert cfg.sim.dt == pytest.approx(0.005)
+
+
+def test_composition_order_defaults_then_file_then_overrides(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    _write(configs / "task" / "base.yaml", "task: {name: push_cube, image_size: 32}\ncollect: {episodes: 5}\n")
+    _write(configs / "task" / "mine.yaml", "defaults: [task/base.yaml]\ncollect: {episodes: 6, num_actors: 3}\n")
+    top = _write(configs / "run.yaml", "defaults: [task/mine.yaml]\ncollect: {episodes: 7}\n")
+    cfg = load_config(top, [])
+    assert cfg.task.name == "push_cube" and cfg.task.image_size == 32  # nested defaults only
+    assert cfg.collect.num_actors == 3  # the nearer default wins over the farther one
+    assert cfg.collect.episodes == 7  # the file wins over its defaults
+    assert load_config(top, ["collect.episodes=9"]).collect.episodes == 9  # overrides win over all
+
+
+def test_user_file_composes_shipped_task_files(tmp_path: Path) -> None:
+    mine = _write(tmp_path / "mine.yaml", "defaults: [task/stack_cube.yaml]\n")
+    assert load_config(mine, []).task.name == "stack_cube"
+
+
+def test_defaults_cycle_and_missing_default(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    _write(configs / "a.yaml", "defaults: [b.yaml]\n")
+    _write(configs / "b.yaml", "defaults: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="cycle.*a.yaml"):
+        load_config(configs / "a.yaml", [])
+    _write(configs / "c.yaml", "defaults: [task/nope.yaml]\n")
+    with pytest.raises(ConfigError, match="task/nope.yaml"):
+        load_config(configs / "c.yaml", [])
+
+
+def test_save_resolved_round_trips(tmp_path: Path) -> None:
+    cfg = validate(load_config(None, ["task.name=pick_cube", "collect.episodes=3", "cluster.num_cpus=2"]))
+    path = save_resolved(cfg, tmp_path / "run")
+    assert path == tmp_path / "run" / "config.yaml"
+    assert load_config(path, []) == cfg
+    assert not [p for p in path.parent.iterdir() if p.name != "config.yaml"]  # no temp file left
+
+
+# --- the contract ------------------------------------------------------------------------------
+
+# Keys shared/design.md names that exist so far: renaming one breaks users' files and scripts.
+CONTRACT_KEYS = (
+    "run.dir",
+    "run.seed",
+    "task.name",
+    "collect.episodes",
+    "collect.num_actors",
+    "collect.envs_per_actor",
+    "data.dir",
+    "cluster.address",
+)
+
+
+@pytest.mark.parametrize("key", CONTRACT_KEYS)
+def test_contract_key_exists(key: str) -> None:
+    section, name = key.split(".")
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    assert section in fields
+    assert name in {f.name for f in dataclasses.fields(fields[section].default_factory())}  # type: ignore[misc]
+
+
+# --- every bad config exits 2 with the full key path -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("collect.episdoes=3", "collect.episdoes"),
+        ("collect.episodes=abc", "collect.episodes"),
+        ("collect.episodes=-1", "collect.episodes"),
+        ("collect.num_actors=0", "collect.num_actors"),
+        ("task.image_size=33", "task.image_size"),
+        ("task.cameras=[front,front]", "task.cameras"),
+        ("sim.dt=0.03", "task.control_hz"),
+        ("data.shard_max_bytes=5", "data.shard_max_bytes"),
+        ("cluster.address=''", "cluster.address"),
+    ],
+)
+def test_bad_override_exits_2_naming_key(override: str, needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert needle in _config_error(["collect", override], capsys)
+
+
+def test_unknown_key_lists_section_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _config_error(["config", "collect.episdoes=3"], capsys)
+    assert "unknown key" in err and "episodes, num_actors" in err
+
+
+def test_unknown_key_in_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = _write(tmp_path / "bad.yaml", "collect:\n  episodes: 3\n  num_actorz: 2\n")
+    err = _config_error(["collect", "--config", str(bad)], capsys)
+    assert "collect.num_actorz" in err and str(bad) in err
+
+
+def test_unknown_task_lists_tasks(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _config_error(["collect", "task.name=open_drawer"], capsys)
+    assert "task.name" in err
+    assert all(name in err for name in ("pick_cube", "push_cube", "stack_cube"))
+
+
+def test_data_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_dir = _write(tmp_path / "data", "x")
+    err = _config_error(["collect", f"data.dir={not_a_dir}"], capsys)
+    assert "data.dir" in err and str(not_a_dir) in err
+
+
+def test_malformed_override(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "collect.episodes" in _config_error(["collect", "collect.episodes"], capsys)
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert str(missing) in _config_error(["collect", "--config", str(missing)], capsys)
+
+
+def test_config_error_before_heavy_work(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vla_dist", "collect", "collect.episodes=-1", f"run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env=_subprocess_env(), timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "collect.episodes" in done.stderr
+    assert not (tmp_path / "run").exists()  # nothing written for a bad config
+
+
+def test_loading_imports_no_heavy_library() -> None:
+    code = (
+        "import sys, vla_dist.cli\n"
+        "from vla_dist.config import load_config, validate\n"
+        "validate(load_config(None, []))\n"
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_subprocess_env(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+# --- usage and dispatch ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--help"], ("collect", "bench", "config")),
+        (["collect", "--help"], ("Genesis", "shards", "--config", "KEY=VALUE")),
+        (["bench", "--help"], ("rollout", "codec", "JSON")),
+    ],
+)
+def test_help_exits_0(args: list[str], words: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert all(word in out for word in words)
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "nope"]) == 2
+    assert "rollout" in capsys.readouterr().err and main([]) == 2
+
+
+def test_config_command_prints_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "collect.episodes=4", "--config", "configs/quickstart.yaml", "task.image_size=32"]) == 0
+    out = capsys.readouterr().out
+    assert "episodes: 4" in out and "image_size: 32" in out
+
+
+def _fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **functions: object) -> None:
+    monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**functions))
+
+
+def test_collect_saves_config_then_dispatches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[RunConfig] = []
+    _fake_module(monkeypatch, "vla_dist.rollout.collect",
+                 run_collect=lambda cfg: seen.append(cfg) or {"episodes": cfg.collect.episodes})
+    run_dir = tmp_path / "run"
+    assert main(["collect", f"run.dir={run_dir}", f"data.dir={tmp_path / 'data'}", "collect.episodes=2"]) == 0
+    assert seen[0].collect.episodes == 2
+    assert load_config(run_dir / "config.yaml", []) == seen[0]
+    assert "episodes=2" in capsys.readouterr().out
+
+
+def test_bench_prints_json_last_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    report = {"name": "codec", "value": 2.0, "unit": "x", "baseline": 1.0, "ratio": 2.0, "device": "cpu"}
+    _fake_module(monkeypatch, "vla_dist.bench.codec", run_codec_bench=lambda cfg: report)
+    assert main(["bench", "codec"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+
+
+def _raise(error: BaseException) -> object:
+    raise error
+
+
+def test_runtime_failures_exit_1_and_interrupt_130(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    for error, code in [(VlaDistError("actor died; kept 3 shards"), 1), (ValueError("boom"), 1),
+                        (KeyboardInterrupt(), 130)]:
+        _fake_module(monkeypatch, "vla_dist.bench.rollout", run_rollout_bench=lambda cfg, e=error: _raise(e))
+        assert main(["bench", "rollout"]) == code
+    err = capsys.readouterr().err
+    assert "kept 3 shards" in err and "ValueError: boom" in err and "--debug" in err
+    _fake_module(monkeypatch, "vla_dist.bench.rollout", run_rollout_bench=lambda cfg: _raise(ValueError("boom")))
+    with pytest.raises(ValueError):  # --debug shows the traceback instead of one line
+        main(["--debug", "bench", "rollout"])

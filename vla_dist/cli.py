@@ -1,0 +1,160 @@
+"""The `vla-dist` command: parse -> load config -> validate -> run one command.
+
+Exit codes (a contract, see shared/design.md): 0 ok; 2 bad config or usage; 1 runtime failure;
+130 interrupted. Heavy libraries (ray, genesis, torch) are imported only inside the command
+functions, so `--help` and config errors answer instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from vla_dist import __version__
+from vla_dist.config import ConfigError, RunConfig, load_config, save_resolved, to_yaml, validate
+from vla_dist.errors import VlaDistError
+
+Report = dict[str, Any]
+
+
+def _bench_rollout(cfg: RunConfig) -> Report:
+    from vla_dist.bench.rollout import run_rollout_bench
+
+    return run_rollout_bench(cfg)
+
+
+def _bench_codec(cfg: RunConfig) -> Report:
+    from vla_dist.bench.codec import run_codec_bench
+
+    return run_codec_bench(cfg)
+
+
+# `vla-dist bench NAME`: each prints its report as one JSON line, the last line of stdout.
+BENCHES: dict[str, Callable[[RunConfig], Report]] = {
+    "rollout": _bench_rollout,
+    "codec": _bench_codec,
+}
+
+EXAMPLES = """examples:
+  vla-dist collect                                   # configs/quickstart.yaml
+  vla-dist collect task.name=pick_cube collect.episodes=4
+  vla-dist config --config configs/quickstart.yaml   # print the resolved config
+  vla-dist bench rollout bench.rollout_actors=4
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vla-dist",
+        description="Distributed post-training of Vision-Language-Action robot policies: "
+        "Genesis simulation on Ray, WebDataset shards, DeepSpeed training.",
+        epilog=EXAMPLES + "\nexit codes: 0 ok, 2 bad config or usage, 1 runtime failure, 130 interrupted",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vla-dist {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on a runtime failure, show the full traceback")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    collect = commands.add_parser(
+        "collect",
+        help="scripted Genesis demonstrations into WebDataset shards",
+        description="Run the scripted expert in Genesis on a pool of Ray sim actors and write exactly "
+        "collect.episodes successful episodes as WebDataset shards (*.tar + manifest.json) to data.dir. "
+        "The resolved config goes to run.dir/config.yaml, sample videos to run.dir/videos/.",
+    )
+    _add_config_arguments(collect)
+
+    bench = commands.add_parser(
+        "bench",
+        help="a benchmark; prints one JSON line (name, value, unit, baseline, ratio, device)",
+        description="Measure one speed claim against a baseline measured in the same run. "
+        "rollout: N sim actors vs 1 (bench.rollout_actors, bench.rollout_steps); "
+        "codec: episode image encoding, speed and size per codec. "
+        "The last line of stdout is one JSON object.",
+    )
+    bench.add_argument("name", metavar="NAME", choices=list(BENCHES), help=f"one of: {', '.join(BENCHES)}")
+    _add_config_arguments(bench)
+
+    config = commands.add_parser(
+        "config",
+        help="print the resolved, validated config as YAML",
+        description="Compose the config file's defaults, apply the overrides, validate, and print the "
+        "result: check what a command would run with, without running it.",
+    )
+    _add_config_arguments(config)
+    return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="YAML config (default: configs/quickstart.yaml, in the current directory or the vla-dist checkout)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides applied last, e.g. collect.episodes=4 task.name=pick_cube",
+    )
+    # SUPPRESS: without the flag here, the top-level --debug value is kept rather than reset to False.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = validate(load_config(args.config, args.overrides))
+    if args.command == "config":
+        print(to_yaml(cfg), end="")
+    elif args.command == "collect":
+        config_path = save_resolved(cfg, cfg.run.dir)
+        from vla_dist.rollout.collect import run_collect
+
+        _print_collect_summary(run_collect(cfg), cfg, str(config_path))
+    elif args.command == "bench":
+        report = BENCHES[args.name](cfg)
+        print(json.dumps(report, default=str), flush=True)
+    return 0
+
+
+def _print_collect_summary(report: Report, cfg: RunConfig, config_path: str) -> None:
+    scalars = [f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in report.items()
+               if isinstance(v, (str, int, float, bool))]
+    print(f"collect done: {', '.join(scalars)}")
+    print(f"shards: {cfg.data.dir}   run: {cfg.run.dir}   config: {config_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        # parse_known_args: argparse stops filling KEY=VALUE after an option (`a=1 --config f b=2`
+        # leaves b=2 over); those leftovers are overrides too, in the order given.
+        args, leftovers = parser.parse_known_args(argv)
+        unknown_options = [arg for arg in leftovers if arg.startswith("-")]
+        if unknown_options:
+            parser.error(f"unrecognized arguments: {' '.join(unknown_options)}")
+        args.overrides = [*args.overrides, *leftovers]
+    except SystemExit as exit_:  # --help/--version (0) or a usage error (2); argparse has printed
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    try:
+        return _run(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except VlaDistError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # noqa: BLE001 - the CLI boundary: one line, not a traceback
+        if args.debug:
+            raise
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        print("hint: rerun with --debug for the traceback", file=sys.stderr)
+        return 1

@@ -1,0 +1,162 @@
+"""Value rules the type system cannot express: ranges, choices, cross-field constraints.
+
+`CHECKS` is a flat list of small checks run in order; each raises ConfigError naming the full key,
+the bad value and what is allowed. A new section adds its rules by appending to the list (built
+from the helpers below, or a plain function taking the RunConfig). Checks that divide by a value
+come after the check that the value is positive.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vla_dist.config.schema import RunConfig
+from vla_dist.errors import ConfigError
+from vla_dist.sim.task_names import TASK_NAMES
+
+Check = Callable[[RunConfig], None]
+
+MIB = 1024 * 1024
+CAMERAS = ("front", "wrist")
+SIM_BACKENDS = ("cpu", "gpu")
+IMAGE_CODECS = ("mp4", "npz")
+
+
+def value_at(cfg: RunConfig, key: str) -> Any:
+    """`value_at(cfg, "collect.episodes")` is `cfg.collect.episodes`."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def at_least(key: str, low: float, *, optional: bool = False) -> Check:
+    def check(cfg: RunConfig) -> None:
+        value = value_at(cfg, key)
+        if optional and value is None:
+            return
+        if value < low:
+            allowed = f"null or >= {low}" if optional else f">= {low}"
+            raise ConfigError(key, f"must be {allowed}, got {value!r}")
+
+    return check
+
+
+def greater_than(key: str, low: float) -> Check:
+    def check(cfg: RunConfig) -> None:
+        if not value_at(cfg, key) > low:
+            raise ConfigError(key, f"must be > {low}, got {value_at(cfg, key)!r}")
+
+    return check
+
+
+def in_range(key: str, low: float, high: float) -> Check:
+    def check(cfg: RunConfig) -> None:
+        value = value_at(cfg, key)
+        if not low <= value <= high:
+            raise ConfigError(key, f"must be in {low}..{high}, got {value!r}")
+
+    return check
+
+
+def one_of(key: str, allowed: Sequence[str]) -> Check:
+    def check(cfg: RunConfig) -> None:
+        value = value_at(cfg, key)
+        if value not in allowed:
+            raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+    return check
+
+
+def output_dir(key: str) -> Check:
+    """A directory we will create/write: must be non-empty and not an existing regular file."""
+
+    def check(cfg: RunConfig) -> None:
+        value = value_at(cfg, key)
+        if not value.strip():
+            raise ConfigError(key, "must be a directory path, got an empty string")
+        if Path(value).is_file():
+            raise ConfigError(key, f"{value!r} is an existing file; expected a directory path")
+
+    return check
+
+
+def _image_size_even(cfg: RunConfig) -> None:
+    # Even sizes keep H.264 (yuv420p halves chroma resolution) and patch-based encoders happy.
+    if cfg.task.image_size % 2:
+        raise ConfigError("task.image_size", f"must be even, got {cfg.task.image_size}")
+
+
+def _cameras(cfg: RunConfig) -> None:
+    cameras = list(cfg.task.cameras)
+    allowed = ", ".join(CAMERAS)
+    if not cameras:
+        raise ConfigError("task.cameras", f"must name at least one camera of: {allowed}")
+    unknown = [c for c in cameras if c not in CAMERAS]
+    if unknown:
+        raise ConfigError("task.cameras", f"unknown camera(s) {unknown}; allowed: {allowed}")
+    if len(set(cameras)) != len(cameras):
+        raise ConfigError("task.cameras", f"lists a camera twice: {cameras}")
+
+
+def _control_period_fits_dt(cfg: RunConfig) -> None:
+    # One action is held for a whole number of physics steps; anything else drifts the control clock.
+    period = 1.0 / cfg.task.control_hz
+    steps = round(period / cfg.sim.dt)
+    if steps < 1 or abs(period - steps * cfg.sim.dt) > 1e-9:
+        raise ConfigError(
+            "task.control_hz",
+            f"1/{cfg.task.control_hz} = {period:g} s must be a whole multiple of sim.dt = {cfg.sim.dt:g} s",
+        )
+
+
+def _cluster_address(cfg: RunConfig) -> None:
+    if cfg.cluster.address is not None and not cfg.cluster.address.strip():
+        raise ConfigError("cluster.address", "must be null (in-process Ray), 'auto' or HOST:PORT; got ''")
+
+
+CHECKS: list[Check] = [
+    # run
+    at_least("run.seed", 0),
+    output_dir("run.dir"),
+    # task
+    one_of("task.name", (*TASK_NAMES, "all")),
+    in_range("task.image_size", 16, 512),
+    _image_size_even,
+    _cameras,
+    in_range("task.control_hz", 1, 100),
+    at_least("task.max_steps", 0),
+    # sim
+    one_of("sim.backend", SIM_BACKENDS),
+    greater_than("sim.dt", 0),
+    in_range("sim.dt", 0, 0.05),
+    at_least("sim.substeps", 1),
+    # collect
+    at_least("collect.episodes", 1),
+    at_least("collect.num_actors", 1),
+    at_least("collect.envs_per_actor", 1),
+    at_least("collect.max_attempts_factor", 1),
+    at_least("collect.max_actor_restarts", 0),
+    at_least("collect.num_videos", 0),
+    greater_than("collect.cpus_per_actor", 0),
+    # data
+    output_dir("data.dir"),
+    one_of("data.image_codec", IMAGE_CODECS),
+    at_least("data.shard_max_episodes", 1),
+    at_least("data.shard_max_bytes", MIB),
+    # cluster
+    at_least("cluster.num_cpus", 1, optional=True),
+    _cluster_address,
+    # bench
+    at_least("bench.rollout_actors", 1),
+    at_least("bench.rollout_steps", 1),
+    # cross-field rules (after the single-key ranges they divide by)
+    _control_period_fits_dt,
+]
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Run every check in order; raise ConfigError at the first failure. Returns `cfg` for chaining."""
+    for check in CHECKS:
+        check(cfg)
+    return cfg

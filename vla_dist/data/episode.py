@@ -1,0 +1,24 @@
+"""The in-memory episode: what a sim actor produces and what the shard reader gives back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Episode:
+    episode_id: str  # unique within a dataset; the WebDataset sample key (no dots)
+    task: str
+    instruction: str
+    seed: int
+    success: bool
+    fps: float  # control rate the frames/actions were recorded at
+    frames: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> uint8 [T, H, W, 3]
+    state: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # float32 [T, S]
+    actions: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # float32 [T, A]
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.actions.shape[0])

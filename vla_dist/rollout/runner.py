@@ -1,0 +1,126 @@
+"""Run a batch of episodes in one `TabletopScene` with any policy, recording what a dataset needs.
+
+The same loop serves demonstration collection (scripted expert) and closed-loop evaluation (a
+model policy): the policy sees an `Observation` and returns one action per env.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from vla_dist.data.episode import Episode
+from vla_dist.sim.expert import ScriptedExpert
+from vla_dist.sim.scene import TabletopScene
+from vla_dist.sim.task_names import TASK_NAMES
+from vla_dist.sim.tasks import TASKS, check_success, pick_instruction, sample_layout, stack_layouts
+
+SUCCESS_HOLD_STEPS = 3  # an episode ends once its success condition has held this many control steps
+
+
+@dataclass
+class Observation:
+    images: dict[str, np.ndarray]  # camera -> uint8 [B, H, W, 3] (empty when not rendering)
+    proprio: torch.Tensor  # [B, STATE_SPACE.dim]
+    privileged: dict[str, torch.Tensor]  # simulator state: for scripted experts, never for models
+    instructions: list[str]
+
+
+class Policy(Protocol):
+    def reset(self, task_ids: torch.Tensor, instructions: list[str]) -> None: ...
+
+    def act(self, obs: Observation) -> torch.Tensor: ...  # [B, ACTION_SPACE.dim]
+
+
+class ExpertPolicy:
+    """The scripted expert behind the `Policy` interface."""
+
+    def reset(self, task_ids: torch.Tensor, instructions: list[str]) -> None:
+        self.expert = ScriptedExpert(task_ids)
+
+    def act(self, obs: Observation) -> torch.Tensor:
+        return self.expert.act(obs.privileged)
+
+
+@dataclass
+class EpisodeRequest:
+    index: int  # position in the collection; makes the episode id unique
+    task: str
+    seed: int
+
+    @property
+    def episode_id(self) -> str:
+        return f"{self.task}-{self.index:07d}"
+
+
+def run_batch(
+    scene: TabletopScene,
+    requests: list[EpisodeRequest],
+    policy: Policy,
+    fps: float,
+    render: bool = True,
+    max_steps: int = 0,
+) -> list[Episode]:
+    """Run up to `scene.n_envs` episodes side by side; returns them in request order.
+
+    A short batch is padded with copies of its last request (their results are dropped) because a
+    Genesis scene always steps all of its envs.
+    """
+    if not 0 < len(requests) <= scene.n_envs:
+        raise ValueError(f"a batch holds 1..{scene.n_envs} episodes, got {len(requests)}")
+    padded = requests + [requests[-1]] * (scene.n_envs - len(requests))
+    task_ids = torch.tensor([TASK_NAMES.index(r.task) for r in padded])
+    instructions = [pick_instruction(r.task, r.seed) for r in padded]
+    limits = torch.tensor([max_steps or TASKS[r.task].max_steps for r in padded])
+
+    scene.reset(stack_layouts([sample_layout(r.task, r.seed) for r in padded]))
+    policy.reset(task_ids, instructions)
+
+    n = scene.n_envs
+    frames: list[dict[str, np.ndarray]] = []
+    states: list[torch.Tensor] = []
+    actions: list[torch.Tensor] = []
+    length = torch.zeros(n, dtype=torch.long)  # steps recorded per env
+    held = torch.zeros(n, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    success = torch.zeros(n, dtype=torch.bool)
+    while not bool(done.all()):
+        privileged = scene.object_state()
+        obs = Observation(scene.render() if render else {}, scene.proprio(), privileged, instructions)
+        action = policy.act(obs).to(torch.float32)
+        frames.append(obs.images)
+        states.append(obs.proprio)
+        actions.append(action)
+        scene.step(action)
+        length += (~done).long()
+
+        after = scene.object_state()
+        ok = check_success(task_ids, after["cube_pos"], after["base_pos"], after["target_pos"], ~after["gripper_closed"])
+        held = torch.where(ok, held + 1, torch.zeros_like(held))
+        finished = ~done & ((held >= SUCCESS_HOLD_STEPS) | (length >= limits))
+        success |= finished & (held >= SUCCESS_HOLD_STEPS)
+        done |= finished
+
+    state_arr = torch.stack(states, dim=1).numpy()  # [B, T, S]
+    action_arr = torch.stack(actions, dim=1).numpy()
+    episodes = []
+    for i, request in enumerate(requests):
+        t = int(length[i])
+        images = {cam: np.stack([f[cam][i] for f in frames[:t]]) for cam in (frames[0] if render else {})}
+        episodes.append(
+            Episode(
+                episode_id=request.episode_id,
+                task=request.task,
+                instruction=instructions[i],
+                seed=request.seed,
+                success=bool(success[i]),
+                fps=fps,
+                frames=images,
+                state=np.ascontiguousarray(state_arr[i, :t]),
+                actions=np.ascontiguousarray(action_arr[i, :t]),
+            )
+        )
+    return episodes

@@ -1,0 +1,159 @@
+"""Scripted experts: closed-loop waypoint controllers on privileged simulator state.
+
+One `ScriptedExpert` drives a whole batch; each env runs its own task's phase machine. Targets are
+recomputed from the objects' current poses every step (closed loop), so a cube that slips or turns is
+followed rather than missed. Output is the scene's action space: hand delta pose + gripper command.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vla_dist.sim.geometry import quat_conj, quat_mul, quat_to_axis_angle, quat_yaw, top_down_quat, wrap_angle
+from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE
+from vla_dist.sim.task_names import TASK_NAMES
+
+TCP_OFFSET = 0.105  # m from the hand link origin to the point between the finger pads, along hand z
+MAX_STEP = 0.03  # m of hand translation per control step
+PUSH_STEP = 0.012  # m per step while pushing: slow enough that the cube does not slide past the target
+MAX_TURN = 0.2  # rad of hand rotation per control step
+GAIN = 0.9  # fraction of the remaining error commanded per step (PD tracking lags a little)
+HOVER = 0.10  # m above the cube before descending
+CLOSE_STEPS = 4  # control steps to let the fingers close before lifting
+RELEASE_STEPS = 4
+RETREAT_HEIGHT = 0.22  # m, where the hand goes once the job is done
+
+PICK, PUSH, STACK = (TASK_NAMES.index(name) for name in ("pick_cube", "push_cube", "stack_cube"))
+
+# Phases (shared numbering; each task uses a subset).
+APPROACH, DESCEND, CLOSE, LIFT, CARRY, LOWER, RELEASE, RETREAT, PUSHING = range(9)
+
+
+class ScriptedExpert:
+    def __init__(self, task_ids: torch.Tensor) -> None:
+        self.task_ids = task_ids.clone()
+        n = task_ids.shape[0]
+        self.phase = torch.full((n,), APPROACH, dtype=torch.long)
+        self.timer = torch.zeros(n, dtype=torch.long)
+        self.grasp_yaw = torch.zeros(n)
+
+    def act(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        hand_pos, hand_quat = state["hand_pos"], state["hand_quat"]
+        cube, base, target = state["cube_pos"], state["base_pos"], state["target_pos"]
+        tcp = hand_pos - torch.tensor([0.0, 0.0, TCP_OFFSET])  # hand points down throughout
+        hand_yaw = quat_yaw(hand_quat)  # heading of the hand's x axis on the table plane
+
+        # Default: hold position, keep the current heading, gripper open.
+        goal_tcp = tcp.clone()
+        goal_yaw = hand_yaw.clone()
+        close = torch.zeros_like(self.phase, dtype=torch.bool)
+        # Where the cube should go (stack) is steered through the cube's own position, not the hand's.
+        move_cube_to: torch.Tensor | None = None
+
+        is_push = self.task_ids == PUSH
+        cube_yaw = quat_yaw(state["cube_quat"])
+        grasp_yaw = hand_yaw + wrap_angle(cube_yaw - hand_yaw, math.pi / 2)
+        push_dir = target[:, :2] - cube[:, :2]
+        push_dist = push_dir.norm(dim=-1, keepdim=True)
+        push_dir = push_dir / push_dist.clamp_min(1e-6)
+        push_yaw = hand_yaw + wrap_angle(torch.atan2(push_dir[:, 1], push_dir[:, 0]) - hand_yaw, math.pi)
+        behind = cube[:, :2] - push_dir * (CUBE_SIZE / 2 + 0.03)
+
+        phase = self.phase
+        # -- approach: above the grasp point (pick/stack) or above the pre-push point (push)
+        m = phase == APPROACH
+        goal_tcp[m] = torch.where(
+            is_push[m, None],
+            torch.cat((behind[m], torch.full_like(cube[m, :1], HOVER)), dim=1),
+            cube[m] + torch.tensor([0.0, 0.0, HOVER]),
+        )
+        goal_yaw[m] = torch.where(is_push[m], push_yaw[m], grasp_yaw[m])
+        close[m] = is_push[m]
+        # -- descend: to the cube centre (grasp) or to pushing height behind the cube
+        m = phase == DESCEND
+        goal_tcp[m] = torch.where(
+            is_push[m, None],
+            torch.cat((behind[m], torch.full_like(cube[m, :1], 0.02)), dim=1),
+            cube[m] + torch.tensor([0.0, 0.0, 0.0]),
+        )
+        goal_yaw[m] = torch.where(is_push[m], push_yaw[m], grasp_yaw[m])
+        close[m] = is_push[m]
+        # -- close the fingers in place
+        m = phase == CLOSE
+        close[m] = True
+        # -- lift: straight up (pick ends here; stack lifts to carrying height)
+        m = phase == LIFT
+        goal_tcp[m, 2] = torch.where(self.task_ids[m] == PICK, 0.20, 0.16)
+        close[m] = True
+        # -- carry / lower: steer the held cube above, then onto, the blue cube
+        base_top = base[:, 2] + BASE_SIZE / 2
+        above_base = torch.cat((base[:, :2], (base_top + CUBE_SIZE / 2 + 0.04)[:, None]), dim=1)
+        onto_base = torch.cat((base[:, :2], (base_top + CUBE_SIZE / 2 + 0.004)[:, None]), dim=1)
+        move_cube_to = torch.where((phase == CARRY)[:, None], above_base, onto_base)
+        steer = (phase == CARRY) | (phase == LOWER)
+        close[steer] = True
+        # -- release, then retreat upward
+        m = phase == RETREAT
+        goal_tcp[m, 2] = RETREAT_HEIGHT
+        # -- pushing: keep a point behind the cube and lean forward through it, until on target
+        m = phase == PUSHING
+        lead = torch.clamp(push_dist[m], max=0.02)
+        goal_tcp[m, :2] = cube[m, :2] - push_dir[m] * (CUBE_SIZE / 2 + 0.012) + push_dir[m] * lead
+        goal_tcp[m, 2] = 0.02
+        goal_yaw[m] = push_yaw[m]
+        close[m] = True
+
+        delta = goal_tcp - tcp
+        delta[steer] = (move_cube_to - cube)[steer]
+        delta = GAIN * delta
+        norm = delta.norm(dim=-1, keepdim=True)
+        max_step = torch.where(phase == PUSHING, PUSH_STEP, MAX_STEP)[:, None]
+        delta = delta * torch.clamp(max_step / norm.clamp_min(1e-9), max=1.0)
+        rot_err = quat_to_axis_angle(quat_mul(top_down_quat(goal_yaw), quat_conj(hand_quat)))
+        turn = torch.clamp(rot_err.norm(dim=-1, keepdim=True), max=MAX_TURN)
+        rot = rot_err / rot_err.norm(dim=-1, keepdim=True).clamp_min(1e-9) * turn
+        gripper = torch.where(close, 1.0, -1.0)[:, None]
+
+        # Pushing only works from behind the cube: if the cube turned away or slid past the target,
+        # the hand is no longer behind it, so go back up and line up again.
+        rel = tcp[:, :2] - cube[:, :2]
+        along = (rel * push_dir).sum(dim=-1)
+        across = (rel[:, 0] * push_dir[:, 1] - rel[:, 1] * push_dir[:, 0]).abs()
+        lost = (phase == PUSHING) & ((along > -CUBE_SIZE / 4) | (across > 0.025)) & (push_dist.squeeze(1) > 0.01)
+
+        self._advance(tcp, goal_tcp, hand_yaw, goal_yaw, cube, move_cube_to, push_dist.squeeze(1), lost)
+        return torch.cat((delta, rot, gripper), dim=1)
+
+    def _advance(
+        self,
+        tcp: torch.Tensor,
+        goal_tcp: torch.Tensor,
+        yaw: torch.Tensor,
+        goal_yaw: torch.Tensor,
+        cube: torch.Tensor,
+        cube_goal: torch.Tensor,
+        push_dist: torch.Tensor,
+        lost_contact: torch.Tensor,
+    ) -> None:
+        """Phase transitions, evaluated on the state the action was computed from."""
+        phase, task = self.phase, self.task_ids
+        reached = (goal_tcp - tcp).norm(dim=-1) < 0.01
+        aligned = wrap_angle(goal_yaw - yaw, 2 * math.pi).abs() < 0.05
+        cube_reached = (cube_goal - cube).norm(dim=-1) < 0.008
+        self.timer += 1
+        nxt = phase.clone()
+        nxt[(phase == APPROACH) & reached & aligned] = DESCEND
+        nxt[(phase == DESCEND) & reached & (task != PUSH)] = CLOSE
+        nxt[(phase == DESCEND) & reached & (task == PUSH)] = PUSHING
+        nxt[(phase == CLOSE) & (self.timer >= CLOSE_STEPS)] = LIFT
+        nxt[(phase == LIFT) & (task == STACK) & (tcp[:, 2] > 0.12)] = CARRY
+        nxt[(phase == CARRY) & cube_reached] = LOWER
+        nxt[(phase == LOWER) & cube_reached] = RELEASE
+        nxt[(phase == RELEASE) & (self.timer >= RELEASE_STEPS)] = RETREAT
+        nxt[(phase == PUSHING) & (push_dist < 0.01)] = RETREAT
+        nxt[lost_contact] = APPROACH
+        self.timer[nxt != phase] = 0
+        self.phase = nxt
+

@@ -1,0 +1,204 @@
+"""The Genesis table-top scene: a Franka Panda, a red cube, a blue cube and a green target disk.
+
+One `TabletopScene` is one Genesis scene built with `n_envs` parallel environments; every call takes
+or returns batched tensors with leading dimension `n_envs`. Its action space is the end-effector
+delta pose of the hand plus a gripper command (see `ACTION_SPACE`), applied through batched inverse
+kinematics and joint position control; physics runs `decimation` steps per action.
+
+Deltas move the hand's *commanded* target pose, not its measured pose (ManiSkill calls this
+`pd_ee_target_delta_pose`): joint PD control sags under gravity by about a centimetre, and deltas on
+the measured pose would never close that gap, so small corrective moves would stall. The target is
+kept within `MAX_TARGET_LEAD` of the measured hand so a blocked arm cannot wind it up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vla_dist.sim.geometry import axis_angle_to_quat, quat_mul, yaw_quat
+from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE, PARKED, TARGET_RADIUS, Layout
+
+ACTION_SPACE = {
+    "type": "ee_delta_pose",
+    "dim": 7,
+    "names": ["dx", "dy", "dz", "drx", "dry", "drz", "gripper"],
+    "description": (
+        "Per control step: translation of the Franka hand link's commanded target in the robot base frame (m), "
+        "rotation of that target as an axis-angle vector in the base frame (rad), gripper command (>0 close, "
+        "<=0 open). The target starts at the measured hand pose and stays within 5 cm of it."
+    ),
+    "frame": "robot_base",
+}
+STATE_SPACE = {
+    "dim": 15,
+    "names": [f"joint{i}" for i in range(1, 8)]
+    + ["gripper_width", "hand_x", "hand_y", "hand_z", "hand_qw", "hand_qx", "hand_qy", "hand_qz"],
+    "description": "Arm joint positions (rad), finger opening (m), hand link position (m) and quaternion (w, x, y, z).",
+}
+
+HOME_QPOS = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
+FINGER_OPEN = 0.04  # m per finger
+GRASP_FORCE = 2.0  # N per finger, closing
+MAX_TARGET_LEAD = 0.05  # m between the commanded hand target and the measured hand
+ARM_KP = (4500, 4500, 3500, 3500, 2000, 2000, 2000)
+ARM_KV = (450, 450, 350, 350, 200, 200, 200)
+
+_initialized_backend: str | None = None
+
+
+def init_genesis(backend: str = "cpu") -> None:
+    """`gs.init` once per process (Genesis refuses a second init)."""
+    global _initialized_backend
+    import genesis as gs
+
+    if _initialized_backend is None:
+        gs.init(backend=gs.cpu if backend == "cpu" else gs.gpu, logging_level="warning")
+        _initialized_backend = backend
+    elif _initialized_backend != backend:
+        raise RuntimeError(f"Genesis already initialized with backend {_initialized_backend!r}")
+
+
+class TabletopScene:
+    def __init__(
+        self,
+        n_envs: int,
+        image_size: int = 64,
+        cameras: tuple[str, ...] = ("front", "wrist"),
+        dt: float = 0.01,
+        substeps: int = 2,
+        control_hz: int = 10,
+        backend: str = "cpu",
+    ) -> None:
+        init_genesis(backend)
+        import genesis as gs
+
+        self.n_envs = n_envs
+        self.camera_names = tuple(cameras)
+        self.decimation = max(1, round(1.0 / (control_hz * dt)))
+        self.scene = gs.Scene(
+            sim_options=gs.options.SimOptions(dt=dt, substeps=substeps),
+            rigid_options=gs.options.RigidOptions(enable_self_collision=False),
+            vis_options=gs.options.VisOptions(
+                shadow=False, show_world_frame=False, split_envs=True, ambient_light=(0.3, 0.3, 0.3)
+            ),
+            show_viewer=False,
+        )
+        scene = self.scene
+        scene.add_entity(gs.morphs.Plane(), surface=gs.surfaces.Default(color=(0.55, 0.45, 0.35)))
+        self.robot = scene.add_entity(gs.morphs.MJCF(file="xml/franka_emika_panda/panda.xml"))
+        self.cube = scene.add_entity(
+            gs.morphs.Box(size=(CUBE_SIZE,) * 3, pos=(0.5, 0.0, CUBE_SIZE / 2)),
+            surface=gs.surfaces.Default(color=(0.85, 0.1, 0.1)),
+        )
+        self.base = scene.add_entity(
+            gs.morphs.Box(size=(BASE_SIZE,) * 3, pos=PARKED["base"]),
+            surface=gs.surfaces.Default(color=(0.1, 0.25, 0.85)),
+        )
+        # Visual-only goal marker: fixed, no collision, moved per env at reset.
+        self.target = scene.add_entity(
+            gs.morphs.Cylinder(radius=TARGET_RADIUS, height=0.002, pos=PARKED["target"], fixed=True, collision=False),
+            surface=gs.surfaces.Default(color=(0.1, 0.75, 0.2)),
+        )
+        self.cameras = {}
+        if "front" in self.camera_names:
+            self.cameras["front"] = scene.add_camera(
+                res=(image_size, image_size), pos=(1.05, 0.0, 0.55), lookat=(0.45, 0.0, 0.08), fov=50, GUI=False
+            )
+        if "wrist" in self.camera_names:
+            self.cameras["wrist"] = scene.add_camera(
+                res=(image_size, image_size), pos=(0.5, 0.0, 0.5), lookat=(0.5, 0.0, 0.0), fov=75, GUI=False
+            )
+        scene.build(n_envs=n_envs)
+
+        self.hand = self.robot.get_link("hand")
+        self.arm_dofs = np.arange(7)
+        self.finger_dofs = np.arange(7, 9)
+        self.robot.set_dofs_kp(np.array([*ARM_KP, 100, 100]))
+        self.robot.set_dofs_kv(np.array([*ARM_KV, 10, 10]))
+        self.robot.set_dofs_force_range(
+            np.array([-87, -87, -87, -87, -12, -12, -12, -100, -100]),
+            np.array([87, 87, 87, 87, 12, 12, 12, 100, 100]),
+        )
+        if "wrist" in self.cameras:
+            # Camera looks along its own -z; the hand's +z points out between the fingers. Flip about x
+            # and sit the camera 5 cm behind the fingers, shifted toward the hand's back so they frame it.
+            offset = np.eye(4)
+            offset[:3, :3] = np.diag([1.0, -1.0, -1.0])
+            offset[:3, 3] = (0.07, 0.0, 0.0)
+            self.cameras["wrist"].attach(self.hand, offset)
+        self._gripper_closed = torch.zeros(n_envs, dtype=torch.bool)
+
+    # ----------------------------------------------------------------------------------------------
+    def reset(self, layout: Layout) -> None:
+        """Place every env's objects and robot as `layout` says (all envs at once)."""
+        qpos = torch.tensor(HOME_QPOS).repeat(self.n_envs, 1) + layout.arm_noise
+        fingers = torch.full((self.n_envs, 2), FINGER_OPEN)
+        full = torch.cat((qpos, fingers), dim=1)
+        self.robot.set_dofs_position(full, zero_velocity=True)
+        self.robot.control_dofs_position(full)
+        self._target_pos = self.hand.get_pos().clone()
+        self._target_quat = self.hand.get_quat().clone()
+        self.cube.set_pos(layout.cube_pos, zero_velocity=True)
+        self.cube.set_quat(yaw_quat(layout.cube_yaw), zero_velocity=True)
+        self.base.set_pos(layout.base_pos, zero_velocity=True)
+        self.base.set_quat(yaw_quat(torch.zeros(self.n_envs)), zero_velocity=True)
+        self.target.set_pos(layout.target_pos)
+        self._gripper_closed.zero_()
+
+    def step(self, actions: torch.Tensor) -> None:
+        """Apply one control action per env [B, 7] and advance physics `decimation` steps."""
+        actions = actions.to(torch.float32)
+        hand_pos = self.hand.get_pos()
+        lead = self._target_pos + actions[:, :3] - hand_pos
+        lead = lead * torch.clamp(MAX_TARGET_LEAD / lead.norm(dim=-1, keepdim=True).clamp_min(1e-9), max=1.0)
+        self._target_pos = hand_pos + lead
+        self._target_quat = quat_mul(axis_angle_to_quat(actions[:, 3:6]), self._target_quat)
+        qpos = self.robot.inverse_kinematics(
+            link=self.hand, pos=self._target_pos, quat=self._target_quat, dofs_idx_local=self.arm_dofs
+        )
+        self.robot.control_dofs_position(qpos[:, :7], self.arm_dofs)
+        close = actions[:, 6] > 0
+        self._gripper_closed = close
+        # Closing is force-controlled so the fingers squeeze whatever they hold; opening is positional.
+        force = torch.where(close, -GRASP_FORCE, 0.0)[:, None].repeat(1, 2)
+        opened = torch.full((self.n_envs, 2), FINGER_OPEN)
+        if bool(close.any()):
+            idx = torch.nonzero(close).flatten()
+            self.robot.control_dofs_force(force[idx], self.finger_dofs, envs_idx=idx)
+        if bool((~close).any()):
+            idx = torch.nonzero(~close).flatten()
+            self.robot.control_dofs_position(opened[idx], self.finger_dofs, envs_idx=idx)
+        for _ in range(self.decimation):
+            self.scene.step()
+
+    # ----------------------------------------------------------------------------------------------
+    def proprio(self) -> torch.Tensor:
+        """Robot state [B, 15] as described by STATE_SPACE."""
+        q = self.robot.get_dofs_position()
+        width = q[:, 7:9].sum(dim=1, keepdim=True)
+        return torch.cat((q[:, :7], width, self.hand.get_pos(), self.hand.get_quat()), dim=1).to(torch.float32)
+
+    def render(self) -> dict[str, np.ndarray]:
+        """One RGB image per env and camera: {camera: uint8 [B, H, W, 3]}."""
+        images = {}
+        for name, camera in self.cameras.items():
+            if name == "wrist":
+                camera.move_to_attach()
+            rgb = camera.render(rgb=True)[0]
+            rgb = np.asarray(rgb, dtype=np.uint8)
+            images[name] = rgb.reshape(self.n_envs, *rgb.shape[-3:])
+        return images
+
+    def object_state(self) -> dict[str, torch.Tensor]:
+        return {
+            "cube_pos": self.cube.get_pos(),
+            "cube_quat": self.cube.get_quat(),
+            "base_pos": self.base.get_pos(),
+            "target_pos": self.target.get_pos(),
+            "hand_pos": self.hand.get_pos(),
+            "hand_quat": self.hand.get_quat(),
+            "gripper_width": self.robot.get_dofs_position()[:, 7:9].sum(dim=1),
+            "gripper_closed": self._gripper_closed.clone(),
+        }
+

@@ -1,0 +1,150 @@
+"""Franka table-top tasks: language instructions, randomized initial layouts and success checks.
+
+Everything here is plain torch on simulator state, so a task can be unit-tested and reused by the
+scripted expert without a Genesis scene. Coordinates are metres in the robot base frame; the table
+top is the plane z = 0.
+
+Every task shares one scene (see `scene.py`) holding a red cube (the object that is manipulated), a
+blue cube (the base for stacking) and a green target disk (the goal for pushing); objects a task does
+not use are parked out of the cameras' view. One scene layout keeps Genesis' compiled kernels the
+same for all tasks, and lets one batch mix tasks env by env.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vla_dist.sim.task_names import TASK_NAMES
+
+CUBE_SIZE = 0.04  # red cube edge, m
+BASE_SIZE = 0.06  # blue cube edge, m
+TARGET_RADIUS = 0.04  # green disk, m
+PARKED = {"base": (0.0, 1.6, BASE_SIZE / 2), "target": (0.0, -1.6, 0.001)}  # out of every camera's view
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    instructions: tuple[str, ...]  # paraphrases; one is drawn per episode
+    max_steps: int  # control steps before an episode counts as failed
+    uses_base: bool
+    uses_target: bool
+
+
+TASKS: dict[str, TaskSpec] = {
+    "pick_cube": TaskSpec(
+        "pick_cube",
+        (
+            "pick up the red cube",
+            "lift the red block off the table",
+            "grab the red cube and raise it",
+            "pick the red block up",
+        ),
+        max_steps=60,
+        uses_base=False,
+        uses_target=False,
+    ),
+    "push_cube": TaskSpec(
+        "push_cube",
+        (
+            "push the red cube onto the green target",
+            "slide the red block to the green circle",
+            "move the red cube to the green mark by pushing it",
+            "shove the red block onto the green disk",
+        ),
+        max_steps=80,
+        uses_base=False,
+        uses_target=True,
+    ),
+    "stack_cube": TaskSpec(
+        "stack_cube",
+        (
+            "stack the red cube on the blue cube",
+            "put the red block on top of the blue block",
+            "place the red cube onto the blue one",
+            "pick up the red block and set it on the blue block",
+        ),
+        max_steps=90,
+        uses_base=True,
+        uses_target=False,
+    ),
+}
+assert tuple(TASKS) == TASK_NAMES, "task_names.py must list the tasks defined here"
+
+# Success thresholds.
+LIFT_HEIGHT = 0.10  # pick: red cube centre above this height (it rests at CUBE_SIZE / 2)
+PUSH_TOLERANCE = 0.03  # push: red cube centre within this xy distance of the target centre
+STACK_XY_TOLERANCE = 0.02  # stack: red cube centred on the blue cube within this distance
+STACK_Z_TOLERANCE = 0.01
+
+
+@dataclass
+class Layout:
+    """Initial object poses for a batch of envs, each tensor with leading dimension B."""
+
+    cube_pos: torch.Tensor  # [B, 3]
+    cube_yaw: torch.Tensor  # [B]
+    base_pos: torch.Tensor  # [B, 3]
+    target_pos: torch.Tensor  # [B, 3]
+    arm_noise: torch.Tensor  # [B, 7] perturbation of the home joint configuration, rad
+
+
+def _uniform(gen: torch.Generator, low: float, high: float, n: int = 1) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=gen)
+
+
+def sample_layout(task: str, seed: int) -> dict[str, torch.Tensor]:
+    """One env's randomized initial state; a pure function of (task, seed)."""
+    spec = TASKS[task]
+    gen = torch.Generator().manual_seed(seed)
+    cube_xy = torch.cat((_uniform(gen, 0.45, 0.62), _uniform(gen, -0.15, 0.15)))
+    cube_yaw = _uniform(gen, -0.6, 0.6)
+    base = torch.tensor(PARKED["base"])
+    target = torch.tensor(PARKED["target"])
+    if spec.uses_base or spec.uses_target:
+        # Second object at 12-18 cm from the cube, in a direction that keeps it on the workspace.
+        for _ in range(100):
+            angle = _uniform(gen, -3.14159, 3.14159)
+            dist = _uniform(gen, 0.12, 0.18)
+            other = cube_xy + dist * torch.cat((torch.cos(angle), torch.sin(angle)))
+            if 0.40 <= other[0] <= 0.68 and -0.2 <= other[1] <= 0.2:
+                break
+        if spec.uses_base:
+            base = torch.cat((other, torch.tensor([BASE_SIZE / 2])))
+        else:
+            target = torch.cat((other, torch.tensor([0.001])))
+    return {
+        "cube_pos": torch.cat((cube_xy, torch.tensor([CUBE_SIZE / 2]))),
+        "cube_yaw": cube_yaw[0],
+        "base_pos": base,
+        "target_pos": target,
+        "arm_noise": 0.05 * (2 * torch.rand(7, generator=gen) - 1),
+    }
+
+
+def stack_layouts(layouts: list[dict[str, torch.Tensor]]) -> Layout:
+    return Layout(**{key: torch.stack([lay[key] for lay in layouts]) for key in layouts[0]})
+
+
+def pick_instruction(task: str, seed: int) -> str:
+    options = TASKS[task].instructions
+    return options[seed % len(options)]
+
+
+def check_success(
+    task_ids: torch.Tensor, cube_pos: torch.Tensor, base_pos: torch.Tensor, target_pos: torch.Tensor,
+    gripper_open: torch.Tensor,
+) -> torch.Tensor:
+    """Per-env success from simulator state. `task_ids` index TASK_NAMES; returns bool [B]."""
+    lifted = cube_pos[:, 2] > LIFT_HEIGHT
+    on_target = (cube_pos[:, :2] - target_pos[:, :2]).norm(dim=-1) < PUSH_TOLERANCE
+    resting_height = base_pos[:, 2] + BASE_SIZE / 2 + CUBE_SIZE / 2
+    stacked = (
+        ((cube_pos[:, :2] - base_pos[:, :2]).norm(dim=-1) < STACK_XY_TOLERANCE)
+        & ((cube_pos[:, 2] - resting_height).abs() < STACK_Z_TOLERANCE)
+        & gripper_open  # released: the blue cube holds it, not the hand
+    )
+    per_task = torch.stack((lifted, on_target, stacked), dim=-1)
+    return per_task.gather(1, task_ids[:, None]).squeeze(1)
