@@ -103,11 +103,11 @@ class TabletopScene:
         self.cameras = {}
         if "front" in self.camera_names:
             self.cameras["front"] = scene.add_camera(
-                res=(image_size, image_size), pos=(1.05, 0.0, 0.55), lookat=(0.45, 0.0, 0.08), fov=50, GUI=False
+                res=(image_size, image_size), pos=(0.95, 0.0, 0.42), lookat=(0.5, 0.0, 0.05), fov=45, GUI=False
             )
         if "wrist" in self.camera_names:
             self.cameras["wrist"] = scene.add_camera(
-                res=(image_size, image_size), pos=(0.5, 0.0, 0.5), lookat=(0.5, 0.0, 0.0), fov=75, GUI=False
+                res=(image_size, image_size), pos=(0.5, 0.0, 0.5), lookat=(0.5, 0.0, 0.0), fov=75, near=0.01, GUI=False
             )
         scene.build(n_envs=n_envs)
 
@@ -121,12 +121,7 @@ class TabletopScene:
             np.array([87, 87, 87, 87, 12, 12, 12, 100, 100]),
         )
         if "wrist" in self.cameras:
-            # Camera looks along its own -z; the hand's +z points out between the fingers. Flip about x
-            # and sit the camera 5 cm behind the fingers, shifted toward the hand's back so they frame it.
-            offset = np.eye(4)
-            offset[:3, :3] = np.diag([1.0, -1.0, -1.0])
-            offset[:3, 3] = (0.07, 0.0, 0.0)
-            self.cameras["wrist"].attach(self.hand, offset)
+            self.cameras["wrist"].attach(self.hand, _wrist_camera_offset())
         self._gripper_closed = torch.zeros(n_envs, dtype=torch.bool)
 
     # ----------------------------------------------------------------------------------------------
@@ -201,4 +196,23 @@ class TabletopScene:
             "gripper_width": self.robot.get_dofs_position()[:, 7:9].sum(dim=1),
             "gripper_closed": self._gripper_closed.clone(),
         }
+
+
+def _wrist_camera_offset() -> np.ndarray:
+    """Camera pose in the hand frame: mounted beside the hand, looking past the fingertips.
+
+    A camera looks along its own -z; the hand's +z points out between the fingers (10 cm to the
+    fingertips). Seen from 9 cm to the side, the view axis passes just beyond the fingertips, so the
+    fingers and whatever they hold stay in view while the table below is visible.
+    """
+    eye = np.array([0.09, 0.0, -0.02])
+    view = np.array([0.0, 0.0, 0.14]) - eye
+    z_axis = -view / np.linalg.norm(view)
+    x_axis = np.cross(np.array([0.0, 1.0, 0.0]), z_axis)
+    x_axis /= np.linalg.norm(x_axis)
+    y_axis = np.cross(z_axis, x_axis)
+    offset = np.eye(4)
+    offset[:3, :3] = np.stack((x_axis, y_axis, z_axis), axis=1)
+    offset[:3, 3] = eye
+    return offset
 

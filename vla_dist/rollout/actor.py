@@ -1,0 +1,92 @@
+"""`SimActor`: a Ray actor owning one Genesis scene with `envs_per_actor` parallel envs."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vla_dist.config.schema import SimSection, TaskSection
+from vla_dist.rollout.runner import EpisodeRequest, ExpertPolicy, measure_throughput, run_batch
+
+
+@dataclass
+class EpisodeOutcome:
+    """One finished episode as the driver needs it: summary, arrays for statistics, encoded sample."""
+
+    index: int
+    episode_id: str
+    task: str
+    seed: int
+    success: bool
+    num_frames: int
+    state: np.ndarray
+    actions: np.ndarray
+    sample: dict[str, object]  # WebDataset sample from `encode_episode`
+
+
+@dataclass
+class ChunkResult:
+    outcomes: list[EpisodeOutcome]
+    env_steps: int  # control steps stepped by the scene, padding envs included
+    seconds: float
+    actor: dict[str, object] = field(default_factory=dict)
+
+
+class SimActor:
+    """Wrapped by `ray.remote` in the pool; plain class so it can also run in-process (benchmarks)."""
+
+    def __init__(self, task: TaskSection, sim: SimSection, n_envs: int, image_codec: str) -> None:
+        from vla_dist.sim.scene import TabletopScene
+
+        started = time.perf_counter()
+        self.task, self.codec = task, image_codec
+        self.scene = TabletopScene(
+            n_envs=n_envs,
+            image_size=task.image_size,
+            cameras=tuple(task.cameras),
+            dt=sim.dt,
+            substeps=sim.substeps,
+            control_hz=task.control_hz,
+            backend=sim.backend,
+        )
+        self.build_seconds = time.perf_counter() - started
+
+    def info(self) -> dict[str, object]:
+        import ray
+
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        return {
+            "pid": os.getpid(),
+            "node_id": context.get_node_id() if context else None,
+            "build_seconds": round(self.build_seconds, 2),
+        }
+
+    def run_chunk(self, requests: list[EpisodeRequest]) -> ChunkResult:
+        from vla_dist.data.codec import encode_episode
+
+        started = time.perf_counter()
+        episodes = run_batch(
+            self.scene, requests, ExpertPolicy(), fps=float(self.task.control_hz), max_steps=self.task.max_steps
+        )
+        steps = max(ep.num_frames for ep in episodes) * self.scene.n_envs
+        outcomes = [
+            EpisodeOutcome(
+                index=req.index,
+                episode_id=ep.episode_id,
+                task=ep.task,
+                seed=ep.seed,
+                success=ep.success,
+                num_frames=ep.num_frames,
+                state=ep.state,
+                actions=ep.actions,
+                sample=encode_episode(ep, self.codec),
+            )
+            for req, ep in zip(requests, episodes)
+        ]
+        return ChunkResult(outcomes, steps, time.perf_counter() - started, {"pid": os.getpid()})
+
+    def measure(self, steps: int, render: bool) -> dict[str, float]:
+        return measure_throughput(self.scene, steps, render)

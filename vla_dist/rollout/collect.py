@@ -1,0 +1,293 @@
+"""`vla-dist collect`: scripted Genesis demonstrations from a Ray actor pool into WebDataset shards.
+
+Episode i of a collection has a fixed task (round-robin over the selected tasks) and seed (derived
+from run.seed and i). Chunks of consecutive episodes go to the actors; finished chunks are committed
+in index order, so the dataset is the first `collect.episodes` successful episodes by index: exactly
+that many, none twice, and the same dataset for the same config whatever actor died on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vla_dist.config.schema import RunConfig
+from vla_dist.data.codec import decode_frames
+from vla_dist.data.manifest import write_manifest
+from vla_dist.data.reader import list_shards
+from vla_dist.data.shards import EpisodeShardWriter, ShardRecord, clear_shards
+from vla_dist.data.stats import StatsAccumulator
+from vla_dist.data.video import tile_cameras, write_video
+from vla_dist.errors import ConfigError, VlaDistError
+from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
+from vla_dist.rollout.runner import EpisodeRequest
+from vla_dist.sim.task_names import TASK_NAMES
+
+log = logging.getLogger("vla_dist.rollout")
+
+
+def selected_tasks(name: str) -> list[str]:
+    return list(TASK_NAMES) if name == "all" else [name]
+
+
+def episode_seed(run_seed: int, index: int) -> int:
+    """Independent, reproducible seed per episode (not run_seed + index, which would overlap runs)."""
+    return int(np.random.SeedSequence([run_seed, index]).generate_state(1)[0])
+
+
+@dataclass
+class CollectionState:
+    """What has been committed so far; chunks arrive out of order and are committed in order."""
+
+    target: int
+    keep_failures: bool
+    next_index: int = 0  # next episode index to hand out
+    next_commit: int = 0  # first episode index not yet committed
+    buffered: dict[int, list[EpisodeOutcome]] = field(default_factory=dict)  # chunk start -> outcomes
+    inflight: int = 0  # episodes handed out and not yet returned
+    written: int = 0  # successful episodes written
+    failures_written: int = 0
+    attempts: Counter = field(default_factory=Counter)  # per task, committed episodes
+    successes: Counter = field(default_factory=Counter)
+    surplus: int = 0  # finished after the target was reached; dropped
+
+    def needed(self) -> int:
+        buffered_ok = sum(o.success for outcomes in self.buffered.values() for o in outcomes)
+        return self.target - self.written - buffered_ok - self.inflight
+
+
+@dataclass
+class CollectProgress:
+    """Handed to `on_progress` after every finished chunk (for launchers, dashboards and tests)."""
+
+    chunks_done: int
+    episodes_written: int
+    target: int
+    actors: list[dict[str, object]]  # per actor: pid, node_id, build_seconds
+
+
+def run_collect(
+    cfg: RunConfig, on_progress: Callable[[CollectProgress], None] | None = None
+) -> dict[str, object]:
+    from vla_dist.rollout.pool import SimActorPool
+    from vla_dist.rollout.progress import episode_progress
+    from vla_dist.runtime import init_ray
+
+    data_dir = Path(cfg.data.dir)
+    run_dir = Path(cfg.run.dir)
+    if (data_dir.is_dir() and list_shards(data_dir)) or (data_dir / "manifest.json").exists():
+        if not cfg.collect.overwrite:
+            raise ConfigError("data.dir", f"{data_dir} already holds a dataset; choose another directory "
+                              "or set collect.overwrite=true to replace it")
+        clear_shards(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path now, not after the sim is up
+
+    tasks = selected_tasks(cfg.task.name)
+    c = cfg.collect
+    max_attempts = int(c.episodes * c.max_attempts_factor)
+    state = CollectionState(target=c.episodes, keep_failures=c.keep_failures)
+    action_stats, state_stats = StatsAccumulator(), StatsAccumulator()
+    video_samples: list[dict[str, object]] = []
+    frames_written = 0
+    env_steps = 0
+    started = time.perf_counter()
+
+    def next_chunk() -> list[EpisodeRequest] | None:
+        if state.needed() <= 0 or state.next_index >= max_attempts:
+            return None
+        size = min(c.envs_per_actor, max_attempts - state.next_index)
+        chunk = [
+            EpisodeRequest(i, tasks[i % len(tasks)], episode_seed(cfg.run.seed, i))
+            for i in range(state.next_index, state.next_index + size)
+        ]
+        state.next_index += size
+        state.inflight += size
+        return chunk
+
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
+    actor_kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": c.envs_per_actor, "image_codec": cfg.data.image_codec}
+    with episode_progress() as progress:
+        bar = progress.add_task("building sim actors", total=c.episodes, rate=0.0, success=0.0)
+        pool = SimActorPool(c.num_actors, actor_kwargs, c.cpus_per_actor, c.max_actor_restarts)
+        progress.update(bar, description="collecting")
+        writer = EpisodeShardWriter(data_dir, max_episodes=cfg.data.shard_max_episodes, max_bytes=cfg.data.shard_max_bytes)
+        collect_started = time.perf_counter()
+
+        def commit(outcome: EpisodeOutcome) -> None:
+            nonlocal frames_written
+            state.attempts[outcome.task] += 1
+            if outcome.success and state.written < state.target:
+                state.successes[outcome.task] += 1
+                writer.write(outcome.sample)
+                state.written += 1
+                frames_written += outcome.num_frames
+                action_stats.add(outcome.actions)
+                state_stats.add(outcome.state)
+                if len(video_samples) < cfg.collect.num_videos and _wants_video(video_samples, outcome, tasks):
+                    video_samples.append(outcome.sample)
+            elif not outcome.success and state.keep_failures:
+                writer.write(outcome.sample)
+                state.failures_written += 1
+
+        def on_result(chunk: list[EpisodeRequest], result: ChunkResult) -> None:
+            nonlocal env_steps
+            env_steps += result.env_steps
+            state.inflight -= len(chunk)
+            state.buffered[chunk[0].index] = sorted(result.outcomes, key=lambda o: o.index)
+            while state.next_commit in state.buffered:
+                outcomes = state.buffered.pop(state.next_commit)
+                state.next_commit += len(outcomes)
+                for outcome in outcomes:
+                    if state.written >= state.target:
+                        state.surplus += 1
+                    else:
+                        commit(outcome)
+            attempted = sum(state.attempts.values())
+            elapsed = time.perf_counter() - collect_started
+            progress.update(
+                bar, completed=state.written, rate=state.written / max(elapsed, 1e-9),
+                success=sum(state.successes.values()) / max(attempted, 1),
+            )
+            if on_progress is not None:
+                on_progress(CollectProgress(pool.stats.chunks_done, state.written, state.target, pool.infos))
+
+        try:
+            stats = pool.run(next_chunk, on_result)
+        except BaseException:
+            records = writer.close()  # finished shards are complete and stay; the open one is published too
+            _write_partial_manifest(cfg, data_dir, records, state)
+            raise
+        finally:
+            pool.shutdown()
+        records = writer.close()
+
+    wall = time.perf_counter() - started
+    collect_wall = time.perf_counter() - collect_started
+    if state.written < state.target:
+        _write_partial_manifest(cfg, data_dir, records, state)
+        raise VlaDistError(
+            f"only {state.written} of {state.target} episodes succeeded within {max_attempts} attempts "
+            f"(collect.max_attempts_factor={c.max_attempts_factor}); the {state.written} written are kept in {data_dir}"
+        )
+    manifest_path = _write_manifest(cfg, data_dir, records, state, frames_written, action_stats, state_stats, tasks)
+    videos = _write_videos(run_dir / "videos", video_samples, cfg)
+    attempted = sum(state.attempts.values())
+    report = {
+        "command": "collect",
+        "episodes_written": state.written,
+        "failures_written": state.failures_written,
+        "attempts": attempted,
+        "failures": attempted - state.written,
+        "success_rate": state.written / max(attempted, 1),
+        "per_task": {
+            task: {
+                "attempts": state.attempts[task],
+                "successes": state.successes[task],
+                "success_rate": state.successes[task] / max(state.attempts[task], 1),
+            }
+            for task in tasks
+        },
+        "surplus_dropped": state.surplus,
+        "frames_written": frames_written,
+        "env_steps": env_steps,
+        "wall_seconds": round(wall, 2),
+        "collect_seconds": round(collect_wall, 2),
+        "episodes_per_second": state.written / max(collect_wall, 1e-9),
+        "env_steps_per_second": env_steps / max(collect_wall, 1e-9),
+        "shards": len(records),
+        "dataset_bytes": sum(r.bytes for r in records),
+        "num_actors": c.num_actors,
+        "envs_per_actor": c.envs_per_actor,
+        "actors": pool.infos,
+        "actor_failures": stats.actor_failures,
+        "chunks_retried": stats.chunks_retried,
+        "failure_log": stats.failures,
+        "data_dir": str(data_dir),
+        "manifest": str(manifest_path),
+        "videos": [str(v) for v in videos],
+    }
+    _write_json(run_dir / "report.json", report)
+    return report
+
+
+def _wants_video(chosen: list[dict[str, object]], outcome: EpisodeOutcome, tasks: list[str]) -> bool:
+    """Spread videos over tasks: one per task first, then any."""
+    shown = {json.loads(s["meta.json"])["task"] for s in chosen}
+    return outcome.task not in shown or len(shown) == len(tasks)
+
+
+def _write_manifest(
+    cfg: RunConfig,
+    data_dir: Path,
+    records: list[ShardRecord],
+    state: CollectionState,
+    frames: int,
+    action_stats: StatsAccumulator,
+    state_stats: StatsAccumulator,
+    tasks: list[str],
+    complete: bool = True,
+) -> Path:
+    from vla_dist.sim.scene import ACTION_SPACE, STATE_SPACE
+
+    return write_manifest(
+        data_dir,
+        shards=records,
+        episodes=state.written + state.failures_written,
+        frames=frames,
+        tasks={task: state.successes[task] for task in tasks},
+        action_space=ACTION_SPACE,
+        state_space=STATE_SPACE,
+        action_stats=action_stats.result(),
+        state_stats=state_stats.result(),
+        cameras=list(cfg.task.cameras),
+        image_size=cfg.task.image_size,
+        image_codec=cfg.data.image_codec,
+        fps=float(cfg.task.control_hz),
+        extra={
+            "complete": complete,
+            "successful_episodes": state.written,
+            "failed_episodes": state.failures_written,
+            "stats_over": "successful episodes",
+            "run_seed": cfg.run.seed,
+        },
+    )
+
+
+def _write_partial_manifest(cfg: RunConfig, data_dir: Path, records: list[ShardRecord], state: CollectionState) -> None:
+    """After a failure: describe the shards that are complete so nothing written is orphaned."""
+    if not records:
+        return
+    payload = {
+        "complete": False,
+        "shards": [r.to_dict() for r in records],
+        "episodes": sum(r.episodes for r in records),
+        "note": "collection stopped early; these shards are complete and readable",
+    }
+    _write_json(data_dir / "manifest.partial.json", payload)
+
+
+def _write_videos(video_dir: Path, samples: list[dict[str, object]], cfg: RunConfig) -> list[Path]:
+    paths = []
+    for sample in samples:
+        frames = {
+            cam: decode_frames(sample[f"{cam}.{cfg.data.image_codec}"], cfg.data.image_codec) for cam in cfg.task.cameras
+        }
+        path = video_dir / f"{sample['__key__']}.mp4"
+        write_video(path, tile_cameras(frames), fps=float(cfg.task.control_hz), scale=max(1, 256 // cfg.task.image_size))
+        paths.append(path)
+    return paths
+
+
+def _write_json(path: Path, payload: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
