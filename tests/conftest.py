@@ -7,6 +7,8 @@ kernels are compiled once per machine, and a local Ray is started once per test 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +22,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 apply_cache_env(os.environ.get("VLA_DIST_CACHE_DIR"))
 
 
+WARM_GENESIS = """
+from vla_dist.sim.scene import TabletopScene
+scene = TabletopScene(n_envs=2, image_size=32)
+scene.render()
+"""
+
+
 @pytest.fixture(scope="session")
-def local_ray() -> Iterator[None]:
+def genesis_kernels() -> None:
+    """Compile Genesis' kernels into the shared cache once, in one process, before any test starts
+    several sim actors at once (each would otherwise compile the same kernels cold, side by side)."""
+    proc = subprocess.run([sys.executable, "-c", WARM_GENESIS], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def local_ray(genesis_kernels: None) -> Iterator[None]:
     """A real in-process Ray cluster for the session (dashboard off, localhost only)."""
     import ray
 

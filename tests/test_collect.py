@@ -23,7 +23,9 @@ EPISODES = 8
 
 
 @pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+def quickstart_run(
+    tmp_path_factory: pytest.TempPathFactory, genesis_kernels: None
+) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """`vla-dist collect` as a user runs it from the README: quickstart config, 2 actors."""
     root = tmp_path_factory.mktemp("quickstart")
     run_dir, data_dir = root / "run", root / "data"

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vla_dist.data.codec import MP4_CRF, decode_frames, decode_h264, encode_frames, encode_h264
+
 if TYPE_CHECKING:
     from vla_dist.config.schema import RunConfig
-
-from vla_dist.data.codec import MP4_CRF, decode_frames, decode_h264, encode_frames, encode_h264
 
 JPEG_QUALITY = 90
 REPEATS = 3  # timings are the median of this many runs: the machine may be busy

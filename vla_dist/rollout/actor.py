@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vla_dist.config.schema import SimSection, TaskSection
-from vla_dist.rollout.runner import EpisodeRequest, ExpertPolicy, measure_throughput, run_batch
+from vla_dist.rollout.policies import PolicySpec, make_policy
+from vla_dist.rollout.runner import EpisodeRequest, measure_throughput, run_batch
 
 
 @dataclass
@@ -33,16 +34,21 @@ class ChunkResult:
     env_steps: int  # control steps stepped by the scene, padding envs included
     seconds: float
     actor: dict[str, object] = field(default_factory=dict)
+    decode_seconds: float = 0.0  # model policies: time inside predict_chunk
+    decode_calls: int = 0
 
 
 class SimActor:
     """Wrapped by `ray.remote` in the pool; plain class so it can also run in-process (benchmarks)."""
 
-    def __init__(self, task: TaskSection, sim: SimSection, n_envs: int, image_codec: str) -> None:
+    def __init__(
+        self, task: TaskSection, sim: SimSection, n_envs: int, image_codec: str, policy: PolicySpec | None = None
+    ) -> None:
         from vla_dist.sim.scene import TabletopScene
 
         started = time.perf_counter()
         self.task, self.codec = task, image_codec
+        self.policy = make_policy(policy or PolicySpec())
         self.scene = TabletopScene(
             n_envs=n_envs,
             image_size=task.image_size,
@@ -68,8 +74,9 @@ class SimActor:
         from vla_dist.data.codec import encode_episode
 
         started = time.perf_counter()
+        decode_before = getattr(self.policy, "decode_seconds", 0.0), getattr(self.policy, "decode_calls", 0)
         episodes = run_batch(
-            self.scene, requests, ExpertPolicy(), fps=float(self.task.control_hz), max_steps=self.task.max_steps
+            self.scene, requests, self.policy, fps=float(self.task.control_hz), max_steps=self.task.max_steps
         )
         steps = max(ep.num_frames for ep in episodes) * self.scene.n_envs
         outcomes = [
@@ -86,7 +93,14 @@ class SimActor:
             )
             for req, ep in zip(requests, episodes)
         ]
-        return ChunkResult(outcomes, steps, time.perf_counter() - started, {"pid": os.getpid()})
+        return ChunkResult(
+            outcomes,
+            steps,
+            time.perf_counter() - started,
+            {"pid": os.getpid()},
+            decode_seconds=getattr(self.policy, "decode_seconds", 0.0) - decode_before[0],
+            decode_calls=getattr(self.policy, "decode_calls", 0) - decode_before[1],
+        )
 
     def measure(self, steps: int, render: bool) -> dict[str, float]:
         return measure_throughput(self.scene, steps, render)

@@ -178,7 +178,7 @@ def run_collect(
             f"(collect.max_attempts_factor={c.max_attempts_factor}); the {state.written} written are kept in {data_dir}"
         )
     manifest_path = _write_manifest(cfg, data_dir, records, state, frames_written, action_stats, state_stats, tasks)
-    videos = _write_videos(run_dir / "videos", video_samples, cfg)
+    videos = write_videos(run_dir / "videos", video_samples, cfg)
     attempted = sum(state.attempts.values())
     report = {
         "command": "collect",
@@ -214,7 +214,7 @@ def run_collect(
         "manifest": str(manifest_path),
         "videos": [str(v) for v in videos],
     }
-    _write_json(run_dir / "report.json", report)
+    write_json(run_dir / "report.json", report)
     return report
 
 
@@ -271,22 +271,28 @@ def _write_partial_manifest(cfg: RunConfig, data_dir: Path, records: list[ShardR
         "episodes": sum(r.episodes for r in records),
         "note": "collection stopped early; these shards are complete and readable",
     }
-    _write_json(data_dir / "manifest.partial.json", payload)
+    write_json(data_dir / "manifest.partial.json", payload)
 
 
-def _write_videos(video_dir: Path, samples: list[dict[str, object]], cfg: RunConfig) -> list[Path]:
+def write_videos(
+    video_dir: Path, samples: list[dict[str, object]], cfg: RunConfig, label_outcome: bool = False
+) -> list[Path]:
+    """Cameras side by side, upscaled to ~256 px; `label_outcome` appends -success/-failure to names."""
     paths = []
     for sample in samples:
         frames = {
             cam: decode_frames(sample[f"{cam}.{cfg.data.image_codec}"], cfg.data.image_codec) for cam in cfg.task.cameras
         }
-        path = video_dir / f"{sample['__key__']}.mp4"
+        suffix = ""
+        if label_outcome:
+            suffix = "-success" if json.loads(sample["meta.json"])["success"] else "-failure"
+        path = video_dir / f"{sample['__key__']}{suffix}.mp4"
         write_video(path, tile_cameras(frames), fps=float(cfg.task.control_hz), scale=max(1, 256 // cfg.task.image_size))
         paths.append(path)
     return paths
 
 
-def _write_json(path: Path, payload: dict[str, object]) -> None:
+def write_json(path: Path, payload: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))

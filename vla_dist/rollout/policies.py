@@ -1,0 +1,71 @@
+"""Policies a sim actor can run, described by a small picklable spec so Ray can ship it.
+
+`expert`: the scripted expert on privileged state. `model`: a VLA loaded from an HF-format
+directory (`VLAPolicy.save_pretrained` output: an export, or an untrained preset the driver saved),
+run with action chunking: one `predict_chunk` per `action_horizon` control steps, batched over
+every env of the actor's scene.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vla_dist.rollout.runner import ExpertPolicy, Observation, Policy
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    kind: str = "expert"  # "expert" | "model"
+    path: str | None = None  # model: directory with the saved policy
+    action_horizon: int = 0  # model: actions executed per predicted chunk; 0 = the whole chunk
+    cameras: tuple[str, ...] = ("front", "wrist")
+    torch_threads: int = 1  # per actor: actors already run in parallel, one per core
+
+
+class ModelPolicy:
+    """A `VLAPolicy` behind the runner's `Policy` interface, timing every decode."""
+
+    def __init__(self, spec: PolicySpec) -> None:
+        from vla_dist.models import load_policy
+
+        torch.set_num_threads(spec.torch_threads)
+        self.model = load_policy(spec.path).eval()
+        self.cameras = spec.cameras
+        self.horizon = spec.action_horizon or self.model.chunk_size
+        if not 1 <= self.horizon <= self.model.chunk_size:
+            raise ValueError(f"action_horizon {self.horizon} must be in 1..{self.model.chunk_size}")
+        self.decode_seconds = 0.0
+        self.decode_calls = 0
+
+    def reset(self, task_ids: torch.Tensor, instructions: list[str]) -> None:
+        self.instructions = instructions
+        self.queue: torch.Tensor | None = None
+        self.step = 0
+
+    @torch.no_grad()
+    def act(self, obs: Observation) -> torch.Tensor:
+        from vla_dist.models import PolicyInputs
+
+        if self.step % self.horizon == 0:
+            images = torch.from_numpy(np.stack([obs.images[cam] for cam in self.cameras], axis=1))
+            inputs = PolicyInputs(images=images, state=obs.proprio.to(torch.float32), instructions=self.instructions)
+            started = time.perf_counter()
+            chunk = self.model.predict_chunk(inputs)
+            self.decode_seconds += time.perf_counter() - started
+            self.decode_calls += 1
+            self.queue = chunk[:, : self.horizon].to(torch.float32)
+        action = self.queue[:, self.step % self.horizon]
+        self.step += 1
+        return action
+
+
+def make_policy(spec: PolicySpec) -> Policy:
+    if spec.kind == "expert":
+        return ExpertPolicy()
+    if spec.kind == "model":
+        return ModelPolicy(spec)
+    raise ValueError(f"unknown policy kind {spec.kind!r}")
