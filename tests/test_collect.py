@@ -125,3 +125,21 @@ def test_collect_refuses_to_overwrite_a_dataset(quickstart_run: tuple[Path, Path
     )
     assert proc.returncode == 2
     assert "data.dir" in proc.stderr and "collect.overwrite" in proc.stderr
+
+
+def test_expert_failures_are_counted_kept_on_request_and_reported(tmp_path: Path, local_ray: None) -> None:
+    """With a 3-step limit no episode can succeed: the run fails with exit 1 semantics, keeps the
+    failed episodes it was asked to keep (marked success=false) and says what it kept."""
+    from vla_dist.errors import VlaDistError
+
+    cfg = validate(load_config(None, [
+        f"run.dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}", "collect.episodes=2",
+        "task.max_steps=3", "collect.keep_failures=true", "collect.max_attempts_factor=2", "task.image_size=32",
+    ]))
+    with pytest.raises(VlaDistError, match=r"only 0 of 2 episodes succeeded.*kept"):
+        run_collect(cfg)
+    kept = list(iter_episodes(tmp_path / "data", decode_images=False))
+    assert len(kept) == 4 and not any(ep.success for ep in kept)
+    assert all(ep.num_frames == 3 for ep in kept)
+    partial = json.loads((tmp_path / "data" / "manifest.partial.json").read_text())
+    assert partial["complete"] is False and partial["episodes"] == 4

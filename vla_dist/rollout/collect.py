@@ -175,7 +175,8 @@ def run_collect(
         _write_partial_manifest(cfg, data_dir, records, state)
         raise VlaDistError(
             f"only {state.written} of {state.target} episodes succeeded within {max_attempts} attempts "
-            f"(collect.max_attempts_factor={c.max_attempts_factor}); the {state.written} written are kept in {data_dir}"
+            f"(collect.max_attempts_factor={c.max_attempts_factor}); kept in {data_dir}: {state.written} successful "
+            f"and {state.failures_written} failed episodes, listed in manifest.partial.json"
         )
     manifest_path = _write_manifest(cfg, data_dir, records, state, frames_written, action_stats, state_stats, tasks)
     videos = write_videos(run_dir / "videos", video_samples, cfg)
