@@ -213,14 +213,14 @@ class EpisodeShardWriter:
 
 
 def clear_shards(data_dir: str | os.PathLike[str]) -> int:
-    """Delete every shard file (complete or partial) and manifest.json in `data_dir`; returns how
+    """Delete every shard file (complete or partial) and the manifests in `data_dir`; returns how
     many files were removed. For callers that were told to overwrite a previous collection."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         return 0
     removed = 0
     for path in data_dir.iterdir():
-        if _SHARD_FILE_RE.match(path.name) or path.name == "manifest.json":
+        if _SHARD_FILE_RE.match(path.name) or path.name in ("manifest.json", "manifest.partial.json"):
             path.unlink()
             removed += 1
     return removed
