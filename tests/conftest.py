@@ -47,3 +47,23 @@ def local_ray(genesis_kernels: None) -> Iterator[None]:
     init_ray(address=None, num_cpus=2, cache_dir=os.environ.get("VLA_DIST_CACHE_DIR"))
     yield
     ray.shutdown()
+
+
+QUICKSTART_EPISODES = 8
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(
+    tmp_path_factory: pytest.TempPathFactory, genesis_kernels: None
+) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """`vla-dist collect` as a user runs it from the README (quickstart config, 2 sim actors), in
+    its own process; its dataset is the one later tests (data, models, eval) read."""
+    root = tmp_path_factory.mktemp("quickstart")
+    run_dir, data_dir = root / "run", root / "data"
+    command = [
+        sys.executable, "-m", "vla_dist", "collect", f"run.dir={run_dir}", f"data.dir={data_dir}",
+        f"collect.episodes={QUICKSTART_EPISODES}", "data.shard_max_episodes=3",
+    ]
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, data_dir, proc

@@ -17,25 +17,9 @@ from vla_dist.config import load_config, validate
 from vla_dist.data import compute_stats, iter_episodes, read_manifest
 from vla_dist.rollout.collect import CollectProgress, run_collect
 
-from .conftest import REPO_ROOT
+from .conftest import QUICKSTART_EPISODES, REPO_ROOT
 
-EPISODES = 8
-
-
-@pytest.fixture(scope="module")
-def quickstart_run(
-    tmp_path_factory: pytest.TempPathFactory, genesis_kernels: None
-) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """`vla-dist collect` as a user runs it from the README: quickstart config, 2 actors."""
-    root = tmp_path_factory.mktemp("quickstart")
-    run_dir, data_dir = root / "run", root / "data"
-    command = [
-        sys.executable, "-m", "vla_dist", "collect",
-        f"run.dir={run_dir}", f"data.dir={data_dir}", f"collect.episodes={EPISODES}", "data.shard_max_episodes=3",
-    ]
-    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, data_dir, proc
+EPISODES = QUICKSTART_EPISODES
 
 
 def test_collect_writes_exact_valid_dataset(quickstart_run: tuple[Path, Path, subprocess.CompletedProcess]) -> None:

@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
 from vla_dist.cli import main
 from vla_dist.config import ConfigError, RunConfig, load_config, save_resolved, validate
-from vla_dist.errors import VlaDistError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HEAVY_MODULES = ("ray", "genesis", "torch", "deepspeed")
