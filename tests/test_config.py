@@ -241,3 +241,73 @@ def test_runtime_failure_exits_1_naming_what_failed(capsys: pytest.CaptureFixtur
     assert "/proc/vla-dist-test" in err and "--debug" in err
     with pytest.raises(OSError):  # --debug shows the traceback instead of one line
         main(["--debug", "collect", "data.dir=/proc/vla-dist-test/data", "run.dir=/proc/vla-dist-test/run"])
+
+
+# --- model presets (configs/model/*.yaml) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["model.preset", "model.pretrained"])
+def test_model_contract_keys_exist(key: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    assert key.split(".")[1] in {f.name for f in dataclasses.fields(fields["model"].default_factory())}  # type: ignore[misc]
+
+
+def test_model_preset_is_the_base_of_the_model_section(tmp_path: Path) -> None:
+    cfg = validate(load_config(None, []))
+    assert (cfg.model.preset, cfg.model.family, cfg.model.image_size) == ("tiny-pi0", "pi0", 32)
+    assert cfg.model.hf["dit_config"]["hidden_size"] == 64  # from configs/model/tiny-pi0.yaml
+    # an override switches the preset file, not only the name; other overrides still win over it
+    cfg = validate(load_config(None, ["model.chunk_size=2", "model.preset=tiny-openvla", "model.hf.hidden_size=128"]))
+    assert (cfg.model.family, cfg.model.chunk_size, cfg.model.hf["model_type"]) == ("action_tokens", 2, "paligemma")
+    assert "dit_config" not in cfg.model.hf  # the tiny-pi0 architecture is not merged in
+    # a file's own model keys win over its preset
+    mine = _write(tmp_path / "mine.yaml", "model:\n  preset: tiny-openvla\n  chunk_size: 1\n")
+    cfg = validate(load_config(mine, []))
+    assert (cfg.model.family, cfg.model.chunk_size) == ("action_tokens", 1)
+    assert load_config(save_resolved(cfg, tmp_path / "run"), []) == cfg  # the resolved file reloads equal
+
+
+def test_full_size_presets_load_without_torch() -> None:
+    for preset in ("pi0-3b", "openvla-7b"):
+        cfg = validate(load_config(None, [f"model.preset={preset}"]))
+        assert cfg.model.image_size == 224 and cfg.model.dtype == "bfloat16"
+
+
+def test_unknown_preset_exits_2_listing_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _config_error(["config", "model.preset=nope"], capsys)
+    assert "model.preset" in err and "nope" in err
+    assert all(name in err for name in ("tiny-pi0", "tiny-openvla", "pi0-3b", "openvla-7b"))
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model.family=action_tokens", "model.hf"),  # tiny-pi0's PI0 architecture under the token family
+        ("model.family=diffusion", "model.family"),
+        ("model.image_size=36", "model.image_size"),  # not a multiple of the 8-pixel patches
+        ("model.dtype=float16", "model.dtype"),
+        ("model.chunk_size=0", "model.chunk_size"),
+        ("model.lora_targets='(q_proj'", "model.lora_targets"),
+        ("model.hf=3", "model.hf"),
+    ],
+)
+def test_bad_model_values_exit_2(override: str, needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert needle in _config_error(["config", override], capsys)
+
+
+def test_broken_pretrained_dir_exits_2_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope"
+    err = _config_error(["config", f"model.pretrained={missing}"], capsys)
+    assert "model.pretrained" in err and str(missing) in err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name, text in [("config.json", '{"model_type": "pi0"}'), ("normalization.json", "{}"),
+                       ("tokenizer.json", "{}"),
+                       ("vla_dist.json", json.dumps({"family": "pi0", "chunk_size": 8, "action_dim": 7, "state_dim": 15,
+                                                     "cameras": ["front"], "image_size": 32, "max_text_tokens": 8}))]:
+        (partial / name).write_text(text)
+    err = _config_error(["config", f"model.pretrained={partial}"], capsys)
+    assert "model.pretrained" in err and str(partial / "model.safetensors") in err
+    (partial / "vla_dist.json").write_text("{}")
+    err = _config_error(["config", f"model.pretrained={partial}"], capsys)
+    assert "model.pretrained" in err and "vla_dist.json" in err and "family" in err

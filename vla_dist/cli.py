@@ -32,8 +32,15 @@ def _bench_codec(cfg: RunConfig) -> Report:
     return run_codec_bench(cfg)
 
 
+def _bench_decode(cfg: RunConfig) -> Report:
+    from vla_dist.bench.decode import run_decode_bench
+
+    return run_decode_bench(cfg)
+
+
 # `vla-dist bench NAME`: each prints its report as one JSON line, the last line of stdout.
 BENCHES: dict[str, Callable[[RunConfig], Report]] = {
+    "decode": _bench_decode,
     "rollout": _bench_rollout,
     "codec": _bench_codec,
 }
@@ -41,6 +48,8 @@ BENCHES: dict[str, Callable[[RunConfig], Report]] = {
 EXAMPLES = """examples:
   vla-dist collect                                   # configs/quickstart.yaml
   vla-dist collect task.name=pick_cube collect.episodes=4
+  vla-dist eval eval.policy=expert                   # success rate of the scripted expert
+  vla-dist eval eval.checkpoint=runs/x/export        # success rate of a saved/exported policy
   vla-dist config --config configs/quickstart.yaml   # print the resolved config
   vla-dist bench rollout bench.rollout_actors=4
 """
@@ -67,10 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(collect)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="closed-loop success rate of a policy in simulation",
+        description="Run eval.episodes episodes per task on the Ray sim-actor pool with eval.policy: "
+        "'model' (eval.checkpoint, a saved or exported policy directory; null: the untrained model.preset "
+        "as a smoke run, normalized with data.dir's manifest) or 'expert' (the scripted expert). Writes "
+        "run.dir/report.json (success rate per task with 95% intervals, episode length, decode latency) "
+        "and videos of successes and failures under run.dir/videos/.",
+    )
+    _add_config_arguments(evaluate)
+
     bench = commands.add_parser(
         "bench",
         help="a benchmark; prints one JSON line (name, value, unit, baseline, ratio, device)",
         description="Measure one speed claim against a baseline measured in the same run. "
+        "decode: compiled vs eager action decoding per model family, batch 1 and a large batch; "
         "rollout: N sim actors vs 1 (bench.rollout_actors, bench.rollout_steps); "
         "codec: episode image encoding, speed and size per codec. "
         "The last line of stdout is one JSON object.",
@@ -85,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "result: check what a command would run with, without running it.",
     )
     _add_config_arguments(config)
+
+    from vla_dist.cluster.cli import add_commands as add_cluster_commands  # no Ray/torch at import
+
+    add_cluster_commands(commands, _add_config_arguments)
     return parser
 
 
@@ -113,18 +138,27 @@ def _run(args: argparse.Namespace) -> int:
         config_path = save_resolved(cfg, cfg.run.dir)
         from vla_dist.rollout.collect import run_collect
 
-        _print_collect_summary(run_collect(cfg), cfg, str(config_path))
+        _print_summary("collect", run_collect(cfg), f"shards: {cfg.data.dir}   run: {cfg.run.dir}   config: {config_path}")
+    elif args.command == "eval":
+        config_path = save_resolved(cfg, cfg.run.dir)
+        from vla_dist.rollout.evaluate import run_eval
+
+        _print_summary("eval", run_eval(cfg), f"run: {cfg.run.dir}   config: {config_path}")
+    elif args.command in ("cluster", "submit", "job"):
+        from vla_dist.cluster.cli import run as run_cluster_command
+
+        return run_cluster_command(args, cfg)
     elif args.command == "bench":
         report = BENCHES[args.name](cfg)
         print(json.dumps(report, default=str), flush=True)
     return 0
 
 
-def _print_collect_summary(report: Report, cfg: RunConfig, config_path: str) -> None:
+def _print_summary(command: str, report: Report, where: str) -> None:
     scalars = [f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in report.items()
                if isinstance(v, (str, int, float, bool))]
-    print(f"collect done: {', '.join(scalars)}")
-    print(f"shards: {cfg.data.dir}   run: {cfg.run.dir}   config: {config_path}")
+    print(f"{command} done: {', '.join(scalars)}")
+    print(where)
 
 
 def main(argv: list[str] | None = None) -> int:

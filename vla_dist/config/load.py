@@ -1,7 +1,7 @@
 """Loading a RunConfig: YAML files composed through `defaults:`, then `key=value` overrides.
 
-Merge order, later wins: each file's `defaults` (in list order, recursively), the file's own keys,
-then the command-line overrides. Every key is checked against the typed schema before OmegaConf
+Merge order, later wins: the model preset (configs/model/<model.preset>.yaml), each file's
+`defaults` (in list order, recursively), the file's own keys, then the command-line overrides. Every key is checked against the typed schema before OmegaConf
 merges it, so a typo fails with the full key path and the keys its section does have.
 
 Commands receive a plain `RunConfig` dataclass instance (`OmegaConf.to_object`): typed attribute
@@ -46,16 +46,103 @@ def find_config_file(path: str | Path | None) -> Path:
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Compose the config file at `path` (None: configs/quickstart.yaml) and apply `overrides`."""
+    """Compose the config file at `path` (None: configs/quickstart.yaml) and apply `overrides`.
+
+    The model preset (`model.preset`, from the files or an override; default tiny-pi0) is merged
+    first, under everything else: configs/model/<preset>.yaml is the base of the `model` section."""
+    config_file = find_config_file(path)
+    layers = _compose(config_file, stack=())
+    layers += [(f"override {override!r}", _parse_override(override)) for override in overrides]
     merged = OmegaConf.structured(RunConfig)
-    for source, data in _compose(find_config_file(path), stack=()):
+    preset_name = _preset_name(layers, default=merged.model.preset)
+    preset_file = find_preset(preset_name, config_file)
+    merged = _merge(merged, _read_preset(preset_file), str(preset_file))
+    for source, data in layers:
         merged = _merge(merged, data, source)
-    for override in overrides:
-        merged = _merge(merged, _parse_override(override), f"override {override!r}")
     try:
-        return typing.cast(RunConfig, OmegaConf.to_object(merged))
+        cfg = typing.cast(RunConfig, OmegaConf.to_object(merged))
     except OmegaConfBaseException as error:  # an unresolvable ${...} interpolation
         raise ConfigError(error.full_key or None, _first_line(error)) from None
+    if cfg.model.pretrained is not None:
+        _apply_pretrained(cfg, _model_keys_given(layers))
+    return cfg
+
+
+def available_presets(config_file: Path | None = None) -> list[str]:
+    """Preset names: configs/model/*.yaml beside `config_file`'s configs directory and in the checkout."""
+    names = {p.stem for root in _preset_roots(config_file) if root.is_dir() for p in root.glob("*.yaml")}
+    return sorted(names)
+
+
+def find_preset(name: str, config_file: Path | None = None) -> Path:
+    """configs/model/<name>.yaml (beside the config file's configs directory, then the checkout's)."""
+    if name and "/" not in name and "\\" not in name and not name.startswith("."):
+        for root in _preset_roots(config_file):
+            if (root / f"{name}.yaml").is_file():
+                return root / f"{name}.yaml"
+    available = ", ".join(available_presets(config_file)) or "none"
+    raise ConfigError("model.preset", f"unknown preset {name!r}; available: {available} (configs/model/*.yaml)")
+
+
+def _preset_roots(config_file: Path | None) -> list[Path]:
+    roots = [_configs_root(config_file) / "model"] if config_file is not None else []
+    return list(dict.fromkeys([*roots, PROJECT_ROOT / "configs" / "model"]))
+
+
+def _preset_name(layers: list[tuple[str, dict[str, Any]]], default: str) -> str:
+    """The last `model.preset` the files and overrides give (later layers win), else `default`."""
+    name = default
+    for source, data in layers:
+        model = data.get("model")
+        if isinstance(model, dict) and "preset" in model:
+            if not isinstance(model["preset"], str):
+                raise ConfigError("model.preset", f"expected a preset name, got {model['preset']!r} (from {source})")
+            name = model["preset"]
+    return name
+
+
+def _read_preset(file: Path) -> dict[str, Any]:
+    data = _read_yaml(file)
+    if set(data) != {"model"} or not isinstance(data["model"], dict):
+        raise ConfigError("model.preset", f"preset file {file} must hold exactly one mapping, `model:`")
+    data["model"].pop("preset", None)  # the name is the file's; a stale copy inside must not win
+    return data
+
+
+def _model_keys_given(layers: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
+    """{model key: source} for the model keys the files and overrides (not the preset) set."""
+    given: dict[str, str] = {}
+    for source, data in layers:
+        model = data.get("model")
+        if isinstance(model, dict):
+            given.update({key: source for key, value in model.items() if not (key == "hf" and not value)})
+    return given
+
+
+# With model.pretrained, these come from the saved policy, not from the preset.
+_PRETRAINED_KEYS = ("family", "chunk_size", "image_size", "max_text_tokens")
+
+
+def _apply_pretrained(cfg: RunConfig, given: dict[str, str]) -> None:
+    """Check model.pretrained (layout, then weights against its config.json, which imports
+    transformers) and take its architecture; a conflicting key the user set is an error."""
+    from vla_dist.models.files import PretrainedError, check_pretrained_dir, check_weights_match
+
+    path = cfg.model.pretrained
+    try:
+        spec = check_pretrained_dir(path)
+        check_weights_match(path)
+    except PretrainedError as error:
+        raise ConfigError("model.pretrained", str(error)) from None
+    if "hf" in given:
+        raise ConfigError("model.hf", f"cannot be set with model.pretrained (from {given['hf']}): the architecture "
+                          f"is {path}/config.json")
+    for key in _PRETRAINED_KEYS:
+        if key in given and getattr(cfg.model, key) != spec[key]:
+            raise ConfigError(f"model.{key}", f"{getattr(cfg.model, key)!r} (from {given[key]}) disagrees with "
+                              f"model.pretrained {path}: {spec[key]!r}")
+        setattr(cfg.model, key, spec[key])
+    cfg.model.hf = {}
 
 
 def to_yaml(cfg: RunConfig) -> str:

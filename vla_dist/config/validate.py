@@ -9,12 +9,15 @@ come after the check that the value is positive.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vla_dist.cluster.checks import CLUSTER_CHECKS
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
+from vla_dist.models.files import FAMILIES, PretrainedError, check_pretrained_dir
 from vla_dist.sim.task_names import TASK_NAMES
 
 Check = Callable[[RunConfig], None]
@@ -23,6 +26,8 @@ MIB = 1024 * 1024
 CAMERAS = ("front", "wrist")
 SIM_BACKENDS = ("cpu", "gpu")
 IMAGE_CODECS = ("mp4", "npz")
+MODEL_DTYPES = ("float32", "bfloat16")
+TOKEN_MODEL_TYPES = ("paligemma", "llava")
 
 
 def value_at(cfg: RunConfig, key: str) -> Any:
@@ -115,6 +120,53 @@ def _cluster_address(cfg: RunConfig) -> None:
         raise ConfigError("cluster.address", "must be null (in-process Ray), 'auto' or HOST:PORT; got ''")
 
 
+def _model_pretrained(cfg: RunConfig) -> None:
+    # load_config checks this too (with the weights); here for configs built in code.
+    if cfg.model.pretrained is not None:
+        try:
+            check_pretrained_dir(cfg.model.pretrained)
+        except PretrainedError as error:
+            raise ConfigError("model.pretrained", str(error)) from None
+
+
+def _model_hf_fits_family(cfg: RunConfig) -> None:
+    # Catches e.g. model.family=action_tokens over the tiny-pi0 preset's PI0 architecture.
+    model = cfg.model
+    if model.pretrained is not None:
+        return
+    model_type = model.hf.get("model_type")
+    if model.family == "action_tokens" and model_type not in TOKEN_MODEL_TYPES:
+        raise ConfigError("model.hf", f"the action_tokens family needs hf.model_type in {', '.join(TOKEN_MODEL_TYPES)}, "
+                          f"got {model_type!r} (pick a preset of that family, e.g. model.preset=tiny-openvla)")
+    if model.family == "pi0" and model_type is not None:
+        raise ConfigError("model.hf", f"holds a {model_type!r} architecture, not PI0Config kwargs (pick a pi0 "
+                          f"preset, e.g. model.preset=tiny-pi0)")
+
+
+def _model_image_size_fits_patches(cfg: RunConfig) -> None:
+    hf = cfg.model.hf
+    vision = hf.get("vision_config") or (hf.get("vlm_config") or {}).get("vision_config") or {}
+    patch = vision.get("patch_size")
+    if isinstance(patch, int) and patch > 0 and cfg.model.image_size % patch:
+        raise ConfigError("model.image_size", f"must be a multiple of the vision patch size {patch}, "
+                          f"got {cfg.model.image_size}")
+
+
+def _model_lora_targets(cfg: RunConfig) -> None:
+    if cfg.model.lora_targets is not None:
+        try:
+            re.compile(cfg.model.lora_targets)
+        except re.error as error:
+            raise ConfigError("model.lora_targets", f"not a valid regex ({error}): {cfg.model.lora_targets!r}") from None
+
+
+def _eval_checkpoint(cfg: RunConfig) -> None:
+    path = cfg.eval.checkpoint
+    if path is not None and not (Path(path) / "vla_dist.json").is_file():
+        raise ConfigError("eval.checkpoint", f"{path} is not a saved policy directory (no vla_dist.json in it); "
+                          "give an export or policy directory, or null to evaluate the untrained model.preset")
+
+
 CHECKS: list[Check] = [
     # run
     at_least("run.seed", 0),
@@ -144,9 +196,26 @@ CHECKS: list[Check] = [
     one_of("data.image_codec", IMAGE_CODECS),
     at_least("data.shard_max_episodes", 1),
     at_least("data.shard_max_bytes", MIB),
+    # model
+    one_of("model.family", FAMILIES),
+    at_least("model.chunk_size", 1),
+    at_least("model.num_inference_steps", 1),
+    in_range("model.image_size", 8, 1024),
+    at_least("model.max_text_tokens", 1),
+    one_of("model.dtype", MODEL_DTYPES),
+    at_least("eval.episodes", 1),
+    one_of("eval.policy", ("model", "expert")),
+    at_least("eval.action_horizon", 0),
+    at_least("eval.num_videos", 0),
+    _eval_checkpoint,
+    _model_lora_targets,
+    _model_pretrained,
+    _model_hf_fits_family,
+    _model_image_size_fits_patches,
     # cluster
     at_least("cluster.num_cpus", 1, optional=True),
     _cluster_address,
+    *CLUSTER_CHECKS,  # collect placement keys and cluster.slurm/kuberay/cloud (vla_dist/cluster/checks.py)
     # bench
     at_least("bench.rollout_actors", 1),
     at_least("bench.rollout_steps", 1),

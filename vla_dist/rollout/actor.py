@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vla_dist.config.schema import SimSection, TaskSection
-from vla_dist.rollout.policies import PolicySpec, make_policy
+from vla_dist.rollout.policies import PolicySource, make_policy
 from vla_dist.rollout.runner import EpisodeRequest, measure_throughput, run_batch
 
 
@@ -42,13 +42,13 @@ class SimActor:
     """Wrapped by `ray.remote` in the pool; plain class so it can also run in-process (benchmarks)."""
 
     def __init__(
-        self, task: TaskSection, sim: SimSection, n_envs: int, image_codec: str, policy: PolicySpec | None = None
+        self, task: TaskSection, sim: SimSection, n_envs: int, image_codec: str, policy: PolicySource | None = None
     ) -> None:
         from vla_dist.sim.scene import TabletopScene
 
         started = time.perf_counter()
         self.task, self.codec = task, image_codec
-        self.policy = make_policy(policy or PolicySpec())
+        self.policy = make_policy(policy or PolicySource())
         self.scene = TabletopScene(
             n_envs=n_envs,
             image_size=task.image_size,

@@ -116,7 +116,7 @@ def run_collect(
     actor_kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": c.envs_per_actor, "image_codec": cfg.data.image_codec}
     with episode_progress() as progress:
         bar = progress.add_task("building sim actors", total=c.episodes, rate=0.0, success=0.0)
-        pool = SimActorPool(c.num_actors, actor_kwargs, c.cpus_per_actor, c.max_actor_restarts)
+        pool = SimActorPool.from_config(c, actor_kwargs)
         progress.update(bar, description="collecting")
         writer = EpisodeShardWriter(data_dir, max_episodes=cfg.data.shard_max_episodes, max_bytes=cfg.data.shard_max_bytes)
         collect_started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Policies a sim actor can run, described by a small picklable spec so Ray can ship it.
+"""Policies a sim actor can run, described by a `PolicySource` that Ray ships to each actor.
 
 `expert`: the scripted expert on privileged state. `model`: a VLA loaded from an HF-format
 directory (`VLAPolicy.save_pretrained` output: an export, or an untrained preset the driver saved),
@@ -18,7 +18,9 @@ from vla_dist.rollout.runner import ExpertPolicy, Observation, Policy
 
 
 @dataclass(frozen=True)
-class PolicySpec:
+class PolicySource:
+    """Which policy a sim actor runs; small and picklable so Ray ships it to every actor."""
+
     kind: str = "expert"  # "expert" | "model"
     path: str | None = None  # model: directory with the saved policy
     action_horizon: int = 0  # model: actions executed per predicted chunk; 0 = the whole chunk
@@ -29,13 +31,13 @@ class PolicySpec:
 class ModelPolicy:
     """A `VLAPolicy` behind the runner's `Policy` interface, timing every decode."""
 
-    def __init__(self, spec: PolicySpec) -> None:
+    def __init__(self, source: PolicySource) -> None:
         from vla_dist.models import load_policy
 
-        torch.set_num_threads(spec.torch_threads)
-        self.model = load_policy(spec.path).eval()
-        self.cameras = spec.cameras
-        self.horizon = spec.action_horizon or self.model.chunk_size
+        torch.set_num_threads(source.torch_threads)
+        self.model = load_policy(source.path).eval()
+        self.cameras = source.cameras
+        self.horizon = source.action_horizon or self.model.chunk_size
         if not 1 <= self.horizon <= self.model.chunk_size:
             raise ValueError(f"action_horizon {self.horizon} must be in 1..{self.model.chunk_size}")
         self.decode_seconds = 0.0
@@ -63,9 +65,9 @@ class ModelPolicy:
         return action
 
 
-def make_policy(spec: PolicySpec) -> Policy:
-    if spec.kind == "expert":
+def make_policy(source: PolicySource) -> Policy:
+    if source.kind == "expert":
         return ExpertPolicy()
-    if spec.kind == "model":
-        return ModelPolicy(spec)
-    raise ValueError(f"unknown policy kind {spec.kind!r}")
+    if source.kind == "model":
+        return ModelPolicy(source)
+    raise ValueError(f"unknown policy kind {source.kind!r}")

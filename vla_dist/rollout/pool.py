@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from vla_dist.cluster.placement import ActorPlacement, check_fits
+from vla_dist.config.schema import CollectSection
 from vla_dist.errors import VlaDistError
 from vla_dist.rollout.actor import ChunkResult, SimActor
 from vla_dist.rollout.runner import EpisodeRequest
@@ -45,13 +47,15 @@ class SimActorPool:
         cpus_per_actor: float = 1.0,
         max_restarts: int = 3,
         resources: dict[str, float] | None = None,
+        memory_bytes: int = 0,
     ) -> None:
         remote_cls = ray.remote(SimActor)
         self.max_restarts = max_restarts
+        placement = ActorPlacement(cpus_per_actor, memory_bytes, dict(resources or {}))
+        check_fits(placement, num_actors, ray.cluster_resources())  # a missing "sim" resource would hang
         self.actors = [
-            remote_cls.options(
-                num_cpus=cpus_per_actor, resources=resources or {}, max_restarts=max_restarts, max_task_retries=0
-            ).remote(**actor_kwargs)
+            remote_cls.options(**placement.ray_options(), max_restarts=max_restarts, max_task_retries=0)
+            .remote(**actor_kwargs)
             for _ in range(num_actors)
         ]
         self.stats = PoolStats()
@@ -59,6 +63,13 @@ class SimActorPool:
             self.infos: list[dict[str, object]] = ray.get([actor.info.remote() for actor in self.actors])
         except (RayActorError, RayTaskError) as error:
             raise VlaDistError(f"sim actors failed to start (building the Genesis scene): {error}") from error
+
+    @classmethod
+    def from_config(cls, collect: CollectSection, actor_kwargs: dict[str, object]) -> SimActorPool:
+        """A pool sized and placed by the `collect` section (actors, CPUs, memory, custom resources)."""
+        placement = ActorPlacement.from_collect(collect)
+        return cls(collect.num_actors, actor_kwargs, placement.num_cpus, collect.max_actor_restarts,
+                   placement.resources, placement.memory_bytes)
 
     def run(
         self,
@@ -141,7 +152,8 @@ class SimActorPool:
     ) -> None:
         first, last = chunk[0].index, chunk[-1].index
         died = isinstance(error, RayActorError)
-        message = f"sim actor {actor_idx} {'died' if died else 'raised'} on episodes {first}..{last}: {_first_line(error)}"
+        what = "died" if died else "raised"
+        message = f"sim actor {actor_idx} {what} on episodes {first}..{last}: {_first_line(error)}"
         log.warning("%s; re-queuing the chunk", message)
         self.stats.failures.append(message)
         self.stats.chunks_retried += 1

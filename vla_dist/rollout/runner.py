@@ -98,7 +98,9 @@ def run_batch(
         length += (~done).long()
 
         after = scene.object_state()
-        ok = check_success(task_ids, after["cube_pos"], after["base_pos"], after["target_pos"], ~after["gripper_closed"])
+        ok = check_success(
+            task_ids, after["cube_pos"], after["base_pos"], after["target_pos"], ~after["gripper_closed"]
+        )
         held = torch.where(ok, held + 1, torch.zeros_like(held))
         finished = ~done & ((held >= SUCCESS_HOLD_STEPS) | (length >= limits))
         success |= finished & (held >= SUCCESS_HOLD_STEPS)

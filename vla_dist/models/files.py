@@ -1,0 +1,156 @@
+"""The on-disk layout of a saved policy, and checks that a directory holds a loadable one.
+
+A policy directory (written by `VLAPolicy.save_pretrained`, read by `load_policy`):
+    config.json, model.safetensors (or model.safetensors.index.json + shards)   the transformers model
+    tokenizer.json, tokenizer_config.json                                       the tokenizer
+    normalization.json                                                          dataset statistics
+    vla_dist.json                                                               family, chunk size, cameras, ...
+
+Importing this module loads no torch: `check_pretrained_dir` (structure, JSON, safetensors headers)
+runs while the config is loaded, so a broken `model.pretrained` fails before any heavy work.
+`check_weights_match` compares the weights with the architecture in config.json on the meta device;
+it imports transformers when called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+SPEC_FILE = "vla_dist.json"
+SPEC_VERSION = 1
+FAMILIES = ("pi0", "action_tokens")
+# config.json model_type -> the transformers class that holds it (explicit: no lookup by convention)
+HF_CLASSES = {
+    "pi0": "PI0ForConditionalGeneration",
+    "paligemma": "PaliGemmaForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+}
+FAMILY_MODEL_TYPES = {"pi0": ("pi0",), "action_tokens": ("paligemma", "llava")}
+_SPEC_FIELDS = ("family", "chunk_size", "action_dim", "state_dim", "cameras", "image_size", "max_text_tokens")
+_REQUIRED_FILES = ("config.json", SPEC_FILE, "normalization.json", "tokenizer.json")
+
+
+class PretrainedError(ValueError):
+    """A policy directory that cannot be loaded; the message names the file (and key) at fault."""
+
+
+def check_pretrained_dir(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check the layout of a policy directory; return its vla_dist.json. Raises PretrainedError."""
+    root = Path(path)
+    if not root.is_dir():
+        raise PretrainedError(f"{root} is not a directory (expected a policy saved by vla-dist)")
+    for name in _REQUIRED_FILES:
+        if not (root / name).is_file():
+            raise PretrainedError(f"{root / name} is missing (a saved policy holds {', '.join(_REQUIRED_FILES)})")
+    spec = _read_json(root / SPEC_FILE)
+    missing = [key for key in _SPEC_FIELDS if key not in spec]
+    if missing:
+        raise PretrainedError(f"{root / SPEC_FILE} lacks key(s) {missing}")
+    if spec["family"] not in FAMILIES:
+        raise PretrainedError(f"{root / SPEC_FILE}: family {spec['family']!r} is not one of {', '.join(FAMILIES)}")
+    model_type = _read_json(root / "config.json").get("model_type")
+    if model_type not in FAMILY_MODEL_TYPES[spec["family"]]:
+        raise PretrainedError(
+            f"{root / 'config.json'}: model_type {model_type!r} does not fit family {spec['family']!r} "
+            f"(expected {' or '.join(FAMILY_MODEL_TYPES[spec['family']])})"
+        )
+    _read_json(root / "normalization.json")
+    weight_shapes(root)  # every safetensors file exists and has a readable header
+    return spec
+
+
+def weight_shapes(root: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from the safetensors header(s) of a policy directory, without reading
+    the tensors (the header is 8 bytes of length + JSON)."""
+    single, index = root / "model.safetensors", root / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise PretrainedError(f"{index} lacks a 'weight_map' object")
+        files = [root / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise PretrainedError(f"{file} is missing (listed in {index})")
+    else:
+        raise PretrainedError(f"{single} is missing (and no {index.name}): no model weights in {root}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        shapes.update(_safetensors_header(file))
+    return shapes
+
+
+def check_weights_match(path: str | os.PathLike[str]) -> None:
+    """Load the weights onto the meta device (no memory) through transformers' own loader, which
+    applies its checkpoint key renamings and weight tying, and refuse any missing, unexpected or
+    mis-shaped key: transformers would only warn and initialize such weights at random.
+    Raises PretrainedError naming the file and the first bad key."""
+    root = Path(path)
+    raise_on_bad_keys(root, load_hf_model(root, device_map="meta")[1])
+
+
+def raise_on_bad_keys(root: Path, info: dict[str, Any]) -> None:
+    """Raise PretrainedError for the first missing/unexpected/mis-shaped key in a loading info."""
+    weights = root / ("model.safetensors" if (root / "model.safetensors").is_file() else "model.safetensors.index.json")
+    problems = {
+        "missing_keys": "lacks key {key!r} that {config} needs",
+        "unexpected_keys": "has key {key!r} unknown to {config}",
+        "mismatched_keys": "has key {key!r} with a shape {config} does not take",
+    }
+    for kind, message in problems.items():
+        keys = sorted(str(entry[0] if isinstance(entry, tuple) else entry) for entry in info.get(kind) or ())
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise PretrainedError(f"{weights} " + message.format(key=keys[0], config=root / "config.json") + more)
+
+
+def load_hf_model(root: Path, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """(the transformers model in `root`, its loading info), with load reports kept quiet: the
+    caller decides what a missing or unexpected key means."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
+    if config.model_type not in HF_CLASSES:
+        raise PretrainedError(f"{root / 'config.json'}: model_type {config.model_type!r} is not one of {', '.join(HF_CLASSES)}")
+    model_class = getattr(transformers, HF_CLASSES[config.model_type])
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return model_class.from_pretrained(str(root), local_files_only=True, output_loading_info=True,
+                                           ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise PretrainedError(f"{root}: transformers cannot load it: {str(error).splitlines()[0]}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise PretrainedError(f"{file} is truncated (no safetensors header)")
+            (length,) = struct.unpack("<Q", raw)
+            if length > os.path.getsize(file) - 8:
+                raise PretrainedError(f"{file} is truncated or not a safetensors file")
+            header = json.loads(f.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PretrainedError(f"{file}: unreadable safetensors header: {error}") from None
+    if not isinstance(header, dict):
+        raise PretrainedError(f"{file}: the safetensors header is not an object")
+    return {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PretrainedError(f"{file}: unreadable JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise PretrainedError(f"{file}: expected a JSON object")
+    return data

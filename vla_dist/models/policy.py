@@ -1,0 +1,299 @@
+"""The one policy interface that training, evaluation and RL code against, and its constructors.
+
+    policy = build_policy(cfg.model, manifest)          # random init from the preset, or model.pretrained
+    loss = policy.compute_loss(batch)                   # scalar; what DeepSpeed's engine(batch) returns
+    chunk = policy.predict_chunk(inputs)                # [B, chunk, A] raw action units
+    policy.save_pretrained(d); load_policy(d)           # HF-format directory (see files.py)
+
+Units: `PolicyInputs`/`PolicyBatch` and `predict_chunk` speak raw units (images uint8 as stored,
+state and actions as the simulator uses them). Normalization is inside the policy, with the
+statistics of the manifest it was built from, saved beside the weights (normalization.json).
+A family (pi0.py, action_tokens.py) knows nothing of ZeRO, Ray or the simulator.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from vla_dist.errors import ConfigError
+from vla_dist.models import processing
+from vla_dist.models.files import SPEC_FILE, SPEC_VERSION, PretrainedError, check_pretrained_dir
+from vla_dist.models.processing import Normalization
+
+if TYPE_CHECKING:
+    from vla_dist.config.schema import ModelSection
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PolicyInputs:
+    images: torch.Tensor  # uint8 [B, n_cam, H, W, 3], camera order = the policy's `cameras` (manifest order)
+    state: torch.Tensor  # float32 [B, S] raw units
+    instructions: list[str]  # B language instructions
+
+
+@dataclass
+class PolicyBatch(PolicyInputs):
+    actions: torch.Tensor  # float32 [B, chunk, A] raw units: actions t..t+chunk-1
+    action_mask: torch.Tensor  # bool [B, chunk]: False where the episode had ended (padding)
+
+
+@dataclass
+class PolicySpec:
+    """What a saved policy needs beside its weights (vla_dist.json)."""
+
+    family: str
+    chunk_size: int
+    action_dim: int
+    state_dim: int
+    cameras: list[str]
+    image_size: int  # model input resolution; images are resized to it
+    max_text_tokens: int  # instruction prompt length in tokens (cut, then padded)
+    num_inference_steps: int = 10  # pi0: Euler steps of sample_actions
+    dtype: str = "float32"
+    lora_targets: str | None = None  # a peft target_modules regex overriding the family's default
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PolicySpec:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+class VLAPolicy(nn.Module, abc.ABC):
+    """Abstract base of the model families. Attributes every family has:
+
+    hf_model: the transformers module (what LoRA wraps, what save_pretrained writes);
+    tokenizer; normalization (Normalization); spec (PolicySpec); chunk_size, action_dim, state_dim,
+    cameras, image_size; float32 buffers action_low/action_high/action_scale [A], state_mean/state_std
+    [S] that follow the module's device but never its dtype (a bf16 model keeps exact statistics)."""
+
+    family: ClassVar[str]
+
+    def __init__(self, hf_model: nn.Module, tokenizer: Any, normalization: Normalization, spec: PolicySpec) -> None:
+        super().__init__()
+        if (normalization.action_dim, normalization.state_dim) != (spec.action_dim, spec.state_dim):
+            raise ValueError(
+                f"normalization has action/state dims {normalization.action_dim}/{normalization.state_dim}, "
+                f"the policy {spec.action_dim}/{spec.state_dim}"
+            )
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.normalization = normalization
+        self.spec = spec
+        self.chunk_size, self.action_dim, self.state_dim = spec.chunk_size, spec.action_dim, spec.state_dim
+        self.cameras, self.image_size = list(spec.cameras), spec.image_size
+        self._exact: dict[str, torch.Tensor] = {}
+        for name, tensor in normalization.tensors().items():
+            self.register_exact_buffer(name, tensor)
+
+    def register_exact_buffer(self, name: str, tensor: torch.Tensor) -> None:
+        """A non-persistent float32 buffer that follows the module's device but not its dtype."""
+        self._exact[name] = tensor.float()
+        self.register_buffer(name, tensor.float(), persistent=False)
+
+    # --- the interface -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def compute_loss(self, batch: PolicyBatch) -> torch.Tensor:
+        """Scalar training loss, averaged over valid (action_mask) steps only."""
+
+    @abc.abstractmethod
+    def predict_chunk(self, inputs: PolicyInputs, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [B, chunk, A] actions in raw units (un-normalized). No gradients."""
+
+    @abc.abstractmethod
+    def log_prob(self, batch: PolicyBatch) -> torch.Tensor:
+        """float32 [B]: log-likelihood (or a family-documented surrogate) of batch.actions."""
+
+    @abc.abstractmethod
+    def lora_target_modules(self) -> list[str] | str:
+        """peft `target_modules` for `hf_model`: the language model(s) only, never the vision tower."""
+
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, model_cfg: ModelSection, spec: PolicySpec, normalization: Normalization,
+              meta: bool = False) -> VLAPolicy:
+        """A randomly initialised policy (on the meta device when `meta`: nothing allocated)."""
+
+    def forward(self, batch: PolicyBatch) -> torch.Tensor:
+        """= compute_loss: what a DeepSpeed engine's `engine(batch)` calls."""
+        return self.compute_loss(batch)
+
+    # --- shared processing ---------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    def check_inputs(self, inputs: PolicyInputs) -> int:
+        """Validate shapes against the policy; returns the batch size."""
+        images, state = inputs.images, inputs.state
+        batch = images.shape[0] if images.dim() == 5 else -1
+        if images.dim() != 5 or images.shape[1] != len(self.cameras) or images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 [B, {len(self.cameras)} ({', '.join(self.cameras)}), H, W, 3], "
+                             f"got {tuple(images.shape)}")
+        if state.shape != (batch, self.state_dim):
+            raise ValueError(f"state must be [B={batch}, {self.state_dim}], got {tuple(state.shape)}")
+        if len(inputs.instructions) != batch:
+            raise ValueError(f"{len(inputs.instructions)} instructions for a batch of {batch}")
+        if isinstance(inputs, PolicyBatch):
+            want = (batch, self.chunk_size, self.action_dim)
+            if tuple(inputs.actions.shape) != want:
+                raise ValueError(f"actions must be {list(want)}, got {tuple(inputs.actions.shape)}")
+            if tuple(inputs.action_mask.shape) != want[:2] or inputs.action_mask.dtype != torch.bool:
+                raise ValueError(f"action_mask must be bool {list(want[:2])}, got "
+                                 f"{inputs.action_mask.dtype} {tuple(inputs.action_mask.shape)}")
+        return batch
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, n_cam, H, W, 3] -> [B, n_cam, 3, image_size, image_size] in [-1, 1], model dtype."""
+        return processing.preprocess_images(images.to(self.device), self.image_size, self.dtype)
+
+    def normalize_state(self, state: torch.Tensor) -> torch.Tensor:
+        """raw [B, S] -> standardized float32 [B, S]."""
+        return (state.to(self.state_mean.device, torch.float32) - self.state_mean) / self.state_std
+
+    def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """raw [..., A] -> float32 [..., A] in [-1, 1] (q01 -> -1, q99 -> 1, clipped)."""
+        actions = actions.to(self.action_low.device, torch.float32)
+        return processing.normalize_actions(actions, self.action_low, self.action_scale)
+
+    def unnormalize_actions(self, norm: torch.Tensor) -> torch.Tensor:
+        """normalized [..., D] (D >= A; padded dims beyond A are dropped) -> float32 raw [..., A],
+        clipped to [q01, q99]. Used on model outputs by predict_chunk and the compiled kernels."""
+        norm = norm[..., : self.action_dim].to(self.action_low.device, torch.float32)
+        return processing.unnormalize_actions(norm, self.action_low, self.action_high, self.action_scale)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> VLAPolicy:
+        # .to(dtype)/.bfloat16() (DeepSpeed bf16 does this) would round the statistics: re-create them
+        # in float32 on whatever device the module went to.
+        super()._apply(fn, recurse)
+        for name, tensor in self._exact.items():
+            self._buffers[name] = tensor.to(self._buffers[name].device)
+        return self
+
+    # --- saving and loading --------------------------------------------------------------------
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str]) -> None:
+        """Write the HF-format directory described in files.py (safetensors weights)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.hf_model.save_pretrained(str(out), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(out))
+        self.normalization.save(out)
+        spec = {**asdict(self.spec), "dtype": _dtype_name(self.dtype)}
+        spec = {"format_version": SPEC_VERSION, **spec, "hf_class": type(self.hf_model).__name__}
+        (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> VLAPolicy:
+        """Load a directory written by save_pretrained. On VLAPolicy it dispatches on the family;
+        on a family class the directory must hold that family. Raises PretrainedError."""
+        spec_data = check_pretrained_dir(path)
+        family_class = _family_class(spec_data["family"])
+        if cls is not VLAPolicy and family_class is not cls:
+            raise PretrainedError(f"{Path(path) / SPEC_FILE}: family {spec_data['family']!r}, not {cls.family!r}")
+        return family_class._load(Path(path), PolicySpec.from_dict(spec_data))
+
+    @classmethod
+    def _load(cls, path: Path, spec: PolicySpec) -> VLAPolicy:
+        from vla_dist.models.files import load_hf_model, raise_on_bad_keys
+
+        hf_model, info = load_hf_model(path, dtype=DTYPES.get(spec.dtype, torch.float32))
+        raise_on_bad_keys(path, info)  # transformers would only warn and leave random weights: refuse
+        return cls(hf_model, processing.load_tokenizer(path), Normalization.load(path), spec)
+
+
+def build_policy(model_cfg: ModelSection, manifest: Mapping[str, Any], device: str | torch.device = "cpu") -> VLAPolicy:
+    """The policy a run trains/evaluates: `model_cfg.pretrained` loaded, else a random init of the
+    preset (seed torch first, e.g. with run.seed, for a reproducible init). A pretrained policy keeps
+    its own normalization statistics; the manifest's cameras and dims must match it."""
+    spec = spec_from(model_cfg, manifest)
+    if model_cfg.pretrained:
+        try:
+            policy = load_policy(model_cfg.pretrained)
+        except PretrainedError as error:
+            raise ConfigError("model.pretrained", str(error)) from None
+        theirs = (policy.cameras, policy.action_dim, policy.state_dim)
+        if theirs != (spec.cameras, spec.action_dim, spec.state_dim):
+            raise ConfigError("model.pretrained", f"{model_cfg.pretrained} has cameras/action dim/state dim {theirs}, "
+                              f"the dataset {(spec.cameras, spec.action_dim, spec.state_dim)}")
+        policy.spec.num_inference_steps = model_cfg.num_inference_steps
+        policy.spec.lora_targets = model_cfg.lora_targets
+    else:
+        policy = _family_class(model_cfg.family).build(model_cfg, spec, Normalization.from_manifest(manifest))
+    policy.hf_model.to(DTYPES[model_cfg.dtype])
+    policy.spec.dtype = model_cfg.dtype
+    return policy.to(device)
+
+
+def load_policy(path: str | os.PathLike[str]) -> VLAPolicy:
+    """Load a saved policy, whichever family (vla_dist.json says). Raises PretrainedError."""
+    return VLAPolicy.from_pretrained(path)
+
+
+def count_parameters(model_cfg: ModelSection, *, exclude_unused: bool = False) -> int:
+    """Parameters of the preset's model, built on the meta device (nothing allocated: works for the
+    full-size presets). `exclude_unused`: leave out weights the family never uses (pi0: the action
+    expert's copy of the vocabulary embedding, frozen at build)."""
+    spec = spec_from(model_cfg, placeholder_manifest())
+    policy = _family_class(model_cfg.family).build(model_cfg, spec, Normalization.from_manifest(placeholder_manifest()),
+                                                   meta=True)
+    unused = set(getattr(policy, "unused_parameters", list)()) if exclude_unused else set()
+    return sum(p.numel() for name, p in policy.hf_model.named_parameters() if name not in unused)
+
+
+def spec_from(model_cfg: ModelSection, manifest: Mapping[str, Any]) -> PolicySpec:
+    return PolicySpec(
+        family=model_cfg.family,
+        chunk_size=model_cfg.chunk_size,
+        action_dim=int(manifest["action_space"]["dim"]),
+        state_dim=int(manifest["state_space"]["dim"]),
+        cameras=list(manifest["cameras"]),
+        image_size=model_cfg.image_size,
+        max_text_tokens=model_cfg.max_text_tokens,
+        num_inference_steps=model_cfg.num_inference_steps,
+        dtype=model_cfg.dtype,
+        lora_targets=model_cfg.lora_targets,
+    )
+
+
+def placeholder_manifest() -> dict[str, Any]:
+    """Manifest fields a build needs, for the simulator's action/state spaces with unit statistics
+    (parameter counting, smoke tests; training uses the dataset's manifest)."""
+    from vla_dist.sim.scene import ACTION_SPACE, STATE_SPACE
+
+    def stats(dim: int) -> dict[str, list[float]]:
+        return {"mean": [0.0] * dim, "std": [1.0] * dim, "min": [-1.0] * dim, "max": [1.0] * dim,
+                "q01": [-1.0] * dim, "q99": [1.0] * dim}
+
+    return {"action_space": dict(ACTION_SPACE), "state_space": dict(STATE_SPACE), "cameras": ["front", "wrist"],
+            "action_stats": stats(ACTION_SPACE["dim"]), "state_stats": stats(STATE_SPACE["dim"])}
+
+
+def _family_class(family: str) -> type[VLAPolicy]:
+    # Imported here: the family modules import this one.
+    from vla_dist.models.action_tokens import ActionTokenPolicy
+    from vla_dist.models.pi0 import PI0Policy
+
+    families: dict[str, type[VLAPolicy]] = {"pi0": PI0Policy, "action_tokens": ActionTokenPolicy}
+    if family not in families:
+        raise ConfigError("model.family", f"must be one of {', '.join(families)}; got {family!r}")
+    return families[family]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next((name for name, value in DTYPES.items() if value == dtype), "float32")
