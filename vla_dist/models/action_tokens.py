@@ -186,7 +186,18 @@ class ActionTokenPolicy(VLAPolicy):
     def predict_chunk(self, inputs: PolicyInputs, noise: torch.Tensor | None = None) -> torch.Tensor:
         """[B, chunk, A] raw actions: greedy bins -> bin centres -> un-normalized. `noise` is
         ignored (decoding is deterministic); it is accepted for the common interface."""
+        if self.decoder is not None:
+            actions = self.decoder(**self.prepare_prompt(inputs))
+            return actions.reshape(actions.shape[0], self.chunk_size, self.action_dim).to(torch.float32)
         return self.bins_to_actions(self.predict_bins(inputs))
+
+    def _make_decoder(self, compile: bool) -> Any:
+        from vla_dist.kernels import TokenDecoder
+
+        return TokenDecoder(
+            self.hf_model, self.action_token_ids, self.bin_centers, self.num_action_tokens,
+            unnormalize=self.unnormalize_actions, compile=compile, action_dim=self.action_dim,
+        )
 
 
 def vlm_config(hf: dict[str, Any], spec: PolicySpec, tokenizer: Any) -> Any:

@@ -201,9 +201,17 @@ class PI0Policy(VLAPolicy):
         [B, chunk, max_action_dim]; drawn when None), clipped to [q01, q99] and un-normalized."""
         batch = self.check_inputs(inputs)
         prefix = self.prepare_prefix(inputs)
-        norm = self.hf_model.sample_actions(**prefix, noise=self.full_noise(noise, batch),
-                                            num_steps=self.spec.num_inference_steps)
+        full_noise = self.full_noise(noise, batch)
+        if self.decoder is not None:
+            norm = self.decoder(**prefix, noise=full_noise)
+        else:
+            norm = self.hf_model.sample_actions(**prefix, noise=full_noise, num_steps=self.spec.num_inference_steps)
         return self.unnormalize_actions(norm)
+
+    def _make_decoder(self, compile: bool) -> Any:
+        from vla_dist.kernels import FlowDecoder
+
+        return FlowDecoder(self.hf_model, self.spec.num_inference_steps, compile=compile)
 
 
 def pi0_config(hf: dict[str, Any], spec: PolicySpec, tokenizer: Any) -> Any:

@@ -110,6 +110,20 @@ class VLAPolicy(nn.Module, abc.ABC):
     def predict_chunk(self, inputs: PolicyInputs, noise: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [B, chunk, A] actions in raw units (un-normalized). No gradients."""
 
+    def enable_compiled_decoding(self, compile: bool = True) -> None:
+        """Route `predict_chunk` through this family's static-shape decoder in `vla_dist.kernels`
+        (torch.compile'd unless `compile=False`). Compilation happens on the first call per batch
+        bucket and is cached for the process. Kept outside the module tree (the decoder holds a
+        reference to `hf_model`; registering it would duplicate the weights in state_dict)."""
+        object.__setattr__(self, "_decoder", self._make_decoder(compile))
+
+    @property
+    def decoder(self) -> Any | None:
+        return self.__dict__.get("_decoder")
+
+    def _make_decoder(self, compile: bool) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no compiled decoder")
+
     @abc.abstractmethod
     def log_prob(self, batch: PolicyBatch) -> torch.Tensor:
         """float32 [B]: log-likelihood (or a family-documented surrogate) of batch.actions."""

@@ -56,7 +56,9 @@ def resolve_policy(cfg: RunConfig) -> PolicySource:
         policy = build_policy(cfg.model, read_manifest(manifest_dir))
         path = str(Path(cfg.run.dir) / "untrained_policy")
         policy.save_pretrained(path)
-    return PolicySource(kind="model", path=str(path), action_horizon=cfg.eval.action_horizon, cameras=cameras)
+    return PolicySource(
+        kind="model", path=str(path), action_horizon=cfg.eval.action_horizon, cameras=cameras, compile=cfg.model.compile
+    )
 
 
 def run_eval(cfg: RunConfig) -> dict[str, object]:

@@ -26,6 +26,7 @@ class PolicySource:
     action_horizon: int = 0  # model: actions executed per predicted chunk; 0 = the whole chunk
     cameras: tuple[str, ...] = ("front", "wrist")
     torch_threads: int = 1  # per actor: actors already run in parallel, one per core
+    compile: bool = False  # model: decode through the torch.compile'd kernels (model.compile)
 
 
 class ModelPolicy:
@@ -36,6 +37,8 @@ class ModelPolicy:
 
         torch.set_num_threads(source.torch_threads)
         self.model = load_policy(source.path).eval()
+        if source.compile:
+            self.model.enable_compiled_decoding()
         self.cameras = source.cameras
         self.horizon = source.action_horizon or self.model.chunk_size
         if not 1 <= self.horizon <= self.model.chunk_size:
