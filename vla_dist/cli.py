@@ -38,8 +38,15 @@ def _bench_decode(cfg: RunConfig) -> Report:
     return run_decode_bench(cfg)
 
 
+def _bench_data(cfg: RunConfig) -> Report:
+    from vla_dist.bench.data import run_data_bench
+
+    return run_data_bench(cfg)
+
+
 # `vla-dist bench NAME`: each prints its report as one JSON line, the last line of stdout.
 BENCHES: dict[str, Callable[[RunConfig], Report]] = {
+    "data": _bench_data,
     "decode": _bench_decode,
     "rollout": _bench_rollout,
     "codec": _bench_codec,
@@ -87,10 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(evaluate)
 
+    train = commands.add_parser(
+        "train",
+        help="supervised post-training (full or LoRA) with DeepSpeed ZeRO",
+        description="Train the model.preset policy on data.dir's shards with train.world_size DeepSpeed ranks "
+        "placed by Ray (ZeRO stage train.zero_stage, LoRA with train.lora.enabled). Writes run.dir/metrics.jsonl "
+        "(one line per optimizer step), loss.png, report.json and checkpoints/step_N (latest complete one "
+        "pointed to by checkpoints/latest; train.resume=auto continues from it).",
+    )
+    _add_config_arguments(train)
+
+    export = commands.add_parser(
+        "export",
+        help="checkpoint -> HF-format policy directory, peft adapter, or merged model",
+        description="Write a saved policy directory (transformers save_pretrained, safetensors) from a training "
+        "checkpoint; for LoRA runs the base policy plus adapter/, or with --merge-lora the merged weights. "
+        "The result loads with vla_dist.models.load_policy and serves eval.checkpoint.",
+    )
+    export.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoints/step_N, run.dir or run.dir/checkpoints")
+    export.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    export.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapter into the base weights")
+    _add_config_arguments(export)
+
     bench = commands.add_parser(
         "bench",
         help="a benchmark; prints one JSON line (name, value, unit, baseline, ratio, device)",
         description="Measure one speed claim against a baseline measured in the same run. "
+        "data: training-window pipeline (decode, split, shuffle, collate) vs a plain sequential read; "
         "decode: compiled vs eager action decoding per model family, batch 1 and a large batch; "
         "rollout: N sim actors vs 1 (bench.rollout_actors, bench.rollout_steps); "
         "codec: episode image encoding, speed and size per codec. "
@@ -144,6 +174,15 @@ def _run(args: argparse.Namespace) -> int:
         from vla_dist.rollout.evaluate import run_eval
 
         _print_summary("eval", run_eval(cfg), f"run: {cfg.run.dir}   config: {config_path}")
+    elif args.command == "train":
+        from vla_dist.train import run_train  # writes run.dir/config.yaml itself (after resume checks)
+
+        _print_summary("train", run_train(cfg), f"run: {cfg.run.dir}   checkpoints: {cfg.run.dir}/checkpoints")
+    elif args.command == "export":
+        from vla_dist.checkpoint.export import export_checkpoint
+
+        _print_summary("export", export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora),
+                       f"out: {args.out}")
     elif args.command in ("cluster", "submit", "job"):
         from vla_dist.cluster.cli import run as run_cluster_command
 

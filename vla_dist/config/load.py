@@ -126,7 +126,11 @@ _PRETRAINED_KEYS = ("family", "chunk_size", "image_size", "max_text_tokens")
 def _apply_pretrained(cfg: RunConfig, given: dict[str, str]) -> None:
     """Check model.pretrained (layout, then weights against its config.json, which imports
     transformers) and take its architecture; a conflicting key the user set is an error."""
-    from vla_dist.models.files import PretrainedError, check_pretrained_dir, check_weights_match
+    from vla_dist.models.files import (
+        PretrainedError,
+        check_pretrained_dir,
+        check_weights_match,
+    )
 
     path = cfg.model.pretrained
     try:

@@ -59,6 +59,10 @@ class DataSection:
     image_codec: str = "mp4"  # "mp4" (H.264, small) or "npz" (lossless, zlib)
     shard_max_episodes: int = 64
     shard_max_bytes: int = 256 * 1024 * 1024
+    # training windows (vla_dist/data/loader.py: WindowLoader.from_config)
+    num_workers: int = 2  # DataLoader worker processes per trainer rank (0: read in the trainer process)
+    shuffle_buffer: int = 256  # windows shuffled together (>= this many, whole episodes); 0: no shuffle
+    window_stride: int = 1  # a window every this many steps of an episode
 
 
 @dataclass
@@ -176,6 +180,44 @@ class EvalSection:
 
 
 @dataclass
+class LoraSection:
+    enabled: bool = False  # train a peft LoRA adapter on model.lora_targets (else every parameter)
+    r: int = 8  # adapter rank
+    alpha: int = 16  # scaling = alpha / r
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    """`vla-dist train`: supervised post-training with DeepSpeed ZeRO on a Ray trainer group."""
+
+    steps: int = 20  # optimizer steps (total, counting those before a resume)
+    world_size: int = 2  # trainer ranks (Ray actors), one per GPU (or CPU process)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
+    lora: LoraSection = field(default_factory=LoraSection)
+    save_every: int = 10  # checkpoint every N optimizer steps (and at the end); 0: only at the end
+    resume: str = "auto"  # "auto": the latest complete checkpoint of run.dir if any; "never"; or a step_N dir
+    micro_batch_size: int = 4  # windows per rank per forward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    global_batch_size: int = 0  # 0: micro_batch_size * grad_accum * world_size; else must equal it
+    lr: float = 1.0e-3
+    warmup_steps: int = 2  # linear warm-up, then cosine decay to 1% of lr at `steps`
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # global grad-norm clipping; 0: off
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU (stage >= 1)
+    offload_params: bool = False  # parameters to CPU (stage 3 only)
+    keep_last: int = 3  # complete checkpoints kept (older ones deleted after a newer one is complete)
+    max_nan_steps: int = 3  # stop after this many non-finite losses in a row (last good checkpoint kept)
+    log_every: int = 1  # driver progress/console update period in steps (metrics.jsonl has every step)
+    gpus_per_rank: float = 0.0  # 0: CPU ranks (gloo, fp32); >0: CUDA ranks (NCCL, bf16)
+    cpus_per_rank: float = 1.0
+    placement_strategy: str = "PACK"  # Ray placement group strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    # debug/overfit check: every step draws the same windows, noise and flow-matching times, so the
+    # loss is comparable step to step (it must fall steadily); false for real training
+    fixed_batches: bool = False
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     task: TaskSection = field(default_factory=TaskSection)
@@ -184,5 +226,6 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    train: TrainSection = field(default_factory=TrainSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     bench: BenchSection = field(default_factory=BenchSection)

@@ -167,6 +167,59 @@ def _eval_checkpoint(cfg: RunConfig) -> None:
                           "give an export or policy directory, or null to evaluate the untrained model.preset")
 
 
+def _train_resume(cfg: RunConfig) -> None:
+    resume = cfg.train.resume
+    if resume in ("auto", "never"):
+        return
+    if not (Path(resume) / "COMPLETE").is_file():
+        raise ConfigError("train.resume", f"must be auto, never or a complete checkpoint directory "
+                          f"(run.dir/checkpoints/step_N with a COMPLETE marker); got {resume!r}")
+
+
+def _train_batch(cfg: RunConfig) -> None:
+    t = cfg.train
+    derived = t.micro_batch_size * t.grad_accum * t.world_size
+    if t.global_batch_size and t.global_batch_size != derived:
+        raise ConfigError("train.global_batch_size", f"must equal train.micro_batch_size * train.grad_accum * "
+                          f"train.world_size = {t.micro_batch_size} * {t.grad_accum} * {t.world_size} = {derived} "
+                          f"(or 0 to derive it); got {t.global_batch_size}")
+
+
+def _train_offload(cfg: RunConfig) -> None:
+    t = cfg.train
+    if t.offload_params and t.zero_stage != 3:
+        raise ConfigError("train.offload_params", f"needs train.zero_stage=3, got stage {t.zero_stage}")
+    if t.offload_optimizer and t.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer", "needs train.zero_stage >= 1, got 0")
+
+
+TRAIN_CHECKS: list[Check] = [
+    at_least("train.steps", 1),
+    at_least("train.world_size", 1),
+    in_range("train.zero_stage", 0, 3),
+    at_least("train.lora.r", 1),
+    greater_than("train.lora.alpha", 0),
+    in_range("train.lora.dropout", 0, 0.99),
+    at_least("train.save_every", 0),
+    _train_resume,
+    at_least("train.micro_batch_size", 1),
+    at_least("train.grad_accum", 1),
+    at_least("train.global_batch_size", 0),
+    greater_than("train.lr", 0),
+    at_least("train.warmup_steps", 0),
+    at_least("train.weight_decay", 0),
+    at_least("train.grad_clip", 0),
+    at_least("train.keep_last", 1),
+    at_least("train.max_nan_steps", 1),
+    at_least("train.log_every", 1),
+    at_least("train.gpus_per_rank", 0),
+    greater_than("train.cpus_per_rank", 0),
+    one_of("train.placement_strategy", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
+    _train_batch,
+    _train_offload,
+]
+
+
 CHECKS: list[Check] = [
     # run
     at_least("run.seed", 0),
@@ -196,6 +249,9 @@ CHECKS: list[Check] = [
     one_of("data.image_codec", IMAGE_CODECS),
     at_least("data.shard_max_episodes", 1),
     at_least("data.shard_max_bytes", MIB),
+    at_least("data.num_workers", 0),
+    at_least("data.shuffle_buffer", 0),
+    at_least("data.window_stride", 1),
     # model
     one_of("model.family", FAMILIES),
     at_least("model.chunk_size", 1),
@@ -219,6 +275,7 @@ CHECKS: list[Check] = [
     # bench
     at_least("bench.rollout_actors", 1),
     at_least("bench.rollout_steps", 1),
+    *TRAIN_CHECKS,  # train (ranges, then batch consistency and offload rules)
     # cross-field rules (after the single-key ranges they divide by)
     _control_period_fits_dt,
 ]

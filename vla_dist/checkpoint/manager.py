@@ -1,0 +1,104 @@
+"""Layout and bookkeeping of training checkpoints (no torch, no DeepSpeed: the driver uses it).
+
+    run.dir/checkpoints/step_N/      DeepSpeed's files (tag = step_N), written by every rank
+    run.dir/checkpoints/step_N/train_meta.json   what export needs (model section, manifest, seed, lora)
+    run.dir/checkpoints/step_N/adapter/          LoRA runs: the gathered peft adapter (rank 0)
+    run.dir/checkpoints/step_N/COMPLETE          written by the driver after ALL ranks returned
+    run.dir/checkpoints/latest                   "step_N", replaced atomically after COMPLETE exists
+
+A directory without COMPLETE is a crash leftover: never resumed from, deleted by the next prune.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from vla_dist.errors import ConfigError
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+META = "train_meta.json"
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints_dir(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"step_{step}"
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def mark_complete(path: str | os.PathLike[str], step: int, info: dict[str, Any]) -> None:
+    """Marker first, then the pointer: `latest` only ever names a complete checkpoint."""
+    path = Path(path)
+    _write_atomic(path / COMPLETE, json.dumps({"step": step, "time": time.time(), **info}, indent=2) + "\n")
+    _write_atomic(path.parent / LATEST, path.name + "\n")
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The step dir `latest` names if complete; else the newest complete step dir; else None."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if is_complete(candidate):
+            return candidate
+    complete = sorted((p for p in _step_dirs(root) if is_complete(p)), key=_step_of)
+    return complete[-1] if complete else None
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike[str]) -> Path | None:
+    """train.resume -> the step dir to load, or None for a fresh start."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not is_complete(path):
+        raise ConfigError("train.resume", f"{resume} is not a complete checkpoint (no {COMPLETE} marker)")
+    return path
+
+
+def prune(run_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
+    """Delete incomplete step dirs and all but the newest `keep_last` complete ones (never `latest`)."""
+    root = checkpoints_dir(run_dir)
+    latest = latest_checkpoint(run_dir)
+    complete = sorted((p for p in _step_dirs(root) if is_complete(p)), key=_step_of)
+    doomed = [p for p in _step_dirs(root) if not is_complete(p) and (latest is None or _step_of(p) < _step_of(latest))]
+    doomed += [p for p in complete[:-keep_last] if p != latest]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def step_of(path: str | os.PathLike[str]) -> int:
+    return _step_of(Path(path))
+
+
+def _step_of(path: Path) -> int:
+    match = _STEP.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return [p for p in root.glob("step_*") if p.is_dir() and _STEP.match(p.name)] if root.is_dir() else []

@@ -1,0 +1,151 @@
+"""`vla-dist train`: supervised post-training on a Ray group of DeepSpeed ranks.
+
+The driver orchestrates only: it starts the ranks, asks them for a few steps at a time, writes
+metrics.jsonl and the progress bar from rank 0's numbers, and turns "every rank saved" into a
+COMPLETE marker + the `latest` pointer. Components: TrainerGroup (distributed/group.py), SFTWorker
+(train/worker.py: engine, batches, steps), checkpoint/manager.py (layout, resume, prune).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from vla_dist.checkpoint import manager as ckpt
+from vla_dist.cluster.placement import TrainerPlacement
+from vla_dist.config.load import save_resolved
+from vla_dist.config.schema import RunConfig
+from vla_dist.data.manifest import ManifestError, read_manifest
+from vla_dist.distributed.ds_config import global_batch_size
+from vla_dist.errors import ConfigError, VlaDistError
+from vla_dist.train.metrics import MetricsLog, plot_loss
+
+
+def run_train(cfg: RunConfig) -> dict[str, Any]:
+    from vla_dist.distributed.group import TrainerGroup
+    from vla_dist.runtime import init_ray
+    from vla_dist.train.worker import SFTWorker
+
+    t, run_dir = cfg.train, Path(cfg.run.dir)
+    manifest = _manifest(cfg)
+    global_batch = global_batch_size(t)
+    resume = ckpt.resolve_resume(t.resume, run_dir)
+    _check_resumable(cfg, resume)
+    save_resolved(cfg, run_dir)
+    env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
+    env = {**env, "DS_ACCELERATOR": "cuda" if t.gpus_per_rank else "cpu",
+           **{k: os.environ[k] for k in ("VLA_DIST_TRAIN_NAN_STEPS",) if k in os.environ}}
+    placement = TrainerPlacement(t.world_size, t.gpus_per_rank, t.cpus_per_rank, strategy=t.placement_strategy)
+    _check_fits(cfg)
+    started = time.perf_counter()
+    group = TrainerGroup(SFTWorker, placement, env=env)
+    try:
+        info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume)))[0]
+        setup_s = time.perf_counter() - started
+        step = first_step = info["step"]
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resumed_step=step)
+        rows: list[dict[str, Any]] = []
+        with _progress() as progress:
+            bar = progress.add_task("train", total=t.steps, completed=step, loss=float("nan"), rate=0.0)
+            while step < t.steps:
+                chunk = min(t.log_every, t.steps - step, (t.save_every - step % t.save_every) if t.save_every else t.steps)
+                got = group.run(lambda a, r, n=chunk: a.train.remote(n))[0]
+                if got and "stop" in got[-1]:
+                    kept = ckpt.latest_checkpoint(run_dir)
+                    raise VlaDistError(f"{t.max_nan_steps} non-finite losses in a row at step {got[-1]['step']}: "
+                                       f"stopped; last good checkpoint kept: {kept or 'none (no save yet)'}")
+                for row in got:
+                    row["elapsed_s"] = round(time.perf_counter() - started, 3)
+                    metrics.write(row)
+                rows += got
+                step = got[-1]["step"]
+                progress.update(bar, completed=step, loss=got[-1]["loss"], rate=got[-1]["samples_per_s"])
+                if (t.save_every and step % t.save_every == 0) or step == t.steps:
+                    _save(group, cfg, manifest, step)
+    finally:
+        group.shutdown()
+    latest = ckpt.latest_checkpoint(run_dir)
+    plot = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    step_times = sorted(row["step_time_s"] for row in rows[1:]) or [0.0]
+    report = {
+        "command": "train", "steps": t.steps, "first_step": first_step, "resumed_from": resume and str(resume),
+        "world_size": t.world_size, "zero_stage": t.zero_stage, "lora": t.lora.enabled,
+        "global_batch_size": global_batch, "trainable_parameters": info["trainable"],
+        "parameters": info["parameters"], "first_loss": rows[0]["loss"] if rows else None,
+        "final_loss": rows[-1]["loss"] if rows else None, "median_step_s": step_times[len(step_times) // 2],
+        "setup_s": round(setup_s, 2), "wall_s": round(time.perf_counter() - started, 2),
+        "nan_skipped": sum(row.get("nan_skipped", 0) for row in rows),
+        "checkpoint": latest and str(latest), "loss_png": str(plot),
+    }
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _save(group: Any, cfg: RunConfig, manifest: dict[str, Any], step: int) -> Path:
+    path = ckpt.step_dir(cfg.run.dir, step)
+    if path.exists():  # a crash leftover, or an earlier run with train.resume=never
+        shutil.rmtree(path)
+    t = cfg.train
+    meta = {"step": step, "seed": cfg.run.seed, "model": asdict(cfg.model), "lora": asdict(t.lora),
+            "manifest": manifest, "world_size": t.world_size, "zero_stage": t.zero_stage}
+    group.run(lambda a, r: a.save.remote(str(path), meta))
+    ckpt.mark_complete(path, step, {"world_size": t.world_size, "zero_stage": t.zero_stage, "lora": t.lora.enabled})
+    ckpt.prune(cfg.run.dir, t.keep_last)
+    return path
+
+
+def _manifest(cfg: RunConfig) -> dict[str, Any]:
+    try:
+        manifest = read_manifest(cfg.data.dir)
+    except (ManifestError, FileNotFoundError, OSError) as error:
+        raise ConfigError("data.dir", f"no readable dataset at {cfg.data.dir} ({error}); run vla-dist collect") from None
+    if cfg.train.world_size > int(manifest["episodes"]):
+        raise ConfigError("train.world_size", f"{cfg.train.world_size} ranks but {cfg.data.dir} holds "
+                          f"{manifest['episodes']} episodes: every rank needs at least one")
+    return dict(manifest)
+
+
+def _check_fits(cfg: RunConfig) -> None:
+    """On the in-process Ray (a fixed size: nothing will join) a group that cannot fit would wait forever."""
+    import ray
+
+    if cfg.cluster.address is not None:
+        return  # a cluster may autoscale: TrainerGroup waits, then fails naming the bundles
+    t, offered = cfg.train, ray.cluster_resources()
+    for name, need in (("CPU", t.world_size * t.cpus_per_rank), ("GPU", t.world_size * t.gpus_per_rank)):
+        if need > offered.get(name, 0.0):
+            raise ConfigError("train.world_size", f"{t.world_size} ranks need {need:g} {name} "
+                              f"(train.cpus_per_rank/gpus_per_rank), the local Ray offers {offered.get(name, 0.0):g}")
+
+
+def _check_resumable(cfg: RunConfig, resume: Path | None) -> None:
+    if resume is None:
+        return
+    saved = json.loads((resume / ckpt.COMPLETE).read_text(encoding="utf-8"))
+    ours = {"world_size": cfg.train.world_size, "zero_stage": cfg.train.zero_stage, "lora": cfg.train.lora.enabled}
+    for key, value in ours.items():
+        if saved.get(key) != value:
+            raise ConfigError(f"train.{key if key != 'lora' else 'lora.enabled'}",
+                              f"{resume} was saved with {key}={saved.get(key)}, this run has {value}: resuming "
+                              "across world sizes/stages (universal checkpoints) is not supported yet; "
+                              "set train.resume=never or match the checkpoint")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} samples/s"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())

@@ -1,0 +1,150 @@
+"""One trainer rank (a Ray actor that looks like a torchrun process): DeepSpeed engine + SFT steps.
+
+The driver (sft.py) starts `train.world_size` of these in a TrainerGroup and calls every method on
+all ranks at once (they are collectives). Metrics come back from every rank; rank 0's are the
+run's (losses are already averaged over ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vla_dist.config.schema import RunConfig
+from vla_dist.distributed.group import node_address_and_free_port
+
+
+class SFTWorker:
+    def address_and_port(self) -> tuple[str, int, str]:
+        return node_address_and_free_port()
+
+    def setup(self, env: dict[str, str], cfg: RunConfig, manifest: dict[str, Any], resume: str | None) -> dict[str, Any]:
+        os.environ.update(env)
+        import deepspeed  # after DS_ACCELERATOR and the rendezvous variables are set
+
+        from vla_dist.distributed.ds_config import build_ds_config, scheduler_factory
+        from vla_dist.models.policy import build_policy
+        from vla_dist.train.batches import EpisodeWindows
+        from vla_dist.train.lora import apply_lora, trainable_count
+
+        self.cfg, self.manifest = cfg, manifest
+        self.on_gpu = cfg.train.gpus_per_rank > 0
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False)
+        self.rank, self.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        device = f"cuda:{env['LOCAL_RANK']}" if self.on_gpu else "cpu"
+        if self.on_gpu:
+            torch.cuda.set_device(device)
+        torch.manual_seed(cfg.run.seed)  # the same random init on every rank (and in export)
+        policy = build_policy(cfg.model, manifest)
+        if cfg.train.lora.enabled:
+            apply_lora(policy, cfg.train.lora)
+        self.lora = cfg.train.lora.enabled
+        self.engine, *_ = deepspeed.initialize(model=policy, config=build_ds_config(cfg.train, on_gpu=self.on_gpu),
+                                               model_parameters=[p for p in policy.parameters() if p.requires_grad],
+                                               lr_scheduler=scheduler_factory(cfg.train))
+        self.windows = EpisodeWindows(cfg.data.dir, policy.cameras, policy.chunk_size, self.rank, self.world_size)
+        if resume is not None:
+            path, _ = self.engine.load_checkpoint(str(Path(resume).parent), tag=Path(resume).name)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed loaded nothing from {resume}")
+        self.nan_in_row = 0
+        trainable, total = trainable_count(self.engine.module)
+        return {"step": int(self.engine.global_steps), "trainable": trainable, "parameters": total,
+                "windows": len(self.windows)}
+
+    def _all_min(self, value: float) -> float:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return float(tensor.item())
+
+    def _all_mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return float(tensor.item()) / self.world_size
+
+    def train(self, steps: int) -> list[dict[str, Any]]:
+        """Run `steps` optimizer steps; one metrics dict per step. A non-finite loss (on any rank)
+        skips that micro-batch (no backward, no step; all ranks agree) and draws another; after
+        train.max_nan_steps in a row the last dict has "stop": "nan"."""
+        t, seed = self.cfg.train, self.cfg.run.seed
+        self.engine.train()
+        out: list[dict[str, Any]] = []
+        for _ in range(steps):
+            step = int(self.engine.global_steps)
+            draw = 0 if t.fixed_batches else step  # the step number the batch/noise seeds use
+            started = time.perf_counter()
+            losses: list[float] = []
+            micro = attempt = skipped = 0
+            while micro < t.grad_accum:
+                batch = self.windows.batch(t.micro_batch_size, (seed, self.rank, draw, micro, attempt))
+                # noise and flow-matching time are drawn from torch's generator: seed it per micro-batch
+                # so a resumed run continues the uninterrupted one exactly
+                torch.manual_seed(hash((seed, self.rank, draw, micro, attempt)) & 0x7FFF_FFFF)
+                loss = self.engine(batch)
+                if _inject_nan(step, attempt):
+                    loss = loss * float("nan")
+                if self._all_min(float(torch.isfinite(loss.detach()).all())) < 1:
+                    skipped += 1
+                    attempt += 1
+                    self.nan_in_row += 1
+                    if self.nan_in_row >= t.max_nan_steps:
+                        out.append({"step": step, "stop": "nan", "nan_skipped": skipped})
+                        return out
+                    continue
+                self.nan_in_row = 0
+                lr = float(self.engine.get_lr()[0])  # the rate this step uses (read after, it is the next one's)
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(float(loss.detach()))
+                micro += 1
+            elapsed = time.perf_counter() - started
+            grad_norm = self.engine.get_global_grad_norm()
+            out.append({
+                "step": int(self.engine.global_steps),
+                "loss": self._all_mean(sum(losses) / len(losses)),
+                "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "step_time_s": elapsed,
+                "samples_per_s": t.micro_batch_size * t.grad_accum * self.world_size / elapsed,
+                "nan_skipped": skipped,
+            })
+        return out
+
+    def save(self, step_dir: str, meta: dict[str, Any]) -> None:
+        """Collective. DeepSpeed's shards (no DeepSpeed `latest`: the driver writes ours after
+        COMPLETE), the gathered adapter when LoRA, and train_meta.json (rank 0)."""
+        import torch.distributed as dist
+
+        from vla_dist.checkpoint.manager import META
+        from vla_dist.train.lora import save_adapter
+
+        path = Path(step_dir)
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        if self.lora:
+            save_adapter(self.engine.module, path / "adapter", self.rank)
+        if self.rank == 0:
+            (path / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        dist.barrier()
+
+    def predict(self, batch: Any, noise: torch.Tensor) -> torch.Tensor:
+        """Actions of the engine's module (ZeRO-3 partitioned parameters work as they are)."""
+        self.engine.eval()
+        return self.engine.module.predict_chunk(batch, noise=noise)
+
+
+def _inject_nan(step: int, attempt: int) -> bool:
+    """Test hook, VLA_DIST_TRAIN_NAN_STEPS: "3,4" makes the first micro-batch drawn at steps 3 and 4
+    non-finite; "5+" every micro-batch from step 5 on."""
+    for item in filter(None, os.environ.get("VLA_DIST_TRAIN_NAN_STEPS", "").split(",")):
+        if (item.endswith("+") and step >= int(item[:-1])) or (attempt == 0 and item == str(step)):
+            return True
+    return False
