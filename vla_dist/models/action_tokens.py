@@ -96,15 +96,11 @@ class ActionTokenPolicy(VLAPolicy):
         pixel_values [B * n_cam, 3, image_size, image_size] (model dtype, in [-1, 1]),
         and for PaliGemma token_type_ids [B, prompt_length] long zeros (bidirectional prefix).
         The next token's position is position_ids[:, -1] + 1."""
-        batch = self.check_inputs(inputs)
-        n_image = len(self.cameras) * self.tokens_per_image
-        input_ids = torch.full((batch, self.prompt_length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, self.prompt_length), dtype=torch.long)
-        texts = processing.encode_instructions(self.tokenizer, inputs.instructions, self.spec.max_text_tokens)
-        for row, ids in enumerate(texts):
-            tokens = [self.image_token_id] * n_image + [self.tokenizer.bos_token_id] + ids
-            input_ids[row, self.prompt_length - len(tokens) :] = torch.tensor(tokens)
-            attention_mask[row, self.prompt_length - len(tokens) :] = 1
+        self.check_inputs(inputs)
+        prefix = [self.image_token_id] * (len(self.cameras) * self.tokens_per_image) + [self.tokenizer.bos_token_id]
+        input_ids, attention_mask = processing.pack_prompts(
+            self.tokenizer, inputs.instructions, self.spec.max_text_tokens, prefix, self.prompt_length, left_pad=True
+        )
         device = self.device
         prompt = {
             "input_ids": input_ids.to(device),

@@ -116,14 +116,10 @@ class PI0Policy(VLAPolicy):
         batch = self.check_inputs(inputs)
         device = self.device
         state = F.pad(self.normalize_state(inputs.state), (0, self.max_state_dim - self.state_dim))
-        n_image = len(self.cameras) * self.tokens_per_image
-        input_ids = torch.full((batch, self.prompt_length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, self.prompt_length), dtype=torch.long)
-        texts = processing.encode_instructions(self.tokenizer, inputs.instructions, self.spec.max_text_tokens)
-        for row, ids in enumerate(texts):
-            tokens = [self.image_token_id] * n_image + [self.tokenizer.bos_token_id] + ids
-            input_ids[row, : len(tokens)] = torch.tensor(tokens)
-            attention_mask[row, : len(tokens)] = 1
+        prefix = [self.image_token_id] * (len(self.cameras) * self.tokens_per_image) + [self.tokenizer.bos_token_id]
+        input_ids, attention_mask = processing.pack_prompts(
+            self.tokenizer, inputs.instructions, self.spec.max_text_tokens, prefix, self.prompt_length, left_pad=False
+        )
         return {
             "state": state.to(device, self.dtype),
             "input_ids": input_ids.to(device),

@@ -116,6 +116,27 @@ def encode_instructions(tokenizer: Any, instructions: Sequence[str], max_tokens:
     return [list(ids[:max_tokens]) for ids in encoded]
 
 
+def pack_prompts(
+    tokenizer: Any,
+    instructions: Sequence[str],
+    max_text_tokens: int,
+    prefix: list[int],
+    length: int,
+    left_pad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask`, long [B, length]: `prefix` (image tokens, <bos>) then each
+    instruction's tokens, padded with the tokenizer's pad id on the left (so generation continues
+    right after the prompt) or on the right. Fixed `length` keeps compiled shapes static."""
+    input_ids = torch.full((len(instructions), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(instructions), length), dtype=torch.long)
+    for row, ids in enumerate(encode_instructions(tokenizer, instructions, max_text_tokens)):
+        tokens = torch.tensor(prefix + ids)
+        span = slice(length - len(tokens), length) if left_pad else slice(0, len(tokens))
+        input_ids[row, span] = tokens
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
 # --- normalization -----------------------------------------------------------------------------
 
 
