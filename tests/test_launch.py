@@ -20,6 +20,9 @@ from vla_dist.launch import job_entrypoint, submit
 from .conftest import REPO_ROOT
 from .test_multinode import needs_private_net, run_in_private_net
 
+# Multi-node clusters, a Ray Jobs head and SLURM daemons: minutes of set-up, run after the main suite.
+pytestmark = pytest.mark.heavy
+
 DASHBOARD = "http://127.0.0.1:8265"
 JOB_EPISODES = 4
 

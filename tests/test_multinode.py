@@ -21,6 +21,9 @@ import pytest
 
 from .conftest import REPO_ROOT
 
+# Multi-node clusters, a Ray Jobs head and SLURM daemons: minutes of set-up, run after the main suite.
+pytestmark = pytest.mark.heavy
+
 PRIVATE_NET = REPO_ROOT / "cluster" / "local" / "private-net.sh"
 EPISODES = 8  # four chunks of two: each actor gets two chunks in flight from the start
 TINY = ["task.image_size=32", "collect.envs_per_actor=2", "collect.num_actors=2", "collect.num_videos=0",

@@ -22,6 +22,9 @@ from vla_dist.config import load_config, validate
 from .conftest import REPO_ROOT
 from .test_multinode import needs_private_net, run_in_private_net
 
+# Multi-node clusters, a Ray Jobs head and SLURM daemons: minutes of set-up, run after the main suite.
+pytestmark = pytest.mark.heavy
+
 LOCAL_SLURM = REPO_ROOT / "cluster" / "slurm" / "local-cluster.sh"
 EPISODES = 4
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="slurmd runs jobs as their user: needs root")
@@ -99,6 +102,7 @@ def collect_job(out_dir: str) -> None:
 
 STAND_IN_TRAINER = """
 import json, os, signal, sys, time
+
 # Stands in for `vla-dist train` (not built yet): records each start, and on SIGUSR1 "saves" and exits.
 record = sys.argv[1]
 with open(record, "a") as f:
