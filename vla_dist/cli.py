@@ -38,6 +38,18 @@ def _bench_decode(cfg: RunConfig) -> Report:
     return run_decode_bench(cfg)
 
 
+def _bench_train(cfg: RunConfig) -> Report:
+    from vla_dist.bench.train import run_train_bench
+
+    return run_train_bench(cfg)
+
+
+def _bench_checkpoint(cfg: RunConfig) -> Report:
+    from vla_dist.bench.checkpoint import run_checkpoint_bench
+
+    return run_checkpoint_bench(cfg)
+
+
 def _bench_data(cfg: RunConfig) -> Report:
     from vla_dist.bench.data import run_data_bench
 
@@ -50,6 +62,8 @@ BENCHES: dict[str, Callable[[RunConfig], Report]] = {
     "decode": _bench_decode,
     "rollout": _bench_rollout,
     "codec": _bench_codec,
+    "train": _bench_train,
+    "checkpoint": _bench_checkpoint,
 }
 
 EXAMPLES = """examples:
@@ -123,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         "data: training-window pipeline (decode, split, shuffle, collate) vs a plain sequential read; "
         "decode: compiled vs eager action decoding per model family, batch 1 and a large batch; "
         "rollout: N sim actors vs 1 (bench.rollout_actors, bench.rollout_steps); "
-        "codec: episode image encoding, speed and size per codec. "
+        "codec: episode image encoding, speed and size per codec; "
+        "train: samples/s of train.world_size DeepSpeed ZeRO ranks vs one plain PyTorch AdamW process, same model "
+        "and global batch (train.steps timed steps; MFU on GPU); "
+        "checkpoint: DeepSpeed save GB/s vs a plain fsync'd torch.save of the same bytes on the same disk (run.dir). "
         "The last line of stdout is one JSON object.",
     )
     bench.add_argument("name", metavar="NAME", choices=list(BENCHES), help=f"one of: {', '.join(BENCHES)}")

@@ -5,6 +5,8 @@
     run.dir/checkpoints/step_N/adapter/          LoRA runs: the gathered peft adapter (rank 0)
     run.dir/checkpoints/step_N/COMPLETE          written by the driver after ALL ranks returned
     run.dir/checkpoints/latest                   "step_N", replaced atomically after COMPLETE exists
+    run.dir/checkpoints/step_N_universal/        elastic resume's cache of step_N (never COMPLETE, never
+                                                 `latest`; pruned with step_N): checkpoint/universal.py
 
 A directory without COMPLETE is a crash leftover: never resumed from, deleted by the next prune.
 """
@@ -88,6 +90,10 @@ def prune(run_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
     doomed += [p for p in complete[:-keep_last] if p != latest]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
+    # universal conversions (checkpoint/universal.py) are caches of their step dir: they go with it
+    for path in root.glob("step_*_universal") if root.is_dir() else []:
+        if not is_complete(root / path.name[: -len("_universal")]):
+            shutil.rmtree(path, ignore_errors=True)
     return doomed
 
 

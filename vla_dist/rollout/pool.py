@@ -175,5 +175,11 @@ class SimActorPool:
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    """What went wrong in one line: for an exception raised inside an actor, the original exception
+    (RayTaskError's own first line only names the task)."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        error = cause
+    text = (str(error).strip().splitlines() or [""])[-1]
+    return f"{type(error).__name__}: {text}"[:400]
 

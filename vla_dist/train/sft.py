@@ -44,7 +44,11 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     manifest = _manifest(cfg)
     global_batch = global_batch_size(t)
     resume = ckpt.resolve_resume(t.resume, run_dir)
-    _check_resumable(cfg, resume)
+    resume_mode = _check_resumable(cfg, resume)
+    if resume is not None and resume_mode != "same":  # elastic: convert once, driver-side, before any rank
+        from vla_dist.checkpoint.universal import ensure_universal
+
+        ensure_universal(resume)
     save_resolved(cfg, run_dir)
     env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
     env = {**env, "DS_ACCELERATOR": "cuda" if t.gpus_per_rank else "cpu",
@@ -54,7 +58,8 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     group = TrainerGroup(SFTWorker, placement, env=env)
     try:
-        info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume)))[0]
+        info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume),
+                                                      resume_mode))[0]
         setup_s = time.perf_counter() - started
         step = first_step = info["step"]
         metrics = MetricsLog(run_dir / "metrics.jsonl", resumed_step=step)
@@ -132,17 +137,18 @@ def _check_fits(cfg: RunConfig) -> None:
                               f"(train.cpus_per_rank/gpus_per_rank), the local Ray offers {offered.get(name, 0.0):g}")
 
 
-def _check_resumable(cfg: RunConfig, resume: Path | None) -> None:
+def _check_resumable(cfg: RunConfig, resume: Path | None) -> str:
+    """-> how the ranks load `resume` (checkpoint/universal.py MODES): "same", "universal" (another
+    world size) or "by_hand" (another ZeRO stage). LoRA on/off must match."""
     if resume is None:
-        return
+        return "same"
+    from vla_dist.checkpoint.universal import resume_mode
+
     saved = json.loads((resume / ckpt.COMPLETE).read_text(encoding="utf-8"))
-    ours = {"world_size": cfg.train.world_size, "zero_stage": cfg.train.zero_stage, "lora": cfg.train.lora.enabled}
-    for key, value in ours.items():
-        if saved.get(key) != value:
-            raise ConfigError(f"train.{key if key != 'lora' else 'lora.enabled'}",
-                              f"{resume} was saved with {key}={saved.get(key)}, this run has {value}: resuming "
-                              "across world sizes/stages (universal checkpoints) is not supported yet; "
-                              "set train.resume=never or match the checkpoint")
+    if saved.get("lora") != cfg.train.lora.enabled:
+        raise ConfigError("train.lora.enabled", f"{resume} was saved with lora={saved.get('lora')}, this run has "
+                          f"{cfg.train.lora.enabled}: set train.resume=never or match the checkpoint")
+    return resume_mode(saved, cfg.train.world_size, cfg.train.zero_stage)
 
 
 def _progress() -> Progress:

@@ -23,13 +23,14 @@ class SFTWorker:
     def address_and_port(self) -> tuple[str, int, str]:
         return node_address_and_free_port()
 
-    def setup(self, env: dict[str, str], cfg: RunConfig, manifest: dict[str, Any], resume: str | None) -> dict[str, Any]:
+    def setup(self, env: dict[str, str], cfg: RunConfig, manifest: dict[str, Any], resume: str | None,
+              resume_mode: str = "same") -> dict[str, Any]:
         os.environ.update(env)
         import deepspeed  # after DS_ACCELERATOR and the rendezvous variables are set
 
         from vla_dist.distributed.ds_config import build_ds_config, scheduler_factory
         from vla_dist.models.policy import build_policy
-        from vla_dist.train.batches import EpisodeWindows
+        from vla_dist.train.batches import EpisodeWindows, LoaderBatches
         from vla_dist.train.lora import apply_lora, trainable_count
 
         self.cfg, self.manifest = cfg, manifest
@@ -44,18 +45,43 @@ class SFTWorker:
         if cfg.train.lora.enabled:
             apply_lora(policy, cfg.train.lora)
         self.lora = cfg.train.lora.enabled
-        self.engine, *_ = deepspeed.initialize(model=policy, config=build_ds_config(cfg.train, on_gpu=self.on_gpu),
+        ds_config = build_ds_config(cfg.train, on_gpu=self.on_gpu)
+        if resume is not None and resume_mode == "universal":  # another world size, same stage
+            ds_config["checkpoint"] = {"load_universal": True}
+        self.engine, *_ = deepspeed.initialize(model=policy, config=ds_config,
                                                model_parameters=[p for p in policy.parameters() if p.requires_grad],
                                                lr_scheduler=scheduler_factory(cfg.train))
-        self.windows = EpisodeWindows(cfg.data.dir, policy.cameras, policy.chunk_size, self.rank, self.world_size)
+        # fixed_batches: every rank reads all episodes and draws global micro-batch g = micro * world_size
+        # + rank, so a step's global batch is the same at any world size (elastic resume compares)
+        shard = (0, 1) if cfg.train.fixed_batches else (self.rank, self.world_size)
+        self.windows: EpisodeWindows | None = None
+        self.data: LoaderBatches | None = None
+        if cfg.train.fixed_batches:
+            self.windows = EpisodeWindows(cfg.data.dir, policy.cameras, policy.chunk_size, *shard)
+        else:  # real training: this rank's WindowLoader split; every rank takes the same number of batches
+            self.data = LoaderBatches(cfg, self.rank, self.world_size, cfg.train.micro_batch_size, self._all_min,
+                                      chunk_size=policy.chunk_size)
         if resume is not None:
-            path, _ = self.engine.load_checkpoint(str(Path(resume).parent), tag=Path(resume).name)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed loaded nothing from {resume}")
+            from vla_dist.checkpoint.universal import load_resume
+
+            load_resume(self.engine, resume, resume_mode)  # same size, universal, or across ZeRO stages
+            self._load_data_state(resume)
         self.nan_in_row = 0
         trainable, total = trainable_count(self.engine.module)
         return {"step": int(self.engine.global_steps), "trainable": trainable, "parameters": total,
-                "windows": len(self.windows)}
+                "windows": len(self.windows) if self.windows is not None else None}
+
+    def _load_data_state(self, step_dir: str) -> None:
+        """Continue the data stream where the checkpoint left it: every rank's loader state is in the
+        checkpoint's client_state["data_loader"], indexed by rank (see save()). Read from the
+        model-states file with mmap (tensors are not read). Another world size: the loader restarts
+        the saved epoch with the new split (WindowLoader.load_state_dict warns)."""
+        if self.data is None:
+            return  # fixed batches: stateless
+        files = sorted(Path(step_dir).glob("*model_states.pt"))
+        states = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True).get("data_loader") if files else None
+        if states:
+            self.data.load_state_dict(states[self.rank] if len(states) == self.world_size else states[0])
 
     def _all_min(self, value: float) -> float:
         import torch.distributed as dist
@@ -84,11 +110,18 @@ class SFTWorker:
             started = time.perf_counter()
             losses: list[float] = []
             micro = attempt = skipped = 0
+            used: list[Any] = []
             while micro < t.grad_accum:
-                batch = self.windows.batch(t.micro_batch_size, (seed, self.rank, draw, micro, attempt))
+                key = ((seed, 0, draw, micro * self.world_size + self.rank, attempt) if t.fixed_batches
+                       else (seed, self.rank, draw, micro, attempt))
+                if self.data is not None:
+                    batch = self.data.next()  # collective: the ranks agree there is a batch on each
+                    used.append(batch)
+                else:
+                    batch = self.windows.batch(t.micro_batch_size, key)
                 # noise and flow-matching time are drawn from torch's generator: seed it per micro-batch
                 # so a resumed run continues the uninterrupted one exactly
-                torch.manual_seed(hash((seed, self.rank, draw, micro, attempt)) & 0x7FFF_FFFF)
+                torch.manual_seed(hash(key) & 0x7FFF_FFFF)
                 loss = self.engine(batch)
                 if _inject_nan(step, attempt):
                     loss = loss * float("nan")
@@ -116,8 +149,25 @@ class SFTWorker:
                 "step_time_s": elapsed,
                 "samples_per_s": t.micro_batch_size * t.grad_accum * self.world_size / elapsed,
                 "nan_skipped": skipped,
+                **self._data_metrics(used),
             })
         return out
+
+    def _data_metrics(self, used: list[Any]) -> dict[str, Any]:
+        """Loader mode: rank 0's data position after the step, a digest of the windows it used, and
+        the windows each rank trained on in this step (all_gather)."""
+        if self.data is None:
+            return {}
+        import torch.distributed as dist
+
+        from vla_dist.train.batches import batch_digest
+
+        windows = torch.tensor([sum(int(b.actions.shape[0]) for b in used)], dtype=torch.int64)
+        gathered = [torch.zeros_like(windows) for _ in range(self.world_size)]
+        dist.all_gather(gathered, windows)
+        state = self.data.state_dict()
+        return {"data_epoch": state["epoch"], "data_position": state["windows_delivered_total"],
+                "batch_digest": batch_digest(used), "rank_windows": [int(w.item()) for w in gathered]}
 
     def save(self, step_dir: str, meta: dict[str, Any]) -> None:
         """Collective. DeepSpeed's shards (no DeepSpeed `latest`: the driver writes ours after
@@ -128,7 +178,12 @@ class SFTWorker:
         from vla_dist.train.lora import save_adapter
 
         path = Path(step_dir)
-        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        client_state: dict[str, Any] = {}
+        if self.data is not None:  # every rank's loader state (ZeRO-1/2 write only rank 0's client_state)
+            states: list[Any] = [None] * self.world_size
+            dist.all_gather_object(states, self.data.state_dict())
+            client_state["data_loader"] = states
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
         if self.lora:
             save_adapter(self.engine.module, path / "adapter", self.rank)
         if self.rank == 0:

@@ -1,0 +1,163 @@
+"""Elastic resume: a 2-rank ZeRO-2 checkpoint continued on 1 rank (universal checkpoint, DeepSpeed's
+loader) and at ZeRO-3 (by-hand loader), against the uninterrupted 2-rank run. Real DeepSpeed on gloo
+ranks in the session's Ray; tiny-pi0 on the quickstart dataset; no mocks except the injected
+conversion failure.
+
+train.fixed_batches=true: every step's global batch is the same windows/noise whatever the world
+size (global micro-batch g = micro * world_size + rank), so 2 ranks x 1 micro-batch of 4 and 1 rank x
+2 micro-batches of 4 see the same 8 windows per step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vla_dist.checkpoint import manager as ckpt
+from vla_dist.checkpoint import universal
+from vla_dist.config.load import load_config
+from vla_dist.config.validate import validate
+from vla_dist.errors import VlaDistError
+from vla_dist.train import run_train
+from vla_dist.train.metrics import read_metrics
+
+# Four DeepSpeed runs (a base run and three elastic resumes): minutes; run after the main suite.
+pytestmark = pytest.mark.heavy
+
+STEPS, SAVE = 8, 4
+# measured: 2 -> 1 rank and ZeRO-2 -> ZeRO-3 differ from the uninterrupted run only by float summation
+# order (all-reduce vs gradient accumulation; flat partition layout): well under this
+REL, ABS = 1e-4, 1e-6
+
+
+def cfg_for(run_dir: Path, data_dir: Path, *overrides: str):
+    return validate(load_config(None, [f"run.dir={run_dir}", f"data.dir={data_dir}", "cluster.num_cpus=2",
+                                       "train.world_size=2", "train.micro_batch_size=4", "train.lr=3e-3",
+                                       "train.fixed_batches=true", f"train.steps={STEPS}",
+                                       f"train.save_every={SAVE}", "train.zero_stage=2", *overrides]))
+
+
+@pytest.fixture(scope="module")
+def base_run(quickstart_run, local_ray, tmp_path_factory):
+    """The uninterrupted 2-rank ZeRO-2 run (checkpoints at steps 4 and 8)."""
+    _, data_dir, _ = quickstart_run
+    cfg = cfg_for(tmp_path_factory.mktemp("elastic") / "base", data_dir)
+    run_train(cfg)
+    return cfg, read_metrics(Path(cfg.run.dir) / "metrics.jsonl")
+
+
+def crashed_copy(base_cfg, dest: Path) -> Path:
+    """The base run as if it had died after step 4's checkpoint (step 8's never completed)."""
+    shutil.copytree(base_cfg.run.dir, dest)
+    (ckpt.step_dir(dest, STEPS) / ckpt.COMPLETE).unlink()
+    return dest
+
+
+def tree(path: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()}
+
+
+def assert_continues(rows, again, label):
+    assert [row["step"] for row in again] == list(range(1, STEPS + 1))
+    assert all(a["elapsed_s"] != b["elapsed_s"] for a, b in zip(rows[SAVE:], again[SAVE:]))  # rows of the new run
+    deltas = [abs(a["loss"] - b["loss"]) for a, b in zip(rows[SAVE:], again[SAVE:], strict=True)]
+    print(f"{label}: max |loss delta| after resume = {max(deltas):.3g}; per step {[f'{d:.2g}' for d in deltas]}")
+    for before, after in zip(rows[SAVE:], again[SAVE:], strict=True):
+        assert after["loss"] == pytest.approx(before["loss"], rel=REL, abs=ABS), (label, before, after)
+        assert after["lr"] == pytest.approx(before["lr"], rel=1e-9), (label, before, after)  # schedule position
+    # the run before the resume is untouched in metrics.jsonl
+    assert [r["loss"] for r in again[:SAVE]] == [r["loss"] for r in rows[:SAVE]]
+
+
+def test_two_ranks_to_one_rank_continues_the_loss(base_run, tmp_path):
+    cfg, rows = base_run
+    run_dir = crashed_copy(cfg, tmp_path / "to1")
+    source = ckpt.step_dir(run_dir, SAVE)
+    before = tree(source)
+    # same global batch (8): 1 rank x 2 micro-batches of 4
+    report = run_train(cfg_for(run_dir, Path(cfg.data.dir), "train.world_size=1", "train.grad_accum=2"))
+    assert report["first_step"] == SAVE and report["resumed_from"].endswith(f"step_{SAVE}")
+    assert_continues(rows, read_metrics(run_dir / "metrics.jsonl"), "ZeRO-2 2 ranks -> 1 rank (universal)")
+    conv = universal.universal_dir(source)
+    assert conv.is_dir() and not ckpt.is_complete(conv) and (conv / "zero").is_dir()
+    assert tree(source) == before  # the original checkpoint is only read
+    assert ckpt.latest_checkpoint(run_dir) == ckpt.step_dir(run_dir, STEPS)
+    saved = json.loads((ckpt.step_dir(run_dir, STEPS) / ckpt.COMPLETE).read_text())
+    assert saved["world_size"] == 1
+    # cached: a second resume reuses the conversion instead of converting again
+    stamp = (conv / "SOURCE").stat().st_mtime_ns
+    assert universal.ensure_universal(source) == conv and (conv / "SOURCE").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["zero3", "zero3_offload_optimizer"])
+def test_zero2_to_zero3_continues_the_loss(base_run, tmp_path, offload):
+    cfg, rows = base_run
+    run_dir = crashed_copy(cfg, tmp_path / "to3")
+    report = run_train(cfg_for(run_dir, Path(cfg.data.dir), "train.zero_stage=3",
+                               f"train.offload_optimizer={str(offload).lower()}"))
+    assert report["first_step"] == SAVE and report["zero_stage"] == 3
+    assert_continues(rows, read_metrics(run_dir / "metrics.jsonl"),
+                     f"ZeRO-2 -> ZeRO-3{' + optimizer offload' if offload else ''}, 2 ranks (by hand)")
+    assert json.loads((ckpt.step_dir(run_dir, STEPS) / ckpt.COMPLETE).read_text())["zero_stage"] == 3
+
+
+def test_failed_conversion_keeps_the_checkpoint_and_says_so(base_run, tmp_path, monkeypatch):
+    cfg, _ = base_run
+    run_dir = crashed_copy(cfg, tmp_path / "fails")
+    source = ckpt.step_dir(run_dir, SAVE)
+    before, latest_before = tree(ckpt.checkpoints_dir(run_dir)), ckpt.latest_checkpoint(run_dir)
+
+    def half_written(src: Path, out: Path) -> list[str]:  # writes part of its output, then dies
+        script = (f"import os, sys; os.makedirs({str(out)!r} + '/zero/x'); open({str(out)!r} + '/zero/x/fp32.pt', 'w')"
+                  ".write('partial'); sys.exit('killed half-way')")
+        return [universal.sys.executable, "-c", script]
+
+    monkeypatch.setattr(universal, "_converter_argv", half_written)
+    with pytest.raises(VlaDistError, match=r"universal checkpoint failed.*killed half-way.*step_4 is kept unchanged"):
+        run_train(cfg_for(run_dir, Path(cfg.data.dir), "train.world_size=1", "train.grad_accum=2"))
+    after = tree(ckpt.checkpoints_dir(run_dir))
+    assert after == before  # nothing added (no partial output), nothing changed
+    assert ckpt.latest_checkpoint(run_dir) == latest_before == source and ckpt.is_complete(source)
+
+
+def test_prune_drops_universal_caches_with_their_step(tmp_path):
+    for step in (1, 2, 3):
+        ckpt.step_dir(tmp_path, step).mkdir(parents=True)
+        ckpt.mark_complete(ckpt.step_dir(tmp_path, step), step, {})
+        universal.universal_dir(ckpt.step_dir(tmp_path, step)).mkdir()
+    ckpt.prune(tmp_path, keep_last=2)
+    left = sorted(p.name for p in ckpt.checkpoints_dir(tmp_path).iterdir() if p.is_dir())
+    assert left == ["step_2", "step_2_universal", "step_3", "step_3_universal"]
+    assert ckpt.latest_checkpoint(tmp_path) == ckpt.step_dir(tmp_path, 3)  # a cache is never `latest`
+
+
+def test_resume_mode():
+    assert universal.resume_mode({"world_size": 2, "zero_stage": 2}, 2, 2) == "same"
+    assert universal.resume_mode({"world_size": 2, "zero_stage": 2}, 1, 2) == "universal"
+    assert universal.resume_mode({"world_size": 2, "zero_stage": 2}, 2, 3) == "by_hand"
+    assert universal.resume_mode({"world_size": 2, "zero_stage": 2}, 1, 3) == "by_hand"
+    assert universal.resume_mode({"world_size": 2, "zero_stage": 3}, 1, 3) == "by_hand"
+    assert universal.resume_mode({"world_size": 2, "zero_stage": 3}, 2, 3) == "same"
+
+
+def test_a_stale_conversion_is_redone(tmp_path, monkeypatch):
+    """step_N re-saved (e.g. by a train.resume=never run) after it was converted: the cache is not reused."""
+    step = ckpt.step_dir(tmp_path, 4)
+    step.mkdir(parents=True)
+    ckpt.mark_complete(step, 4, {"world_size": 2})
+
+    def fake(src: Path, out: Path) -> list[str]:  # a conversion's output layout, without DeepSpeed
+        script = (f"import os; os.makedirs({str(out)!r} + '/zero/w'); "
+                  f"open({str(out)!r} + '/mp_rank_00_model_states.pt', 'w').write('x')")
+        return [universal.sys.executable, "-c", script]
+
+    monkeypatch.setattr(universal, "_converter_argv", fake)
+    first = universal.ensure_universal(step)
+    assert universal.ensure_universal(step) == first and (first / "zero" / "w").is_dir()
+    (first / "zero" / "marker").write_text("from the first conversion")
+    ckpt.mark_complete(step, 4, {"world_size": 2})  # re-saved: a new COMPLETE
+    again = universal.ensure_universal(step)
+    assert again == first and not (again / "zero" / "marker").exists()
+    assert not ckpt.is_complete(again) and ckpt.latest_checkpoint(tmp_path) == step

@@ -1,0 +1,161 @@
+"""Elastic resume: a checkpoint saved at one world size / ZeRO stage, loaded at another.
+
+Driver side (no torch import): `ensure_universal(step_dir)` converts run.dir/checkpoints/step_N once
+with DeepSpeed's `ds_to_universal` into the sibling `step_N_universal` (written under a hidden
+temporary name, renamed only when the conversion exited cleanly and the output looks whole). It is
+a cache, never a resumable step dir: no COMPLETE marker, `latest` never names it, and prune drops it
+with its step dir. A failed conversion removes its partial output, leaves step_N as it was, and
+raises VlaDistError.
+
+Rank side: `load_resume(engine, step_dir, mode)`:
+  "same"       DeepSpeed's own loader on step_N (same world size and stage)
+  "universal"  DeepSpeed's loader on step_N_universal (engine built with checkpoint.load_universal)
+  "by_hand"    another ZeRO stage: DeepSpeed's loader refuses it, so fp32 weights and Adam moments
+               are set parameter by parameter from step_N_universal's per-parameter files, and the
+               step counters and LR schedule from the saved model-states file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from vla_dist.errors import VlaDistError
+
+SUFFIX = "_universal"
+MODES = ("same", "universal", "by_hand")
+
+
+def universal_dir(step_dir: str | os.PathLike[str]) -> Path:
+    step_dir = Path(step_dir)
+    return step_dir.with_name(step_dir.name + SUFFIX)
+
+
+def resume_mode(saved: dict[str, Any], world_size: int, zero_stage: int) -> str:
+    """COMPLETE's info (world_size, zero_stage) vs this run -> one of MODES."""
+    if saved.get("zero_stage") != zero_stage:
+        return "by_hand"
+    if saved.get("world_size") != world_size and zero_stage == 3:
+        return "by_hand"  # the route measured at ZeRO-3 (DeepSpeed's universal loader there is not)
+    if saved.get("world_size") != world_size:
+        return "universal"
+    return "same"
+
+
+def _converter_argv(src: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+            "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+            "--num_merge_workers", "1"]
+
+
+def ensure_universal(step_dir: str | os.PathLike[str], timeout_s: float = 900) -> Path:
+    """step_N -> step_N_universal (converted once, then reused). Raises VlaDistError on failure."""
+    step_dir = Path(step_dir)
+    final = universal_dir(step_dir)
+    stamp = json.dumps({"from": step_dir.name, "complete": (step_dir / "COMPLETE").read_text(encoding="utf-8")})
+    if final.is_dir():
+        if (final / "SOURCE").is_file() and (final / "SOURCE").read_text(encoding="utf-8").strip() == stamp:
+            return final
+        shutil.rmtree(final)  # converted from an earlier checkpoint of the same name (re-saved since)
+    tmp = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # a conversion that died half-way
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    kept = (f"the original checkpoint {step_dir} is kept unchanged (still COMPLETE; `latest` untouched); "
+            "resume it at its saved world size and ZeRO stage, or retry")
+    try:
+        proc = subprocess.run(_converter_argv(step_dir, tmp), check=False, capture_output=True, text=True, env=env,
+                              timeout=timeout_s)
+        problem = None
+        if proc.returncode != 0:
+            problem = f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:].strip()}"
+        elif not (tmp / "zero").is_dir() or not any((tmp / "zero").iterdir()) or not any(tmp.glob("*model_states.pt")):
+            problem = "its output has no per-parameter zero/ folder or model-states file"
+    except (OSError, subprocess.TimeoutExpired) as error:
+        problem = str(error)
+    if problem is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise VlaDistError(f"converting {step_dir} to a universal checkpoint failed ({problem}); {kept}")
+    (tmp / "SOURCE").write_text(stamp + "\n", encoding="utf-8")  # which COMPLETE checkpoint this converts
+    os.replace(tmp, final)
+    return final
+
+
+# ---------------------------------------------------------------- rank side (torch, DeepSpeed)
+
+
+def load_resume(engine: Any, step_dir: str, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"resume mode {mode!r} not in {MODES}")
+    source = Path(step_dir) if mode == "same" else universal_dir(step_dir)
+    if mode in ("same", "universal"):
+        path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed loaded nothing from {source}")
+        return
+    _load_by_hand(engine, source)
+
+
+def _flat_groups(optimizer: Any) -> list[Any]:
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3 / ZeRO-1,2
+        groups = getattr(optimizer, name, None)
+        if groups:
+            return list(groups)
+    raise VlaDistError(f"loading across ZeRO stages: no flat fp32 groups in {type(optimizer).__name__}")
+
+
+def _read(pdir: Path, kind: str, shape: Any) -> Any:
+    """One per-parameter tensor of a universal checkpoint ({'param': tensor, 'cat_dim': 0})."""
+    import torch
+
+    return torch.load(pdir / f"{kind}.pt", map_location="cpu", weights_only=True)["param"].reshape(shape)
+
+
+def _load_by_hand(engine: Any, source: Path) -> None:
+    import deepspeed
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    # Adam state for every flat group first (the setters write into existing state tensors)
+    model_states = sorted(source.glob("*model_states.pt"))
+    if not model_states:
+        raise VlaDistError(f"{source} has no model-states file")
+    common = torch.load(model_states[0], map_location="cpu", weights_only=False)  # our own file (step, schedule)
+    steps = int(common["global_steps"])
+    inner = engine.optimizer.optimizer
+    for flat in _flat_groups(engine.optimizer):
+        state = inner.state[flat]
+        state["step"] = torch.tensor(float(steps))  # Adam's bias correction: one step per optimizer step
+        state["exp_avg"] = torch.zeros_like(flat)
+        state["exp_avg_sq"] = torch.zeros_like(flat)
+    folder = source / "zero"
+    missing = []
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        pdir = folder / name
+        if not (pdir / "fp32.pt").is_file():
+            missing.append(name)
+            continue
+
+        shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+        fp32 = _read(pdir, "fp32", shape)
+        safe_set_full_fp32_param(param, fp32)
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(param, _read(pdir, key, shape), key)
+        # the setters update only the optimizer's fp32 master copy: the module's weights too
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            param.data.copy_(fp32.to(param.dtype))
+    if missing:
+        raise VlaDistError(f"{source} lacks {len(missing)} trainable parameters, e.g. {missing[:3]}")
+    engine.global_steps = steps
+    engine.global_samples = int(common.get("global_samples", 0))
+    engine.skipped_steps = int(common.get("skipped_steps", 0))
+    if engine.lr_scheduler is not None and common.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(common["lr_scheduler"])
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # load_state_dict restores the schedule's position, not the groups' rate
