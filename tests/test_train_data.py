@@ -1,6 +1,6 @@
 """Real training batches (train.fixed_batches=false): WindowLoader splits on 2 real DeepSpeed gloo
 ranks in Ray actors, epochs rolling over, the ranks agreeing on the step count, the loader position
-saved in the checkpoint's client_state and restored on resume; `bench train` and `bench checkpoint`
+saved in the checkpoint (train_state.json) and restored on resume; `bench train` and `bench checkpoint`
 through the CLI. No mocks (the step-count agreement is also checked with threads as ranks, where
 uneven splits are easy to make)."""
 
@@ -60,10 +60,11 @@ def test_two_ranks_train_on_real_windows_over_epochs(loader_run):
     assert ckpt.is_complete(ckpt.step_dir(cfg.run.dir, SAVE)) and ckpt.is_complete(ckpt.step_dir(cfg.run.dir, STEPS))
 
 
-def test_loader_state_is_in_client_state_and_resume_continues_the_data(loader_run, tmp_path):
+def test_loader_state_is_in_the_checkpoint_and_resume_continues_the_data(loader_run, tmp_path):
     cfg, _, rows = loader_run
-    states = torch.load(ckpt.step_dir(cfg.run.dir, SAVE) / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)["data_loader"]
+    train_state = json.loads((ckpt.step_dir(cfg.run.dir, SAVE) / ckpt.TRAIN_STATE).read_text())
+    states = train_state["data_loader"]
+    assert train_state["global_steps"] == SAVE
     assert [s["rank"] for s in states] == [0, 1] and all(s["world_size"] == 2 for s in states)
     saved = rows[SAVE - 1]  # the metrics row of the step the checkpoint was taken after
     assert (states[0]["epoch"], states[0]["windows_delivered_total"]) == (saved["data_epoch"], saved["data_position"])

@@ -26,6 +26,7 @@ from vla_dist.errors import ConfigError
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 META = "train_meta.json"
+TRAIN_STATE = "train_state.json"  # step, LR schedule and data position as JSON (rank 0, written at save)
 _STEP = re.compile(r"^step_(\d+)$")
 
 

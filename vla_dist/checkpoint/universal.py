@@ -124,7 +124,7 @@ def _load_by_hand(engine: Any, source: Path) -> None:
     model_states = sorted(source.glob("*model_states.pt"))
     if not model_states:
         raise VlaDistError(f"{source} has no model-states file")
-    common = torch.load(model_states[0], map_location="cpu", weights_only=False)  # our own file (step, schedule)
+    common = _train_state(source)
     steps = int(common["global_steps"])
     inner = engine.optimizer.optimizer
     for flat in _flat_groups(engine.optimizer):
@@ -159,3 +159,17 @@ def _load_by_hand(engine: Any, source: Path) -> None:
         engine.lr_scheduler.load_state_dict(common["lr_scheduler"])
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
             group["lr"] = lr  # load_state_dict restores the schedule's position, not the groups' rate
+
+
+def _train_state(source: Path) -> dict:
+    """Step and LR schedule of the checkpoint a universal folder was converted from, from our own
+    JSON (never DeepSpeed's pickled model-states file)."""
+    import json
+
+    from vla_dist.checkpoint.manager import TRAIN_STATE
+
+    for folder in (source, source.with_name(source.name.removesuffix("_universal"))):
+        if (folder / TRAIN_STATE).is_file():
+            return json.loads((folder / TRAIN_STATE).read_text())
+    raise VlaDistError(f"{source}: no {TRAIN_STATE} beside the checkpoint (saved by an older vla-dist?)")
+

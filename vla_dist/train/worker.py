@@ -73,13 +73,15 @@ class SFTWorker:
 
     def _load_data_state(self, step_dir: str) -> None:
         """Continue the data stream where the checkpoint left it: every rank's loader state is in the
-        checkpoint's client_state["data_loader"], indexed by rank (see save()). Read from the
-        model-states file with mmap (tensors are not read). Another world size: the loader restarts
+        checkpoint's train_state.json, indexed by rank (see save()): plain JSON, so resuming never
+        unpickles anything of ours. Another world size: the loader restarts
         the saved epoch with the new split (WindowLoader.load_state_dict warns)."""
         if self.data is None:
             return  # fixed batches: stateless
-        files = sorted(Path(step_dir).glob("*model_states.pt"))
-        states = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True).get("data_loader") if files else None
+        from vla_dist.checkpoint.manager import TRAIN_STATE
+
+        state_file = Path(step_dir) / TRAIN_STATE
+        states = json.loads(state_file.read_text())["data_loader"] if state_file.is_file() else None
         if states:
             self.data.load_state_dict(states[self.rank] if len(states) == self.world_size else states[0])
 
@@ -174,20 +176,28 @@ class SFTWorker:
         COMPLETE), the gathered adapter when LoRA, and train_meta.json (rank 0)."""
         import torch.distributed as dist
 
-        from vla_dist.checkpoint.manager import META
+        from vla_dist.checkpoint.manager import META, TRAIN_STATE
         from vla_dist.train.lora import save_adapter
 
         path = Path(step_dir)
-        client_state: dict[str, Any] = {}
-        if self.data is not None:  # every rank's loader state (ZeRO-1/2 write only rank 0's client_state)
-            states: list[Any] = [None] * self.world_size
+        states: list[Any] | None = None
+        if self.data is not None:  # every rank's loader state, gathered: only rank 0 writes it
+            states = [None] * self.world_size
             dist.all_gather_object(states, self.data.state_dict())
-            client_state["data_loader"] = states
-        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
         if self.lora:
             save_adapter(self.engine.module, path / "adapter", self.rank)
         if self.rank == 0:
             (path / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            # What our own resume paths read (step, schedule, data position), as JSON rather than
+            # from DeepSpeed's pickled model-states file.
+            train_state = {
+                "global_steps": int(self.engine.global_steps),
+                "global_samples": int(self.engine.global_samples),
+                "lr_scheduler": self.engine.lr_scheduler.state_dict(),
+                "data_loader": states,
+            }
+            (path / TRAIN_STATE).write_text(json.dumps(train_state) + "\n", encoding="utf-8")
         dist.barrier()
 
     def predict(self, batch: Any, noise: torch.Tensor) -> torch.Tensor:
