@@ -66,9 +66,9 @@ from vla_dist.data.manifest import MANIFEST_NAME, read_manifest
 from vla_dist.data.reader import (
     VERIFY_MODES,
     ShardErrors,
-    _check_shard,
-    _report,
-    _tar_members,
+    check_shard,
+    report_shard_error,
+    tar_members,
     list_shards,
 )
 from vla_dist.data.windows import (
@@ -153,7 +153,7 @@ class _WindowStream(IterableDataset):
         errors: list[tuple[str, str]] = []
 
         def report(shard: str, message: str) -> None:
-            _report(shard, message, None)  # the warning is logged here, in the worker
+            report_shard_error(shard, message, None)  # the warning is logged here, in the worker
             errors.append((shard, message))
 
         def flush() -> list[tuple[str, str]]:
@@ -242,7 +242,7 @@ class _WindowStream(IterableDataset):
             found = 0
             try:
                 with open(path, "rb") as stream:
-                    samples = group_by_keys(_tar_members(stream, shard), lcase=False)
+                    samples = group_by_keys(tar_members(stream, shard), lcase=False)
                     for position, sample in enumerate(samples):
                         if position in wanted:
                             found += 1
@@ -398,7 +398,7 @@ class WindowLoader:
             if name not in on_disk:
                 self._record(name, f"listed in {MANIFEST_NAME} but missing from {self.data_dir}", log=True)
                 continue
-            problem = _check_shard(self.data_dir / name, records, verify)
+            problem = check_shard(self.data_dir / name, records, verify)
             if problem is not None:
                 self._record(name, f"skipped: {problem}", log=True)
                 continue
@@ -407,7 +407,7 @@ class WindowLoader:
 
     def _record(self, shard: str, message: str, log: bool = False) -> None:
         if log:
-            _report(shard, message, None)
+            report_shard_error(shard, message, None)
         self.errors(shard, message)
         if self._on_error is not None:
             self._on_error(shard, message)

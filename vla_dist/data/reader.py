@@ -106,14 +106,14 @@ def _iter_episodes(
     if data_dir is not None and manifests.get(data_dir) is not None:
         present = {path.name for path in shard_paths}
         for name in sorted(set(manifests[data_dir]) - present):
-            _report(name, f"listed in {MANIFEST_NAME} but missing from {data_dir}", on_error)
+            report_shard_error(name, f"listed in {MANIFEST_NAME} but missing from {data_dir}", on_error)
 
     seen_keys: dict[str, str] = {}  # episode id -> shard it was read from
     for path in shard_paths:
         records = _manifest_records(path.parent, manifests) if verify != "none" else None
-        problem = _check_shard(path, records, verify)
+        problem = check_shard(path, records, verify)
         if problem is not None:
-            _report(path.name, f"skipped: {problem}", on_error)
+            report_shard_error(path.name, f"skipped: {problem}", on_error)
             continue
         read, failed = 0, False
         episodes = _read_shard(path, decode_images)
@@ -124,12 +124,12 @@ def _iter_episodes(
                 except StopIteration:
                     break
                 except Exception as exc:  # noqa: BLE001 - any failure inside a shard ends that shard only
-                    _report(path.name, f"read failed after {read} episodes, rest of shard skipped: {exc}",
+                    report_shard_error(path.name, f"read failed after {read} episodes, rest of shard skipped: {exc}",
                             on_error)
                     failed = True
                     break
                 if episode.episode_id in seen_keys:
-                    _report(path.name, f"episode {episode.episode_id!r} already read from "
+                    report_shard_error(path.name, f"episode {episode.episode_id!r} already read from "
                                        f"{seen_keys[episode.episode_id]}; duplicate skipped", on_error)
                     continue
                 seen_keys[episode.episode_id] = path.name
@@ -139,7 +139,7 @@ def _iter_episodes(
             episodes.close()  # closes the shard file now if our caller stopped early
         if records is not None and not failed and read != records[path.name]["episodes"]:
             listed = records[path.name]["episodes"]
-            _report(path.name, f"read {read} episodes, {MANIFEST_NAME} lists {listed}", on_error)
+            report_shard_error(path.name, f"read {read} episodes, {MANIFEST_NAME} lists {listed}", on_error)
 
 
 def _read_shard(path: Path, decode_images: bool) -> Iterator[Episode]:
@@ -147,11 +147,11 @@ def _read_shard(path: Path, decode_images: bool) -> Iterator[Episode]:
     from webdataset.tariterators import group_by_keys
 
     with open(path, "rb") as stream:
-        for sample in group_by_keys(_tar_members(stream, path.name), lcase=False):
+        for sample in group_by_keys(tar_members(stream, path.name), lcase=False):
             yield decode_sample(sample, decode_images=decode_images)
 
 
-def _tar_members(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
+def tar_members(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
     from webdataset.tariterators import tar_file_iterator
 
     # group_by_keys wants each member tagged with where it came from
@@ -160,7 +160,7 @@ def _tar_members(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
         yield member
 
 
-def _check_shard(path: Path, records: dict[str, dict[str, Any]] | None, verify: str) -> str | None:
+def check_shard(path: Path, records: dict[str, dict[str, Any]] | None, verify: str) -> str | None:
     """Why `path` must be skipped without reading it, or None."""
     try:
         size = path.stat().st_size
@@ -210,7 +210,7 @@ def _manifest_records(
     return cache[data_dir]
 
 
-def _report(shard: str, message: str, on_error: OnError | None) -> None:
+def report_shard_error(shard: str, message: str, on_error: OnError | None) -> None:
     logger.warning("shard %s: %s", shard, message)
     if on_error is not None:
         on_error(shard, message)
