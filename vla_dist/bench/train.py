@@ -142,7 +142,7 @@ def start_group(cfg: RunConfig, manifest: dict[str, Any], worker_cls: type | Non
     t = cfg.train
     env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
     env = {**env, "DS_ACCELERATOR": "cuda" if t.gpus_per_rank else "cpu"}
-    placement = TrainerPlacement(t.world_size, t.gpus_per_rank, t.cpus_per_rank, strategy=t.placement_strategy)
+    placement = TrainerPlacement.from_train(t)
     group = TrainerGroup(worker_cls or SFTWorker, placement, env=env)
     try:
         info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, None))[0]

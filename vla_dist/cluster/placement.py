@@ -2,8 +2,9 @@
 
 Sim actors ask for CPUs, optional memory, and custom resources such as {"sim": 1}: the cluster files
 (SLURM, KubeRay, autoscaler) make CPU sim nodes advertise "sim" and GPU trainer nodes not, so
-actors stay off the GPUs. Trainer ranks ask for GPUs through a placement group (see
-`trainer_bundles`: the hook the DeepSpeed trainer group uses once it exists).
+actors stay off the GPUs. Trainer ranks ask for CPUs, GPUs, optional memory and custom resources
+(train.rank_resources, e.g. {"trainer": 1}) through one placement group bundle per rank
+(`trainer_bundles`, used by distributed/group.py's TrainerGroup).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from vla_dist.config.schema import CollectSection
-from vla_dist.errors import VlaDistError
+from vla_dist.config.schema import CollectSection, TrainSection
+from vla_dist.errors import ConfigError, VlaDistError
 
 log = logging.getLogger("vla_dist.cluster")
 GIB = 1024**3
@@ -67,14 +68,15 @@ def check_fits(placement: ActorPlacement, count: int, offered: dict[str, float])
 
 @dataclass(frozen=True)
 class TrainerPlacement:
-    """Hook for the DeepSpeed trainer group (not built yet): one bundle per rank.
+    """What each DeepSpeed rank reserves: one placement group bundle per rank.
 
-    The trainer group creates `ray.util.placement_group(trainer_bundles(...), strategy=...)` and
-    starts rank i in bundle i. PACK keeps ranks on as few nodes as possible (NCCL inside a node is
-    fastest); STRICT_SPREAD one rank per node. A node lost during training must stop the job with
-    the last complete checkpoint kept: ranks run with max_restarts=0, the driver turns the first
-    RayActorError into a VlaDistError naming run.dir/checkpoints/<latest>, and SLURM/KubeRay restart
-    the job with train.resume=auto.
+    distributed/group.py's TrainerGroup creates `ray.util.placement_group(trainer_bundles(...),
+    strategy=...)` and starts rank i in bundle i. PACK keeps ranks on as few nodes as possible (NCCL
+    inside a node is fastest); STRICT_SPREAD puts one rank per node. `resources` (train.rank_resources,
+    e.g. {"trainer": 1}) keeps ranks on the nodes that advertise it. A node lost during training stops
+    the job with the last complete checkpoint kept: ranks run with max_restarts=0, the group turns a
+    dead rank into a VlaDistError naming run.dir/checkpoints/<latest> at the time of the failure, and
+    SLURM/KubeRay restart the job with train.resume=auto.
     """
 
     world_size: int
@@ -84,6 +86,11 @@ class TrainerPlacement:
     resources: dict[str, float] = field(default_factory=dict)  # e.g. {"trainer": 1} for a dedicated pool
     strategy: str = "PACK"
 
+    @classmethod
+    def from_train(cls, train: TrainSection) -> TrainerPlacement:
+        return cls(train.world_size, train.gpus_per_rank, train.cpus_per_rank, train.memory_gb_per_rank,
+                   dict(train.rank_resources), train.placement_strategy)
+
 
 def trainer_bundles(placement: TrainerPlacement) -> list[dict[str, float]]:
     bundle: dict[str, float] = {"CPU": placement.cpus_per_rank, **placement.resources}
@@ -92,3 +99,23 @@ def trainer_bundles(placement: TrainerPlacement) -> list[dict[str, float]]:
     if placement.memory_gb_per_rank:
         bundle["memory"] = placement.memory_gb_per_rank * GIB
     return [dict(bundle) for _ in range(placement.world_size)]
+
+
+def check_rank_resources(placement: TrainerPlacement, nodes: list[dict[str, float]]) -> None:
+    """Fail fast when no node offers a custom resource one rank needs: its bundle could never be
+    placed and the group would only fail after its ready timeout. `nodes` is each alive node's
+    resources (`ray.nodes()[i]["Resources"]`). Too few such nodes for all ranks only warns: an
+    autoscaler may add them (it must keep at least one from the start, as for sim nodes).
+    """
+    for name, amount in placement.resources.items():
+        best = max((node.get(name, 0.0) for node in nodes), default=0.0)
+        if best < amount:
+            raise ConfigError("train.rank_resources", (
+                f"each trainer rank needs {amount:g} of Ray resource {name!r} but no node offers it (at most "
+                f"{best:g} on one node): start trainer nodes with --resources='{{\"{name}\": N}}', or set "
+                "train.rank_resources={} to place ranks on any node"))
+    if placement.resources:
+        fits = sum(min(int(node.get(k, 0.0) // v) for k, v in placement.resources.items()) for node in nodes)
+        if fits < placement.world_size:
+            log.warning("the cluster's nodes offer train.rank_resources=%s for %d of %d trainer ranks: the group "
+                        "waits for more nodes", placement.resources, fits, placement.world_size)

@@ -212,6 +212,10 @@ class TrainSection:
     gpus_per_rank: float = 0.0  # 0: CPU ranks (gloo, fp32); >0: CUDA ranks (NCCL, bf16)
     cpus_per_rank: float = 1.0
     placement_strategy: str = "PACK"  # Ray placement group strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    # Placement on a heterogeneous cluster: custom Ray resources each rank needs, e.g. {trainer: 1} so
+    # ranks land only on nodes started with --resources='{"trainer": N}'; {} (default): any node.
+    rank_resources: dict[str, float] = field(default_factory=dict)
+    memory_gb_per_rank: float = 0.0  # Ray memory reserved per rank (0: none)
     # debug/overfit check: every step draws the same windows, noise and flow-matching times, so the
     # loss is comparable step to step (it must fall steadily); false for real training
     fixed_batches: bool = False

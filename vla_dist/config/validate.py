@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vla_dist.cluster.checks import CLUSTER_CHECKS
+from vla_dist.cluster.checks import CLUSTER_CHECKS, RESERVED_RESOURCES
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 from vla_dist.models.files import FAMILIES, PretrainedError, check_pretrained_dir
@@ -185,6 +185,15 @@ def _train_batch(cfg: RunConfig) -> None:
                           f"(or 0 to derive it); got {t.global_batch_size}")
 
 
+def _train_rank_resources(cfg: RunConfig) -> None:
+    for name, amount in cfg.train.rank_resources.items():
+        if name in RESERVED_RESOURCES:  # Ray's own resources have their own keys
+            raise ConfigError("train.rank_resources", f"{name!r} is Ray's own resource; use train.cpus_per_rank, "
+                              "train.gpus_per_rank or train.memory_gb_per_rank")
+        if not amount > 0:
+            raise ConfigError("train.rank_resources", f"{name}: must be > 0, got {amount!r}")
+
+
 def _train_offload(cfg: RunConfig) -> None:
     t = cfg.train
     if t.offload_params and t.zero_stage != 3:
@@ -215,6 +224,8 @@ TRAIN_CHECKS: list[Check] = [
     at_least("train.gpus_per_rank", 0),
     greater_than("train.cpus_per_rank", 0),
     one_of("train.placement_strategy", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
+    at_least("train.memory_gb_per_rank", 0),
+    _train_rank_resources,
     _train_batch,
     _train_offload,
 ]

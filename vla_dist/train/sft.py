@@ -53,10 +53,11 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
     env = {**env, "DS_ACCELERATOR": "cuda" if t.gpus_per_rank else "cpu",
            **{k: os.environ[k] for k in ("VLA_DIST_TRAIN_NAN_STEPS",) if k in os.environ}}
-    placement = TrainerPlacement(t.world_size, t.gpus_per_rank, t.cpus_per_rank, strategy=t.placement_strategy)
+    placement = TrainerPlacement.from_train(t)
     _check_fits(cfg)
     started = time.perf_counter()
-    group = TrainerGroup(SFTWorker, placement, env=env)
+    # a lost rank's message names the checkpoint that is latest when the loss is found, not at start
+    group = TrainerGroup(SFTWorker, placement, env=env, on_lost=lambda: _kept(run_dir))
     try:
         info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume),
                                                       resume_mode))[0]
@@ -94,10 +95,17 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         "final_loss": rows[-1]["loss"] if rows else None, "median_step_s": step_times[len(step_times) // 2],
         "setup_s": round(setup_s, 2), "wall_s": round(time.perf_counter() - started, 2),
         "nan_skipped": sum(row.get("nan_skipped", 0) for row in rows),
-        "checkpoint": latest and str(latest), "loss_png": str(plot),
+        "checkpoint": latest and str(latest), "loss_png": str(plot), "rank_nodes": group.rank_nodes,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _kept(run_dir: Path) -> str:
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        return "No complete checkpoint yet: a restart begins at step 0."
+    return f"Last complete checkpoint kept: {latest}; restart with train.resume=auto to continue from it."
 
 
 def _save(group: Any, cfg: RunConfig, manifest: dict[str, Any], step: int) -> Path:
@@ -107,7 +115,7 @@ def _save(group: Any, cfg: RunConfig, manifest: dict[str, Any], step: int) -> Pa
     t = cfg.train
     meta = {"step": step, "seed": cfg.run.seed, "model": asdict(cfg.model), "lora": asdict(t.lora),
             "manifest": manifest, "world_size": t.world_size, "zero_stage": t.zero_stage}
-    group.run(lambda a, r: a.save.remote(str(path), meta))
+    group.run(lambda a, r: a.save.remote(str(path), meta))  # raises if a rank died: no COMPLETE, `latest` stays
     ckpt.mark_complete(path, step, {"world_size": t.world_size, "zero_stage": t.zero_stage, "lora": t.lora.enabled})
     ckpt.prune(cfg.run.dir, t.keep_last)
     return path
