@@ -27,7 +27,7 @@ def scene() -> Iterator[TabletopScene]:
 class NullPolicy:
     """Sends zero motion with the gripper open: no task may count this as a success."""
 
-    def reset(self, task_ids: torch.Tensor, instructions: list[str]) -> None:
+    def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None:
         pass
 
     def act(self, obs: Observation) -> torch.Tensor:

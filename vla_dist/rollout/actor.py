@@ -36,7 +36,7 @@ class ChunkResult:
     actor: dict[str, object] = field(default_factory=dict)
     decode_seconds: float = 0.0  # model policies: time inside predict_chunk
     decode_calls: int = 0
-
+    compile_seconds: float = 0.0  # model policies with model.compile: compiling the decoder
 
 class SimActor:
     """Wrapped by `ray.remote` in the pool; plain class so it can also run in-process (benchmarks)."""
@@ -74,7 +74,7 @@ class SimActor:
         from vla_dist.data.codec import encode_episode
 
         started = time.perf_counter()
-        decode_before = getattr(self.policy, "decode_seconds", 0.0), getattr(self.policy, "decode_calls", 0)
+        decode_before = [getattr(self.policy, name, 0) for name in ("decode_seconds", "decode_calls", "compile_seconds")]
         episodes = run_batch(
             self.scene, requests, self.policy, fps=float(self.task.control_hz), max_steps=self.task.max_steps
         )
@@ -100,6 +100,7 @@ class SimActor:
             {"pid": os.getpid()},
             decode_seconds=getattr(self.policy, "decode_seconds", 0.0) - decode_before[0],
             decode_calls=getattr(self.policy, "decode_calls", 0) - decode_before[1],
+            compile_seconds=getattr(self.policy, "compile_seconds", 0.0) - decode_before[2],
         )
 
     def measure(self, steps: int, render: bool) -> dict[str, float]:

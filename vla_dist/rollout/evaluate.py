@@ -73,7 +73,7 @@ def run_eval(cfg: RunConfig) -> dict[str, object]:
     pending = [requests[i : i + chunk_size] for i in range(0, total, chunk_size)]
     source = resolve_policy(cfg)
     outcomes: dict[int, EpisodeOutcome] = {}
-    decode_seconds, decode_calls = 0.0, 0
+    decode_seconds, decode_calls, compile_seconds = 0.0, 0, 0.0
     started = time.perf_counter()
 
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
@@ -86,8 +86,9 @@ def run_eval(cfg: RunConfig) -> dict[str, object]:
         eval_started = time.perf_counter()
 
         def on_result(chunk: list[EpisodeRequest], result: ChunkResult) -> None:
-            nonlocal decode_seconds, decode_calls
+            nonlocal decode_seconds, decode_calls, compile_seconds
             decode_seconds += result.decode_seconds
+            compile_seconds += result.compile_seconds
             decode_calls += result.decode_calls
             for outcome in result.outcomes:
                 outcomes[outcome.index] = outcome
@@ -129,6 +130,8 @@ def run_eval(cfg: RunConfig) -> dict[str, object]:
         "mean_length": float(np.mean([o.num_frames for o in ordered])),
         "decode_ms_per_chunk": 1000 * decode_seconds / decode_calls if decode_calls else None,
         "decode_calls": decode_calls,
+        "compiled_decoding": bool(source.compile),
+        "decode_compile_s": round(compile_seconds, 2),  # summed over actors; excluded from decode_ms_per_chunk
         "wall_seconds": round(time.perf_counter() - started, 2),
         "actor_failures": stats.actor_failures,
         "chunks_retried": stats.chunks_retried,

@@ -43,11 +43,15 @@ class ModelPolicy:
         self.horizon = source.action_horizon or self.model.chunk_size
         if not 1 <= self.horizon <= self.model.chunk_size:
             raise ValueError(f"action_horizon {self.horizon} must be in 1..{self.model.chunk_size}")
-        self.decode_seconds = 0.0
+        self.decode_seconds = 0.0  # inside predict_chunk, compilation excluded
         self.decode_calls = 0
+        self.compile_seconds = 0.0  # first call per batch bucket of a compiled decoder
 
-    def reset(self, task_ids: torch.Tensor, instructions: list[str]) -> None:
+    def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None:
         self.instructions = instructions
+        # One noise stream per env, seeded by its episode: flow-matching samples (and so the whole
+        # closed-loop episode) are reproducible and independent of batching and of compiled vs eager.
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         self.queue: torch.Tensor | None = None
         self.step = 0
 
@@ -58,14 +62,28 @@ class ModelPolicy:
         if self.step % self.horizon == 0:
             images = torch.from_numpy(np.stack([obs.images[cam] for cam in self.cameras], axis=1))
             inputs = PolicyInputs(images=images, state=obs.proprio.to(torch.float32), instructions=self.instructions)
+            compiled_before = self._decoder_compile_seconds()
             started = time.perf_counter()
-            chunk = self.model.predict_chunk(inputs)
-            self.decode_seconds += time.perf_counter() - started
+            chunk = self.model.predict_chunk(inputs, noise=self._noise())
+            # A compile (once per actor and batch bucket) would swamp the per-chunk latency: report apart.
+            compiled = self._decoder_compile_seconds() - compiled_before
+            self.compile_seconds += compiled
+            self.decode_seconds += time.perf_counter() - started - compiled
             self.decode_calls += 1
             self.queue = chunk[:, : self.horizon].to(torch.float32)
         action = self.queue[:, self.step % self.horizon]
         self.step += 1
         return action
+
+
+    def _noise(self) -> torch.Tensor | None:
+        make_noise = getattr(self.model, "make_noise", None)  # flow matching only; token decoding is greedy
+        if make_noise is None:
+            return None
+        return torch.cat([make_noise(1, generator) for generator in self.generators])
+
+    def _decoder_compile_seconds(self) -> float:
+        return float(getattr(self.model.decoder, "compile_seconds", 0.0))
 
 
 def make_policy(source: PolicySource) -> Policy:

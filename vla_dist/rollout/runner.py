@@ -30,7 +30,9 @@ class Observation:
 
 
 class Policy(Protocol):
-    def reset(self, task_ids: torch.Tensor, instructions: list[str]) -> None: ...
+    # seeds: each env's episode seed, so a stochastic policy (flow-matching noise) can draw per-episode
+    # randomness: the same episode then gets the same actions whatever batch or actor it runs in.
+    def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None: ...
 
     def act(self, obs: Observation) -> torch.Tensor: ...  # [B, ACTION_SPACE.dim]
 
@@ -38,7 +40,7 @@ class Policy(Protocol):
 class ExpertPolicy:
     """The scripted expert behind the `Policy` interface."""
 
-    def reset(self, task_ids: torch.Tensor, instructions: list[str]) -> None:
+    def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None:
         self.expert = ScriptedExpert(task_ids)
 
     def act(self, obs: Observation) -> torch.Tensor:
@@ -77,7 +79,7 @@ def run_batch(
     limits = torch.tensor([max_steps or TASKS[r.task].max_steps for r in padded])
 
     scene.reset(stack_layouts([sample_layout(r.task, r.seed) for r in padded]))
-    policy.reset(task_ids, instructions)
+    policy.reset(task_ids, instructions, [r.seed for r in padded])
 
     n = scene.n_envs
     frames: list[dict[str, np.ndarray]] = []
@@ -136,7 +138,8 @@ def measure_throughput(scene: TabletopScene, steps: int, render: bool) -> dict[s
     requests = [EpisodeRequest(i, TASK_NAMES[i % len(TASK_NAMES)], 1000 + i) for i in range(scene.n_envs)]
     scene.reset(stack_layouts([sample_layout(r.task, r.seed) for r in requests]))
     policy = ExpertPolicy()
-    policy.reset(torch.tensor([TASK_NAMES.index(r.task) for r in requests]), [""] * scene.n_envs)
+    policy.reset(torch.tensor([TASK_NAMES.index(r.task) for r in requests]), [""] * scene.n_envs,
+                 [r.seed for r in requests])
     render_seconds = 0.0
     started = time.perf_counter()
     for _ in range(steps):

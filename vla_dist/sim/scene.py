@@ -50,6 +50,11 @@ _initialized_backend: str | None = None
 def init_genesis(backend: str = "cpu") -> None:
     """`gs.init` once per process (Genesis refuses a second init)."""
     global _initialized_backend
+    # Genesis imports the stdlib `distutils`; if setuptools comes later (torch.compile's C++ builder
+    # imports it through torch.utils.cpp_extension), its distutils shim asserts and every compile in
+    # a sim process fails with an InductorError. Importing setuptools first installs the shim before.
+    import setuptools  # noqa: F401
+
     import genesis as gs
 
     if _initialized_backend is None:
