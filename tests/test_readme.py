@@ -20,8 +20,8 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test_command in ci_lines
 
 
-def test_quickstart_command_installs_and_collects() -> None:
+def test_quickstart_command_installs_and_runs_the_loop() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     quickstart = _bash_blocks(readme.split("## Quickstart", 1)[1])[0].strip()
-    assert quickstart.endswith("vla-dist collect")  # tests/test_collect.py runs this config end to end
+    assert quickstart.endswith("vla-dist quickstart")  # tests/test_quickstart.py runs it end to end
     assert "torch==" in quickstart.split("pip install -e .")[0]  # torch first: keeps the CPU build

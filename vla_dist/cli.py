@@ -67,10 +67,12 @@ BENCHES: dict[str, Callable[[RunConfig], Report]] = {
 }
 
 EXAMPLES = """examples:
+  vla-dist quickstart                                # collect -> train (full, LoRA) -> eval, on this machine
   vla-dist collect                                   # configs/quickstart.yaml
   vla-dist collect task.name=pick_cube collect.episodes=4
   vla-dist eval eval.policy=expert                   # success rate of the scripted expert
   vla-dist eval eval.checkpoint=runs/x/export        # success rate of a saved/exported policy
+  vla-dist eval eval.checkpoint=runs/x               # ... of a training run's latest checkpoint
   vla-dist config --config configs/quickstart.yaml   # print the resolved config
   vla-dist bench rollout bench.rollout_actors=4
 """
@@ -88,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on a runtime failure, show the full traceback")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    quickstart = commands.add_parser(
+        "quickstart",
+        help="the whole loop on this machine: collect, train (full and LoRA), eval before/after",
+        description="Run, as separate stages under run.dir, what a user would type one by one: collect "
+        "(reusing a data.dir that already holds collect.episodes episodes), eval of the scripted expert and "
+        "of the untrained model.preset, train with train.lora.enabled=false then true, and eval of both "
+        "trained policies. Prints each stage's equivalent command; writes run.dir/summary.{json,md,png} "
+        "comparing success rates and how close each policy's gripper came to the cube. A finished stage "
+        "(its report.json exists) is kept on a re-run, so an interrupted quickstart continues.",
+    )
+    _add_config_arguments(quickstart)
+
     collect = commands.add_parser(
         "collect",
         help="scripted Genesis demonstrations into WebDataset shards",
@@ -101,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="closed-loop success rate of a policy in simulation",
         description="Run eval.episodes episodes per task on the Ray sim-actor pool with eval.policy: "
-        "'model' (eval.checkpoint, a saved or exported policy directory; null: the untrained model.preset "
+        "'model' (eval.checkpoint: a saved or exported policy directory, or a `vla-dist train` run.dir whose "
+        "latest checkpoint is exported to run.dir/policy first; null: the untrained model.preset "
         "as a smoke run, normalized with data.dir's manifest) or 'expert' (the scripted expert). Writes "
         "run.dir/report.json (success rate per task with 95% intervals, episode length, decode latency) "
         "and videos of successes and failures under run.dir/videos/.",
@@ -179,7 +194,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = validate(load_config(args.config, args.overrides))
-    if args.command == "config":
+    if args.command == "quickstart":
+        from vla_dist.quickstart import run_quickstart
+
+        report = run_quickstart(args.config, args.overrides)
+        _print_summary("quickstart", report, f"summary: {report['summary']}   plot: {report['summary_png']}")
+    elif args.command == "config":
         print(to_yaml(cfg), end="")
     elif args.command == "collect":
         config_path = save_resolved(cfg, cfg.run.dir)

@@ -161,10 +161,18 @@ def _model_lora_targets(cfg: RunConfig) -> None:
 
 
 def _eval_checkpoint(cfg: RunConfig) -> None:
+    from vla_dist.checkpoint.manager import latest_checkpoint
+
     path = cfg.eval.checkpoint
-    if path is not None and not (Path(path) / "vla_dist.json").is_file():
-        raise ConfigError("eval.checkpoint", f"{path} is not a saved policy directory (no vla_dist.json in it); "
-                          "give an export or policy directory, or null to evaluate the untrained model.preset")
+    if path is None or (Path(path) / "vla_dist.json").is_file():
+        return
+    # A training run, its checkpoints/ or a step dir: eval exports its latest complete checkpoint.
+    run_dir = Path(path).parent if Path(path).name == "checkpoints" else Path(path)
+    if (Path(path) / "COMPLETE").is_file() or latest_checkpoint(run_dir) is not None:
+        return
+    raise ConfigError("eval.checkpoint", f"{path} is neither a saved policy directory (vla_dist.json) nor a training "
+                      "run or checkpoint with a complete checkpoint; give an export, a run.dir of `vla-dist train`, "
+                      "or null to evaluate the untrained model.preset")
 
 
 def _train_resume(cfg: RunConfig) -> None:

@@ -26,6 +26,7 @@ class EpisodeOutcome:
     state: np.ndarray
     actions: np.ndarray
     sample: dict[str, object]  # WebDataset sample from `encode_episode`
+    closest_approach_m: float = float("nan")  # grasp point to red cube centre, closest over the episode
 
 
 @dataclass
@@ -90,6 +91,7 @@ class SimActor:
                 state=ep.state,
                 actions=ep.actions,
                 sample=encode_episode(ep, self.codec),
+                closest_approach_m=ep.closest_approach_m,
             )
             for req, ep in zip(requests, episodes)
         ]

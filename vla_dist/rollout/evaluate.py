@@ -56,9 +56,24 @@ def resolve_policy(cfg: RunConfig) -> PolicySource:
         policy = build_policy(cfg.model, read_manifest(manifest_dir))
         path = str(Path(cfg.run.dir) / "untrained_policy")
         policy.save_pretrained(path)
+    elif not (Path(path) / "vla_dist.json").is_file():  # a training run/checkpoint (validated): export it once
+        import json
+
+        from vla_dist.checkpoint.export import export_checkpoint, resolve_checkpoint
+        from vla_dist.checkpoint.manager import META
+
+        step_dir = resolve_checkpoint(path)
+        lora = bool(json.loads((step_dir / META).read_text(encoding="utf-8"))["lora"]["enabled"])
+        exported = export_checkpoint(step_dir, Path(cfg.run.dir) / "policy", merge_lora=lora)
+        path = str(exported["out"])
     return PolicySource(
         kind="model", path=str(path), action_horizon=cfg.eval.action_horizon, cameras=cameras, compile=cfg.model.compile
     )
+
+
+def closest_approach_cm(outcomes: list[EpisodeOutcome]) -> float | None:
+    values = [o.closest_approach_m for o in outcomes if math.isfinite(o.closest_approach_m)]
+    return round(100 * float(np.mean(values)), 2) if values else None
 
 
 def run_eval(cfg: RunConfig) -> dict[str, object]:
@@ -115,6 +130,7 @@ def run_eval(cfg: RunConfig) -> dict[str, object]:
             "success_rate": wins / max(len(mine), 1),
             "ci95": [round(low, 4), round(high, 4)],
             "mean_length": float(np.mean([o.num_frames for o in mine])) if mine else 0.0,
+            "closest_approach_cm": closest_approach_cm(mine),
         }
     wins = sum(o.success for o in ordered)
     low, high = wilson_interval(wins, len(ordered))
@@ -128,6 +144,8 @@ def run_eval(cfg: RunConfig) -> dict[str, object]:
         "ci95": [round(low, 4), round(high, 4)],
         "per_task": per_task,
         "mean_length": float(np.mean([o.num_frames for o in ordered])),
+        # mean over episodes of the closest hand-to-cube distance: progress short of success
+        "closest_approach_cm": closest_approach_cm(ordered),
         "decode_ms_per_chunk": 1000 * decode_seconds / decode_calls if decode_calls else None,
         "decode_calls": decode_calls,
         "compiled_decoding": bool(source.compile),

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from vla_dist.data.episode import Episode
-from vla_dist.sim.expert import ScriptedExpert
-from vla_dist.sim.scene import TabletopScene
+from vla_dist.sim.expert import TCP_OFFSET, ScriptedExpert
+from vla_dist.sim.geometry import quat_rotate
+from vla_dist.sim.scene import STATE_SPACE, TabletopScene
 from vla_dist.sim.task_names import TASK_NAMES
 from vla_dist.sim.tasks import TASKS, check_success, pick_instruction, sample_layout, stack_layouts
 
@@ -27,6 +28,17 @@ class Observation:
     proprio: torch.Tensor  # [B, STATE_SPACE.dim]
     privileged: dict[str, torch.Tensor]  # simulator state: for scripted experts, never for models
     instructions: list[str]
+
+
+_HAND_X = STATE_SPACE["names"].index("hand_x")
+HAND_POS = slice(_HAND_X, _HAND_X + 3)  # hand position (m, world frame) within the proprio state
+HAND_QUAT = slice(_HAND_X + 3, _HAND_X + 7)
+
+
+def grasp_point(proprio: torch.Tensor) -> torch.Tensor:
+    """[B, 3] the point between the finger pads (TCP), from the hand pose in the proprio state."""
+    offset = torch.tensor([0.0, 0.0, TCP_OFFSET]).expand(proprio.shape[0], 3)
+    return proprio[:, HAND_POS] + quat_rotate(proprio[:, HAND_QUAT], offset)
 
 
 class Policy(Protocol):
@@ -89,9 +101,12 @@ def run_batch(
     held = torch.zeros(n, dtype=torch.long)
     done = torch.zeros(n, dtype=torch.bool)
     success = torch.zeros(n, dtype=torch.bool)
+    closest = torch.full((n,), float("inf"))
     while not bool(done.all()):
         privileged = scene.object_state()
         obs = Observation(scene.render() if render else {}, scene.proprio(), privileged, instructions)
+        reach = torch.linalg.vector_norm(grasp_point(obs.proprio) - privileged["cube_pos"], dim=1)
+        closest = torch.where(done, closest, torch.minimum(closest, reach))
         action = policy.act(obs).to(torch.float32)
         frames.append(obs.images)
         states.append(obs.proprio)
@@ -125,6 +140,7 @@ def run_batch(
                 frames=images,
                 state=np.ascontiguousarray(state_arr[i, :t]),
                 actions=np.ascontiguousarray(action_arr[i, :t]),
+                closest_approach_m=float(closest[i]),
             )
         )
     return episodes

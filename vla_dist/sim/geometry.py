@@ -23,6 +23,12 @@ def quat_conj(q: torch.Tensor) -> torch.Tensor:
     return q * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=q.dtype, device=q.device)
 
 
+def quat_rotate(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Rotate vectors v [..., 3] by unit quaternions q [..., 4]: q * (0, v) * conj(q)."""
+    pure = torch.cat((torch.zeros_like(v[..., :1]), v), dim=-1)
+    return quat_mul(quat_mul(q, pure), quat_conj(q))[..., 1:]
+
+
 def axis_angle_to_quat(rotvec: torch.Tensor) -> torch.Tensor:
     angle = rotvec.norm(dim=-1, keepdim=True)
     half = 0.5 * angle

@@ -1,0 +1,199 @@
+"""`vla-dist quickstart`: the whole loop on one machine, as the separate commands a user would type.
+
+    collect -> eval (expert, untrained) -> train full -> eval -> train LoRA -> eval -> summary
+
+Every stage is one `vla-dist COMMAND --config FILE OVERRIDES... STAGE-OVERRIDES` run in this process
+(one Ray instance for all of them), each with its own `run.dir` under the quickstart's `run.dir`,
+so every stage leaves the files its command leaves (report.json, videos, metrics, checkpoints) and
+the printed commands reproduce any stage alone. An existing dataset in `data.dir` with at least
+`collect.episodes` episodes is reused rather than collected again, and a stage whose report exists
+is not re-run (delete its directory to redo it): an interrupted quickstart picks up where it stopped.
+
+The summary (summary.json, summary.md, summary.png) compares success rate, its 95% interval and
+the closest approach of the grasp point to the cube across the expert (the ceiling), the untrained
+preset (the floor) and the two post-trained policies.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vla_dist.config import load_config, validate
+from vla_dist.config.load import save_resolved
+from vla_dist.config.schema import RunConfig
+
+REPORT = "report.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # also its directory under the quickstart's run.dir
+    command: str  # collect | train | eval
+    overrides: tuple[str, ...]
+    label: str = ""  # row name in the summary (eval stages only)
+
+
+def plan(root: Path) -> list[Stage]:
+    """The stages in order. Training runs on 2 ranks at ZeRO-2 (the quickstart config's train
+    section sets steps, batch and lr); eval of a training run exports its latest checkpoint."""
+    return [
+        Stage("collect", "collect", ()),
+        Stage("eval-expert", "eval", ("eval.policy=expert",), "scripted expert (ceiling)"),
+        Stage("eval-untrained", "eval", ("eval.policy=model", "eval.checkpoint=null"), "untrained preset"),
+        Stage("train-full", "train", ("train.lora.enabled=false",)),
+        Stage("eval-full", "eval", ("eval.policy=model", f"eval.checkpoint={root / 'train-full'}"), "full fine-tune"),
+        Stage("train-lora", "train", ("train.lora.enabled=true",)),
+        Stage("eval-lora", "eval", ("eval.policy=model", f"eval.checkpoint={root / 'train-lora'}"), "LoRA"),
+    ]
+
+
+def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[str], None] = print) -> dict[str, Any]:
+    base = validate(load_config(config, overrides))  # a bad key fails here, before any stage runs
+    root = Path(base.run.dir)
+    stages = plan(root)
+
+    def stage_config(stage: Stage, before_training: bool = False) -> RunConfig:
+        # A training run an eval stage reads does not exist before its train stage: check the
+        # rest of that stage's config up front, the checkpoint when the stage starts.
+        extra = ["eval.checkpoint=null"] if before_training and stage.command == "eval" else []
+        return validate(load_config(config, [*overrides, *stage.overrides, f"run.dir={root / stage.name}", *extra]))
+
+    for stage in stages:  # every stage's config fails here, before any stage runs
+        stage_config(stage, before_training=True)
+    save_resolved(base, root)
+    started = time.perf_counter()
+    reports: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    for number, stage in enumerate(stages, 1):
+        cfg = stage_config(stage)
+        command = _command_line(config, overrides, stage, root)
+        log(f"[{number}/{len(stages)}] {stage.name}: {command}")
+        stage_started = time.perf_counter()
+        reports[stage.name] = _run_stage(stage, cfg, log)
+        seconds[stage.name] = round(time.perf_counter() - stage_started, 1)
+    summary = _summarize(stages, reports, seconds, time.perf_counter() - started)
+    _write_summary(root, summary)
+    log(_markdown(summary))
+    return {"command": "quickstart", "run_dir": str(root), "wall_s": summary["wall_s"],
+            **{f"{row['name']}_success_rate": row["success_rate"] for row in summary["policies"]},
+            "summary": str(root / "summary.md"), "summary_png": str(root / "summary.png")}
+
+
+def _run_stage(stage: Stage, cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    report_path = Path(cfg.run.dir) / REPORT
+    if stage.command == "collect":
+        reused = _existing_dataset(cfg)
+        if reused is not None:
+            log(f"    {cfg.data.dir} already holds {reused['episodes']} episodes: reusing it")
+            return {"command": "collect", "reused": True, "episodes": reused["episodes"]}
+    if report_path.is_file():  # a finished stage; an interrupted train has no report and resumes
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        if stage.command != "train" or report.get("steps") == cfg.train.steps:
+            log(f"    {report_path} exists: keeping it (delete {cfg.run.dir} to redo this stage)")
+            return report
+    if stage.command == "collect":
+        from vla_dist.rollout.collect import run_collect
+
+        save_resolved(cfg, cfg.run.dir)
+        return run_collect(cfg)
+    if stage.command == "train":
+        from vla_dist.train import run_train
+
+        return run_train(cfg)
+    from vla_dist.rollout.evaluate import run_eval
+
+    save_resolved(cfg, cfg.run.dir)
+    return run_eval(cfg)
+
+
+def _existing_dataset(cfg: RunConfig) -> dict[str, Any] | None:
+    from vla_dist.data.manifest import ManifestError, read_manifest
+
+    try:
+        manifest = read_manifest(cfg.data.dir)
+    except (ManifestError, OSError):
+        return None
+    return dict(manifest) if int(manifest["episodes"]) >= cfg.collect.episodes else None
+
+
+def _command_line(config: str | None, overrides: Sequence[str], stage: Stage, root: Path) -> str:
+    words = ["vla-dist", stage.command, *(["--config", config] if config else []), *overrides, *stage.overrides,
+             f"run.dir={root / stage.name}"]
+    return shlex.join(words)
+
+
+def _summarize(stages: list[Stage], reports: dict[str, dict[str, Any]], seconds: dict[str, float],
+               wall_s: float) -> dict[str, Any]:
+    rows = []
+    for stage in stages:
+        if stage.command != "eval":
+            continue
+        report = reports[stage.name]
+        rows.append({
+            "name": stage.name.removeprefix("eval-"), "label": stage.label, "episodes": report["episodes"],
+            "successes": report["successes"], "success_rate": report["success_rate"], "ci95": report["ci95"],
+            "closest_approach_cm": report.get("closest_approach_cm"),
+            "per_task": {task: stats["success_rate"] for task, stats in report["per_task"].items()},
+        })
+    training = {}
+    for name in ("train-full", "train-lora"):
+        report = reports[name]
+        training[name.removeprefix("train-")] = {
+            key: report.get(key) for key in ("steps", "first_loss", "final_loss", "trainable_parameters",
+                                             "parameters", "world_size", "zero_stage", "checkpoint", "loss_png")
+        }
+    return {"policies": rows, "training": training, "stage_seconds": seconds, "wall_s": round(wall_s, 1),
+            "dataset_episodes": reports["collect"].get("episodes")}
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    lines = ["| policy | success | 95% interval | closest approach (cm) | per task |", "|---|---|---|---|---|"]
+    for row in summary["policies"]:
+        low, high = row["ci95"]
+        per_task = ", ".join(f"{task} {rate:.0%}" for task, rate in row["per_task"].items())
+        closest = "n/a" if row["closest_approach_cm"] is None else f"{row['closest_approach_cm']:.1f}"
+        lines.append(f"| {row['label']} | {row['successes']}/{row['episodes']} ({row['success_rate']:.0%}) | "
+                     f"{low:.0%}-{high:.0%} | {closest} | {per_task} |")
+    lines += ["", "| training | steps | loss first -> last | trainable / all parameters |", "|---|---|---|---|"]
+    for name, t in summary["training"].items():
+        lines.append(f"| {name} | {t['steps']} | {t['first_loss']:.3f} -> {t['final_loss']:.3f} | "
+                     f"{t['trainable_parameters']:,} / {t['parameters']:,} |")
+    lines.append(f"\nwall time {summary['wall_s']:.0f} s; per stage (s): "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
+    return "\n".join(lines)
+
+
+def _write_summary(root: Path, summary: dict[str, Any]) -> None:
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (root / "summary.md").write_text("# vla-dist quickstart\n\n" + _markdown(summary) + "\n", encoding="utf-8")
+    _plot(summary, root / "summary.png")
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["policies"]
+    labels = [row["label"] for row in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    rates = [row["success_rate"] for row in rows]
+    errors = [[rate - row["ci95"][0] for rate, row in zip(rates, rows)],
+              [row["ci95"][1] - rate for rate, row in zip(rates, rows)]]
+    left.bar(labels, rates, yerr=errors, capsize=4, color="#4c72b0")
+    left.set_ylim(0, 1.05)
+    left.set_title("success rate (95% Wilson interval)")
+    right.bar(labels, [row["closest_approach_cm"] or 0.0 for row in rows], color="#dd8452")
+    right.set_title("closest grasp point to cube (cm, lower is better)")
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelrotation=20)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
