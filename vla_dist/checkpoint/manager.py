@@ -90,6 +90,9 @@ def prune(run_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
     doomed = [p for p in _step_dirs(root) if not is_complete(p) and (latest is None or _step_of(p) < _step_of(latest))]
     doomed += [p for p in complete[:-keep_last] if p != latest]
     for path in doomed:
+        # unmark first: a prune killed half-way (large checkpoints take a while to delete) leaves an
+        # incomplete leftover, never a COMPLETE-marked directory with some of its shards gone
+        (path / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
     # universal conversions (checkpoint/universal.py) are caches of their step dir: they go with it
     for path in root.glob("step_*_universal") if root.is_dir() else []:

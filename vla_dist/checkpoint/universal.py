@@ -10,9 +10,10 @@ raises VlaDistError.
 Rank side: `load_resume(engine, step_dir, mode)`:
   "same"       DeepSpeed's own loader on step_N (same world size and stage)
   "universal"  DeepSpeed's loader on step_N_universal (engine built with checkpoint.load_universal)
-  "by_hand"    another ZeRO stage: DeepSpeed's loader refuses it, so fp32 weights and Adam moments
+  "by_hand"    another ZeRO stage (or another world size at ZeRO-3): DeepSpeed's loader refuses
+               the former and is not the measured route for the latter, so fp32 weights and Adam moments
                are set parameter by parameter from step_N_universal's per-parameter files, and the
-               step counters and LR schedule from the saved model-states file.
+               step counters and LR schedule from step_N's train_state.json.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def ensure_universal(step_dir: str | os.PathLike[str], timeout_s: float = 900) -
         raise VlaDistError(f"converting {step_dir} to a universal checkpoint failed ({problem}); {kept}")
     (tmp / "SOURCE").write_text(stamp + "\n", encoding="utf-8")  # which COMPLETE checkpoint this converts
     os.replace(tmp, final)
+    # ds_to_universal also leaves checkpoints/latest_universal naming its output folder, i.e. our
+    # hidden temporary name, gone after the rename: a dangling pointer we never read (the ranks load
+    # step_N_universal by tag), so it is removed rather than left to mislead DeepSpeed's tools
+    stray = step_dir.parent / "latest_universal"
+    if stray.is_file() and stray.read_text(encoding="utf-8").strip() == tmp.name:
+        stray.unlink()
     return final
 
 
@@ -109,10 +116,13 @@ def _flat_groups(optimizer: Any) -> list[Any]:
 
 
 def _read(pdir: Path, kind: str, shape: Any) -> Any:
-    """One per-parameter tensor of a universal checkpoint ({'param': tensor, 'cat_dim': 0})."""
+    """One per-parameter tensor of a universal checkpoint. ds_to_universal writes {'param': tensor,
+    'cat_dim': 0} when converting a ZeRO-1/2 checkpoint but the bare tensor for a ZeRO-3 one
+    (merge_zero3_slices): both are read."""
     import torch
 
-    return torch.load(pdir / f"{kind}.pt", map_location="cpu", weights_only=True)["param"].reshape(shape)
+    saved = torch.load(pdir / f"{kind}.pt", map_location="cpu", weights_only=True)
+    return (saved["param"] if isinstance(saved, dict) else saved).reshape(shape)
 
 
 def _load_by_hand(engine: Any, source: Path) -> None:

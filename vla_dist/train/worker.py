@@ -37,6 +37,8 @@ class SFTWorker:
         self.on_gpu = cfg.train.gpus_per_rank > 0
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False)
         self.rank, self.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        if not self.on_gpu:
+            self._unlink_shm_buffer(env)
         device = f"cuda:{env['LOCAL_RANK']}" if self.on_gpu else "cpu"
         if self.on_gpu:
             torch.cuda.set_device(device)
@@ -70,6 +72,19 @@ class SFTWorker:
         trainable, total = trainable_count(self.engine.module)
         return {"step": int(self.engine.global_steps), "trainable": trainable, "parameters": total,
                 "windows": len(self.windows) if self.windows is not None else None}
+
+    def _unlink_shm_buffer(self, env: dict[str, str]) -> None:
+        """DeepSpeed's CPU shared-memory allreduce (ops/csrc/cpu/comm/shm.cpp, used when all ranks
+        share a node) creates one ~66 MB /dev/shm segment per rank and never unlinks it: every run,
+        and every rank killed, left world_size segments in RAM until reboot (hundreds of them on a
+        shared test machine, then Ray's OOM killer). init_distributed returns on a rank only once it
+        has mapped every rank's segment, so after a barrier the names are no longer needed: each rank
+        unlinks its own, and the memory goes with the last process that maps it (exit or kill -9)."""
+        import torch.distributed as dist
+
+        dist.barrier()
+        name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{self.rank}"
+        Path("/dev/shm", name).unlink(missing_ok=True)
 
     def _load_data_state(self, step_dir: str) -> None:
         """Continue the data stream where the checkpoint left it: every rank's loader state is in the
@@ -185,6 +200,7 @@ class SFTWorker:
             states = [None] * self.world_size
             dist.all_gather_object(states, self.data.state_dict())
         self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        _hold_save(path, self.rank)
         if self.lora:
             save_adapter(self.engine.module, path / "adapter", self.rank)
         if self.rank == 0:
@@ -213,3 +229,24 @@ def _inject_nan(step: int, attempt: int) -> bool:
         if (item.endswith("+") and step >= int(item[:-1])) or (attempt == 0 and item == str(step)):
             return True
     return False
+
+
+HOLD_SAVE_ENV = "VLA_DIST_TRAIN_HOLD_SAVE"
+
+
+def _hold_save(path: Path, rank: int) -> None:
+    """Test-only hook, VLA_DIST_TRAIN_HOLD_SAVE="STEP:RANK[:SECONDS]": that rank, in its save of
+    checkpoint step_STEP, right after DeepSpeed wrote its shards (the other ranks go on and wait in
+    the save's barrier), writes its pid to step_STEP/.hold_save_rankRANK.pid and sleeps SECONDS
+    (default 300). It makes "kill -9 during a save" deterministic for tests/test_train_crash.py
+    instead of a race against a sub-second save; unset, it does nothing."""
+    spec = os.environ.get(HOLD_SAVE_ENV, "")
+    if not spec:
+        return
+    step, held_rank, *seconds = spec.split(":")
+    if path.name != f"step_{int(step)}" or rank != int(held_rank):
+        return
+    marker = path / f".hold_save_rank{rank}.pid"
+    marker.with_suffix(".tmp").write_text(str(os.getpid()), encoding="utf-8")
+    os.replace(marker.with_suffix(".tmp"), marker)  # whole or absent: the test reads it as soon as it exists
+    time.sleep(float(seconds[0]) if seconds else 300.0)
