@@ -1,7 +1,8 @@
 """The rendered sbatch script on a real SLURM: Debian's slurm-wlm + munge, two slurmd nodes on this
 host (cluster/slurm/local-cluster.sh, which installs the packages when missing), everything inside a
-private network namespace. One job collects on a two-node Ray cluster; another is signalled before
-its time limit, requeued, and restarted with train.resume=auto."""
+private network namespace. One job collects on a two-node Ray cluster; another trains on two nodes,
+is signalled before its time limit (the real driver saves a checkpoint), requeued, and restarted
+with train.resume=auto, which continues from that checkpoint."""
 
 from __future__ import annotations
 
@@ -100,44 +101,39 @@ def collect_job(out_dir: str) -> None:
     with_local_slurm(out, body)
 
 
-STAND_IN_TRAINER = """
-import json, os, signal, sys, time
-
-# Stands in for `vla-dist train` (not built yet): records each start, and on SIGUSR1 "saves" and exits.
-record = sys.argv[1]
-with open(record, "a") as f:
-    f.write(json.dumps({"restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "argv": sys.argv[2:]}) + "\\n")
-if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
-    sys.exit(0)
-def save(*_):
-    with open(record, "a") as f:
-        f.write(json.dumps({"saved": True}) + "\\n")
-    sys.exit(0)
-signal.signal(signal.SIGUSR1, save)
-time.sleep(300)
-sys.exit(3)
-"""
+REQUEUE_STEPS, REQUEUE_SAVE_EVERY = 120, 50  # the signal comes a few steps in: the restart does the rest
 
 
 def requeue_job(out_dir: str) -> None:
-    """Child: a job whose driver is told the time limit is near (USR1 to the batch script, what
-    --signal=B:USR1@grace does), saves, and is requeued; the restart adds train.resume=auto."""
+    """Child: a two-node `vla-dist train` job (one DeepSpeed rank per SLURM node) whose batch script is
+    told the time limit is near (USR1, what --signal=B:USR1@grace does) once training stepped: the
+    script sends SIGUSR1 to the driver, which saves a checkpoint and exits; the script requeues the
+    job, and the restart runs the same command with train.resume=auto."""
     out = Path(out_dir)
-    record = out / "starts.jsonl"
+    metrics = out / "run" / "metrics.jsonl"
+
+    def steps_logged() -> int:  # whole lines only: the driver may be appending one
+        return metrics.read_text(encoding="utf-8").count("\n") if metrics.exists() else 0
 
     def body() -> None:
-        cfg = slurm_config(out, "cluster.slurm.head_port=26420", "cluster.slurm.dashboard_port=28420")
-        driver = [sys.executable, "-c", STAND_IN_TRAINER, str(record), "train.steps=10"]
-        script = write_files(render_sbatch(cfg, out / "job", driver=driver, resume="train.resume=auto"), out / "job")
+        cfg = slurm_config(out, "cluster.slurm.head_port=26420", "cluster.slurm.dashboard_port=28420",
+                           "train.world_size=2", "train.micro_batch_size=4", f"train.steps={REQUEUE_STEPS}",
+                           f"train.save_every={REQUEUE_SAVE_EVERY}")
+        script = write_files(render_sbatch(cfg, out / "job", command="train"), out / "job")
+        started = time.monotonic()
         job_id = sbatch(script)
-        deadline = time.monotonic() + 300
-        while not record.exists() and time.monotonic() < deadline:
+        deadline = started + 400
+        while steps_logged() < 1:  # the ranks are set up and stepping
+            if job_fields(job_id)["JobState"] in FINISHED or time.monotonic() > deadline:
+                break
             time.sleep(0.5)
+        signalled_at_step = steps_logged()
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
         fields = wait_for_job(job_id, timeout=400, until=lambda f: f["JobState"] == "COMPLETED" and f.get("Restarts") == "1"
                               or f["JobState"] in ("FAILED", "CANCELLED"))
         shutil.rmtree(f"/tmp/vla-dist-{job_id}", ignore_errors=True)
-        result = {"job": fields, "log": "\n".join(p.read_text() for p in (out / "job").glob("slurm-*.out"))}
+        result = {"job": fields, "signalled_at_step": signalled_at_step, "seconds": round(time.monotonic() - started, 1),
+                  "log": "\n".join(p.read_text() for p in (out / "job").glob("slurm-*.out"))}
         (out / "result.json").write_text(json.dumps(result))
 
     with_local_slurm(out, body)
@@ -168,15 +164,34 @@ def test_sbatch_script_collects_over_two_slurm_nodes(tmp_path: Path, genesis_ker
 
 
 @slurm_test
-def test_time_limit_signal_saves_requeues_and_resumes(tmp_path: Path) -> None:
+def test_time_limit_signal_saves_requeues_and_resumes(quickstart_run, tmp_path: Path) -> None:
+    from vla_dist.checkpoint import manager as ckpt
+    from vla_dist.train.metrics import read_metrics
+
+    shutil.copytree(quickstart_run[1], tmp_path / "data")  # the job's data.dir (same host: every node sees it)
     result = run_in_private_net("tests.test_slurm.requeue_job", tmp_path, timeout=850)
-    job = result["job"]
-    assert (job["JobState"], job["Restarts"], job["ExitCode"]) == ("COMPLETED", "1", "0:0"), result["log"][-4000:]
-    starts = [json.loads(line) for line in (tmp_path / "starts.jsonl").read_text().splitlines()]
-    assert starts[0] == {"restart": 0, "argv": ["train.steps=10"]}
-    assert starts[1] == {"saved": True}  # the driver got SIGUSR1 and saved before the requeue
-    assert starts[2] == {"restart": 1, "argv": ["train.steps=10", "train.resume=auto"]}
-    assert "requeueing job" in result["log"]
+    job, log = result["job"], result["log"]
+    assert (job["JobState"], job["Restarts"], job["ExitCode"]) == ("COMPLETED", "1", "0:0"), log[-4000:]
+    # the real driver got SIGUSR1 once training stepped, saved a complete checkpoint and exited 0
+    assert result["signalled_at_step"] >= 1, log[-4000:]
+    assert "asking the driver to save a checkpoint (SIGUSR1)" in log
+    stopped = re.search(rf"stopped by SIGUSR1 at step (\d+) of {REQUEUE_STEPS}; checkpoint kept: (\S+);", log)
+    assert stopped, log[-4000:]
+    stop_step, kept = int(stopped[1]), stopped[2]
+    assert result["signalled_at_step"] <= stop_step < REQUEUE_STEPS
+    run_dir = tmp_path / "run"
+    assert kept == str(ckpt.step_dir(run_dir, stop_step))
+    assert "requeueing job" in log and "(restart 1)" in log
+    assert re.findall(r"driver exited with (\d+)", log) == ["0", "0"]
+    # the restart ran `vla-dist train ... train.resume=auto`: it continued from the saved step
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["first_step"] == stop_step and report["resumed_from"] == kept, report
+    assert report["stopped_by"] is None and report["last_step"] == REQUEUE_STEPS
+    assert len(set(report["rank_nodes"])) == 2  # one rank on each SLURM node
+    assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, REQUEUE_STEPS + 1))
+    assert ckpt.latest_checkpoint(run_dir) == ckpt.step_dir(run_dir, REQUEUE_STEPS)
+    print(f"SLURM requeue: USR1 at step {result['signalled_at_step']}, saved step {stop_step}, "
+          f"resumed and finished {REQUEUE_STEPS} steps; {result['seconds']} s from sbatch to the end")
 
 
 def test_rendered_sbatch_matches_the_config(tmp_path: Path) -> None:

@@ -8,8 +8,11 @@ The script (template below, bash) does, in order:
    on the others, each in its own `srun` step with all the node's CPUs/GPUs and a "sim" resource;
 3. waits until every node joined (`python -m vla_dist.cluster.wait_nodes`), or fails naming them;
 4. runs the driver on the first node; on SIGUSR1 (`--signal=B:USR1@grace`, i.e. the time limit is
-   near) it asks a resumable driver (train, rl) to save (SIGUSR1 again) and requeues the job, which
-   restarts with `train.resume=auto`; other commands get SIGINT (collect keeps finished shards);
+   near) it sends SIGUSR1 to a resumable driver (`train`: it saves a complete checkpoint at the step
+   it reached and exits 0, see vla_dist/train/stop.py), waits for it, and requeues the job, which
+   restarts with `train.resume=auto` and continues from that checkpoint; other commands get SIGINT
+   (collect keeps finished shards), or SIGTERM when the driver runs in a container step (srun does
+   not forward a single SIGINT);
 5. on exit, stops the Ray steps (SIGTERM to the `srun`s, which forward it to `ray start --block`).
 """
 

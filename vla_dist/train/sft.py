@@ -3,7 +3,8 @@
 The driver orchestrates only: it starts the ranks, asks them for a few steps at a time, writes
 metrics.jsonl and the progress bar from rank 0's numbers, and turns "every rank saved" into a
 COMPLETE marker + the `latest` pointer. Components: TrainerGroup (distributed/group.py), SFTWorker
-(train/worker.py: engine, batches, steps), checkpoint/manager.py (layout, resume, prune).
+(train/worker.py: engine, batches, steps), checkpoint/manager.py (layout, resume, prune),
+StopRequest (train/stop.py: SIGUSR1/SIGTERM -> save a checkpoint at the current step, then stop).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from vla_dist.data.manifest import ManifestError, read_manifest
 from vla_dist.distributed.ds_config import global_batch_size
 from vla_dist.errors import ConfigError, VlaDistError
 from vla_dist.train.metrics import MetricsLog, plot_loss
+from vla_dist.train.stop import StoppedBySignal, StopRequest
+
+# Longest a chunk of steps asked of the ranks should last: the driver sees a stop request (SIGTERM:
+# Kubernetes waits 30 s, docker stop 10 s before SIGKILL) only between chunks, and must still save.
+STOP_CHECK_S = 2.0
 
 
 def run_train(cfg: RunConfig) -> dict[str, Any]:
@@ -52,38 +58,49 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     save_resolved(cfg, run_dir)
     env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
     env = {**env, "DS_ACCELERATOR": "cuda" if t.gpus_per_rank else "cpu",
-           **{k: os.environ[k] for k in ("VLA_DIST_TRAIN_NAN_STEPS",) if k in os.environ}}
+           **{k: os.environ[k] for k in ("VLA_DIST_TRAIN_NAN_STEPS", "VLA_DIST_TRAIN_HOLD_SAVE") if k in os.environ}}
     placement = TrainerPlacement.from_train(t)
     _check_fits(cfg)
     started = time.perf_counter()
-    # a lost rank's message names the checkpoint that is latest when the loss is found, not at start
-    group = TrainerGroup(SFTWorker, placement, env=env, on_lost=lambda: _kept(run_dir))
-    try:
-        info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume),
-                                                      resume_mode))[0]
-        setup_s = time.perf_counter() - started
-        step = first_step = info["step"]
-        metrics = MetricsLog(run_dir / "metrics.jsonl", resumed_step=step)
-        rows: list[dict[str, Any]] = []
-        with _progress() as progress:
-            bar = progress.add_task("train", total=t.steps, completed=step, loss=float("nan"), rate=0.0)
-            while step < t.steps:
-                chunk = min(t.log_every, t.steps - step, (t.save_every - step % t.save_every) if t.save_every else t.steps)
-                got = group.run(lambda a, r, n=chunk: a.train.remote(n))[0]
-                if got and "stop" in got[-1]:
-                    kept = ckpt.latest_checkpoint(run_dir)
-                    raise VlaDistError(f"{t.max_nan_steps} non-finite losses in a row at step {got[-1]['step']}: "
-                                       f"stopped; last good checkpoint kept: {kept or 'none (no save yet)'}")
-                for row in got:
-                    row["elapsed_s"] = round(time.perf_counter() - started, 3)
-                    metrics.write(row)
-                rows += got
-                step = got[-1]["step"]
-                progress.update(bar, completed=step, loss=got[-1]["loss"], rate=got[-1]["samples_per_s"])
-                if (t.save_every and step % t.save_every == 0) or step == t.steps:
-                    _save(group, cfg, manifest, step)
-    finally:
-        group.shutdown()
+    # SIGUSR1/SIGTERM (SLURM time limit, preemption, docker stop) only set stop.requested; the loop then
+    # saves and returns. Installed after init_ray: ray.init sets its own SIGTERM handler (sys.exit).
+    with StopRequest() as stop:
+        # a lost rank's message names the checkpoint that is latest when the loss is found, not at start
+        group = TrainerGroup(SFTWorker, placement, env=env, on_lost=lambda: _kept(run_dir))
+        try:
+            info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume),
+                                                          resume_mode))[0]
+            setup_s = time.perf_counter() - started
+            step = first_step = info["step"]
+            metrics = MetricsLog(run_dir / "metrics.jsonl", resumed_step=step)
+            rows: list[dict[str, Any]] = []
+            saved = step  # the checkpoint resumed from (or step 0, nothing to save): a stop there saves nothing
+            with _progress() as progress:
+                bar = progress.add_task("train", total=t.steps, completed=step, loss=float("nan"), rate=0.0)
+                # a stop request is seen between chunks, so a chunk is also kept short (_steps_within)
+                while step < t.steps and not stop.requested:
+                    chunk = min(t.log_every, t.steps - step, _steps_within(STOP_CHECK_S, rows),
+                                (t.save_every - step % t.save_every) if t.save_every else t.steps)
+                    got = group.run(lambda a, r, n=chunk: a.train.remote(n))[0]
+                    if got and "stop" in got[-1]:
+                        kept = ckpt.latest_checkpoint(run_dir)
+                        raise VlaDistError(f"{t.max_nan_steps} non-finite losses in a row at step {got[-1]['step']}: "
+                                           f"stopped; last good checkpoint kept: {kept or 'none (no save yet)'}")
+                    for row in got:
+                        row["elapsed_s"] = round(time.perf_counter() - started, 3)
+                        metrics.write(row)
+                    rows += got
+                    step = got[-1]["step"]
+                    progress.update(bar, completed=step, loss=got[-1]["loss"], rate=got[-1]["samples_per_s"])
+                    if (t.save_every and step % t.save_every == 0) or step == t.steps:
+                        _save(group, cfg, manifest, step)
+                        saved = step
+            if stop.requested and step > saved:  # save now, whole (COMPLETE + latest) like any other save
+                _save(group, cfg, manifest, step)
+        finally:
+            group.shutdown()
+    # a signal that came after the last step changed nothing: the run is complete
+    stopped_by = stop.signal_name if step < t.steps else None
     latest = ckpt.latest_checkpoint(run_dir)
     plot = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     step_times = sorted(row["step_time_s"] for row in rows[1:]) or [0.0]
@@ -96,9 +113,23 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         "setup_s": round(setup_s, 2), "wall_s": round(time.perf_counter() - started, 2),
         "nan_skipped": sum(row.get("nan_skipped", 0) for row in rows),
         "checkpoint": latest and str(latest), "loss_png": str(plot), "rank_nodes": group.rank_nodes,
+        "last_step": step, "stopped_by": stopped_by,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if stopped_by:
+        message = (f"stopped by {stopped_by} at step {step} of {t.steps}; checkpoint kept: "
+                   f"{latest or 'none (no step taken)'}; restart with train.resume=auto to continue from it")
+        if stopped_by == "SIGTERM":  # exit 1: see StoppedBySignal (a supervisor must not count the run as done)
+            raise StoppedBySignal(message, report)
+        print(message, flush=True)  # SIGUSR1: the SLURM script asked, and requeues the job itself: exit 0
     return report
+
+
+def _steps_within(seconds: float, rows: list[dict[str, Any]]) -> int:
+    """How many steps fit in `seconds` at the last measured step time; 1 before any step is timed."""
+    if not rows:
+        return 1
+    return max(1, int(seconds / max(rows[-1]["step_time_s"], 1e-6)))
 
 
 def _kept(run_dir: Path) -> str:
