@@ -94,7 +94,9 @@ def _run_stage(stage: Stage, cfg: RunConfig, log: Callable[[str], None]) -> dict
             return {"command": "collect", "reused": True, "episodes": reused["episodes"]}
     if report_path.is_file():  # a finished stage; an interrupted train has no report and resumes
         report = json.loads(report_path.read_text(encoding="utf-8"))
-        if stage.command != "train" or report.get("steps") == cfg.train.steps:
+        # a train stopped early (a signal, for a requeue) reports its own last_step: resume it
+        finished = report.get("last_step", report.get("steps")) == cfg.train.steps and not report.get("stopped_by")
+        if stage.command != "train" or finished:
             log(f"    {report_path} exists: keeping it (delete {cfg.run.dir} to redo this stage)")
             return report
     if stage.command == "collect":
@@ -123,7 +125,8 @@ def _existing_dataset(cfg: RunConfig) -> dict[str, Any] | None:
 
 
 def _command_line(config: str | None, overrides: Sequence[str], stage: Stage, root: Path) -> str:
-    words = ["vla-dist", stage.command, *(["--config", config] if config else []), *overrides, *stage.overrides,
+    kept = [o for o in overrides if not o.replace(" ", "").startswith("run.dir=")]  # the stage's run.dir replaces it
+    words = ["vla-dist", stage.command, *(["--config", config] if config else []), *kept, *stage.overrides,
              f"run.dir={root / stage.name}"]
     return shlex.join(words)
 

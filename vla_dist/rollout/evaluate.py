@@ -53,6 +53,9 @@ def resolve_policy(cfg: RunConfig) -> PolicySource:
         if not (manifest_dir / "manifest.json").is_file():
             raise ConfigError("data.dir", f"{manifest_dir} has no manifest.json (normalization statistics for the "
                               "policy); run `vla-dist collect` first or point data.dir at a dataset")
+        import torch
+
+        torch.manual_seed(cfg.run.seed)  # the init `vla-dist train` starts from under the same run.seed
         policy = build_policy(cfg.model, read_manifest(manifest_dir))
         path = str(Path(cfg.run.dir) / "untrained_policy")
         policy.save_pretrained(path)
