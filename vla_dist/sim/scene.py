@@ -58,7 +58,10 @@ def init_genesis(backend: str = "cpu") -> None:
     import genesis as gs
 
     if _initialized_backend is None:
-        gs.init(backend=gs.cpu if backend == "cpu" else gs.gpu, logging_level="warning")
+        # "error": every actor of every command otherwise repeats the same three warnings about the
+        # bundled Franka (tendon approximated by a joint actuator, qpos0 beyond limits, solver timeconst
+        # raised to 2*substep dt), all known and harmless for this scene.
+        gs.init(backend=gs.cpu if backend == "cpu" else gs.gpu, logging_level="error")
         _initialized_backend = backend
     elif _initialized_backend != backend:
         raise RuntimeError(f"Genesis already initialized with backend {_initialized_backend!r}")
