@@ -92,7 +92,7 @@ def _run_stage(stage: Stage, cfg: RunConfig, log: Callable[[str], None]) -> dict
         if reused is not None:
             log(f"    {cfg.data.dir} already holds {reused['episodes']} episodes: reusing it")
             return {"command": "collect", "reused": True, "episodes": reused["episodes"]}
-    if report_path.is_file():  # a finished stage; an interrupted train has no report and resumes
+    if report_path.is_file() and stage.command != "collect":  # a finished stage (collect: the dataset decides)
         report = json.loads(report_path.read_text(encoding="utf-8"))
         # a train stopped early (a signal, for a requeue) reports its own last_step: resume it
         finished = report.get("last_step", report.get("steps")) == cfg.train.steps and not report.get("stopped_by")

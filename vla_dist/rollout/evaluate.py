@@ -9,6 +9,7 @@ driver and shipped to every actor as a saved directory (so all actors run identi
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -60,8 +61,6 @@ def resolve_policy(cfg: RunConfig) -> PolicySource:
         path = str(Path(cfg.run.dir) / "untrained_policy")
         policy.save_pretrained(path)
     elif not (Path(path) / "vla_dist.json").is_file():  # a training run/checkpoint (validated): export it once
-        import json
-
         from vla_dist.checkpoint.export import export_checkpoint, resolve_checkpoint
         from vla_dist.checkpoint.manager import META
 
