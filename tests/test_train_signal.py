@@ -110,6 +110,7 @@ def test_sigusr1_saves_and_stops_then_resume_auto_continues(quickstart_run, loca
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, stop + 1))
     assert f"stopped by SIGUSR1 at step {stop} of {STEPS}; checkpoint kept: {kept}" in log, log[-3000:]
     assert "SIGTERM ignored" in log
+    assert "train stopped by SIGUSR1: " in log and "train done" not in log  # the CLI's summary line says so
     print(f"SIGUSR1 -> stopped at step {stop}, saved and exited in {stop_s:.1f} s")
     assert stop_s < 90  # one step, a save of a tiny model, Ray's shutdown: seconds, not the 200 steps
 

@@ -214,7 +214,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "train":
         from vla_dist.train import run_train  # writes run.dir/config.yaml itself (after resume checks)
 
-        _print_summary("train", run_train(cfg), f"run: {cfg.run.dir}   checkpoints: {cfg.run.dir}/checkpoints")
+        report = run_train(cfg)
+        _print_summary("train", report, f"run: {cfg.run.dir}   checkpoints: {cfg.run.dir}/checkpoints",
+                       outcome=f"stopped by {report['stopped_by']}" if report.get("stopped_by") else "done")
     elif args.command == "export":
         from vla_dist.checkpoint.export import export_checkpoint
 
@@ -230,10 +232,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(command: str, report: Report, where: str) -> None:
+def _print_summary(command: str, report: Report, where: str, outcome: str = "done") -> None:
     scalars = [f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in report.items()
                if isinstance(v, (str, int, float, bool))]
-    print(f"{command} done: {', '.join(scalars)}")
+    print(f"{command} {outcome}: {', '.join(scalars)}")
     print(where)
 
 
