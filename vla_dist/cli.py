@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the model.preset policy on data.dir's shards with train.world_size DeepSpeed ranks "
         "placed by Ray (ZeRO stage train.zero_stage, LoRA with train.lora.enabled). Writes run.dir/metrics.jsonl "
         "(one line per optimizer step), loss.png, report.json and checkpoints/step_N (latest complete one "
-        "pointed to by checkpoints/latest; train.resume=auto continues from it).",
+        "pointed to by checkpoints/latest; train.resume=auto continues from it). train.eval_every=N evaluates "
+        "the current weights closed-loop every N steps while training goes on (success rows in metrics.jsonl, "
+        "train.keep_best keeps checkpoints/best); train.tensorboard / train.wandb log every metric.",
     )
     _add_config_arguments(train)
 

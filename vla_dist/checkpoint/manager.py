@@ -5,6 +5,9 @@
     run.dir/checkpoints/step_N/adapter/          LoRA runs: the gathered peft adapter (rank 0)
     run.dir/checkpoints/step_N/COMPLETE          written by the driver after ALL ranks returned
     run.dir/checkpoints/latest                   "step_N", replaced atomically after COMPLETE exists
+    run.dir/checkpoints/best -> step_N           train.keep_best: a relative symlink to the complete
+                                                 checkpoint with the best training-time eval, replaced
+                                                 atomically, never pruned (a step dir path for eval/export)
     run.dir/checkpoints/step_N_universal/        elastic resume's cache of step_N (never COMPLETE, never
                                                  `latest`; pruned with step_N): checkpoint/universal.py
 
@@ -18,6 +21,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from vla_dist.errors import ConfigError
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+BEST = "best"
 META = "train_meta.json"
 TRAIN_STATE = "train_state.json"  # step, LR schedule and data position as JSON (rank 0, written at save)
 _STEP = re.compile(r"^step_(\d+)$")
@@ -70,6 +75,25 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     return complete[-1] if complete else None
 
 
+def mark_best(path: str | os.PathLike[str]) -> None:
+    """Point checkpoints/best at the complete step dir `path` (a symlink, so `best` itself reads as a
+    checkpoint directory: `vla-dist eval eval.checkpoint=RUN/checkpoints/best` works)."""
+    path = Path(path)
+    tmp = path.parent / f".{BEST}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(path.name, tmp)
+    os.replace(tmp, path.parent / BEST)
+
+
+def best_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The step dir checkpoints/best points at, if complete."""
+    pointer = checkpoints_dir(run_dir) / BEST
+    if not pointer.is_symlink():
+        return None
+    target = pointer.parent / os.readlink(pointer)
+    return target if is_complete(target) else None
+
+
 def resolve_resume(resume: str, run_dir: str | os.PathLike[str]) -> Path | None:
     """train.resume -> the step dir to load, or None for a fresh start."""
     if resume == "never":
@@ -82,13 +106,15 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike[str]) -> Path | None:
     return path
 
 
-def prune(run_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
-    """Delete incomplete step dirs and all but the newest `keep_last` complete ones (never `latest`)."""
+def prune(run_dir: str | os.PathLike[str], keep_last: int, keep: Iterable[Path] = ()) -> list[Path]:
+    """Delete incomplete step dirs and all but the newest `keep_last` complete ones; never `latest`,
+    `best`, nor the step dirs in `keep` (e.g. checkpoints whose training-time eval is still running)."""
     root = checkpoints_dir(run_dir)
     latest = latest_checkpoint(run_dir)
+    kept = {p.name for p in (*keep, latest, best_checkpoint(run_dir)) if p is not None}
     complete = sorted((p for p in _step_dirs(root) if is_complete(p)), key=_step_of)
     doomed = [p for p in _step_dirs(root) if not is_complete(p) and (latest is None or _step_of(p) < _step_of(latest))]
-    doomed += [p for p in complete[:-keep_last] if p != latest]
+    doomed += [p for p in complete[:-keep_last] if p.name not in kept]
     for path in doomed:
         # unmark first: a prune killed half-way (large checkpoints take a while to delete) leaves an
         # incomplete leftover, never a COMPLETE-marked directory with some of its shards gone

@@ -219,6 +219,19 @@ class TrainSection:
     # debug/overfit check: every step draws the same windows, noise and flow-matching times, so the
     # loss is comparable step to step (it must fall steadily); false for real training
     fixed_batches: bool = False
+    # Training-time evaluation (train/evals.py): every eval_every steps (and at the last step) the ranks
+    # write the current weights as a policy directory and go on training while a pool of eval_actors
+    # sim actors runs it closed-loop (eval.* settings: action_horizon, num_videos; task.max_steps);
+    # success rows go to metrics.jsonl. The eval actors' CPUs come on top of the ranks': on the
+    # in-process Ray, world_size * cpus_per_rank + eval_actors * eval_cpus_per_actor must fit.
+    eval_every: int = 0  # steps; 0: off
+    eval_episodes: int = 0  # closed-loop episodes per task per eval; 0: eval.episodes
+    eval_actors: int = 1  # sim actors of the training-time eval pool (envs each: collect.envs_per_actor)
+    eval_cpus_per_actor: float = 1.0  # Ray CPUs each reserves; < 1 lets them share cores with the ranks
+    keep_best: bool = False  # also checkpoint at eval steps; checkpoints/best -> the best-scoring one, never pruned
+    tensorboard: bool = False  # every metric (and a few eval videos as GIFs) to run.dir/tensorboard
+    wandb: bool = False  # the same to Weights & Biases (pip install vla-dist[wandb]); offline without WANDB_API_KEY
+    wandb_project: str = "vla-dist"
 
 
 @dataclass

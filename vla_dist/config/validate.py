@@ -210,6 +210,26 @@ def _train_offload(cfg: RunConfig) -> None:
         raise ConfigError("train.offload_optimizer", "needs train.zero_stage >= 1, got 0")
 
 
+def _train_eval(cfg: RunConfig) -> None:
+    t = cfg.train
+    if t.keep_best and not t.eval_every:
+        raise ConfigError("train.keep_best", "needs training-time evals to rank checkpoints: set train.eval_every > 0")
+    if not t.eval_every or cfg.cluster.address is not None or cfg.cluster.num_cpus is None:
+        return  # a cluster may autoscale; an in-process Ray of all CPUs is checked when it is up (sft._check_fits)
+    need = t.world_size * t.cpus_per_rank + t.eval_actors * t.eval_cpus_per_actor
+    if need > cfg.cluster.num_cpus:
+        raise ConfigError("train.eval_actors", eval_fit_message(cfg, cfg.cluster.num_cpus))
+
+
+def eval_fit_message(cfg: RunConfig, offered: float) -> str:
+    t = cfg.train
+    return (f"training-time evals need train.world_size * train.cpus_per_rank + train.eval_actors * "
+            f"train.eval_cpus_per_actor = {t.world_size} * {t.cpus_per_rank:g} + {t.eval_actors} * "
+            f"{t.eval_cpus_per_actor:g} CPUs, the in-process Ray (cluster.num_cpus) offers {offered:g}: lower "
+            f"train.world_size, or give fractions of a CPU (train.cpus_per_rank, train.eval_cpus_per_actor; ranks "
+            f"and eval actors then share cores and each runs slower), or set train.eval_every=0")
+
+
 TRAIN_CHECKS: list[Check] = [
     at_least("train.steps", 1),
     at_least("train.world_size", 1),
@@ -236,6 +256,11 @@ TRAIN_CHECKS: list[Check] = [
     _train_rank_resources,
     _train_batch,
     _train_offload,
+    at_least("train.eval_every", 0),
+    at_least("train.eval_episodes", 0),
+    at_least("train.eval_actors", 1),
+    greater_than("train.eval_cpus_per_actor", 0),
+    _train_eval,
 ]
 
 

@@ -49,7 +49,8 @@ class SimActor:
 
         started = time.perf_counter()
         self.task, self.codec = task, image_codec
-        self.policy = make_policy(policy or PolicySource())
+        self.policy_source = policy or PolicySource()
+        self.policy = make_policy(self.policy_source)
         self.scene = TabletopScene(
             n_envs=n_envs,
             image_size=task.image_size,
@@ -70,6 +71,12 @@ class SimActor:
             "node_id": context.get_node_id() if context else None,
             "build_seconds": round(self.build_seconds, 2),
         }
+
+    def reload_policy(self) -> None:
+        """Load the policy again from its source: training-time evals (train/evals.py) rewrite the
+        same directory with each eval's weights, so the scene is built once per run, not per eval
+        (and an actor Ray restarts also loads the current weights)."""
+        self.policy = make_policy(self.policy_source)
 
     def run_chunk(self, requests: list[EpisodeRequest]) -> ChunkResult:
         from vla_dist.data.codec import encode_episode

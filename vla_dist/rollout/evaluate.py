@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +25,9 @@ from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
 from vla_dist.rollout.collect import selected_tasks, write_json, write_videos
 from vla_dist.rollout.policies import PolicySource
 from vla_dist.rollout.runner import EpisodeRequest
+
+if TYPE_CHECKING:  # the pool imports ray: loaded by the functions that start one
+    from vla_dist.rollout.pool import PoolStats, SimActorPool
 
 EVAL_SEED_STREAM = 1  # collection uses stream 0 (see collect.episode_seed)
 
@@ -78,52 +84,53 @@ def closest_approach_cm(outcomes: list[EpisodeOutcome]) -> float | None:
     return round(100 * float(np.mean(values)), 2) if values else None
 
 
-def run_eval(cfg: RunConfig) -> dict[str, object]:
-    from vla_dist.rollout.pool import SimActorPool
-    from vla_dist.rollout.progress import episode_progress
-    from vla_dist.runtime import init_ray
-
+def eval_requests(cfg: RunConfig, episodes_per_task: int) -> tuple[list[str], list[EpisodeRequest]]:
+    """(tasks, requests): the same seeds for the same run.seed, so evals of one run score the same layouts."""
     tasks = selected_tasks(cfg.task.name)
-    total = cfg.eval.episodes * len(tasks)
-    requests = [EpisodeRequest(i, tasks[i % len(tasks)], eval_seed(cfg.run.seed, i)) for i in range(total)]
-    chunk_size = cfg.collect.envs_per_actor
-    pending = [requests[i : i + chunk_size] for i in range(0, total, chunk_size)]
-    source = resolve_policy(cfg)
-    outcomes: dict[int, EpisodeOutcome] = {}
-    decode_seconds, decode_calls, compile_seconds = 0.0, 0, 0.0
-    started = time.perf_counter()
+    total = episodes_per_task * len(tasks)
+    return tasks, [EpisodeRequest(i, tasks[i % len(tasks)], eval_seed(cfg.run.seed, i)) for i in range(total)]
 
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
-    actor_kwargs = {
-        "task": cfg.task, "sim": cfg.sim, "n_envs": chunk_size, "image_codec": cfg.data.image_codec, "policy": source,
-    }
-    with episode_progress() as progress:
-        bar = progress.add_task(f"eval ({source.kind})", total=total, rate=0.0, success=0.0)
-        pool = SimActorPool.from_config(cfg.collect, actor_kwargs)  # eval shares the sim-pool settings
-        eval_started = time.perf_counter()
 
-        def on_result(chunk: list[EpisodeRequest], result: ChunkResult) -> None:
-            nonlocal decode_seconds, decode_calls, compile_seconds
-            decode_seconds += result.decode_seconds
-            compile_seconds += result.compile_seconds
-            decode_calls += result.decode_calls
-            for outcome in result.outcomes:
-                outcomes[outcome.index] = outcome
-            done = len(outcomes)
-            progress.update(
-                bar, completed=done, rate=done / max(time.perf_counter() - eval_started, 1e-9),
-                success=sum(o.success for o in outcomes.values()) / max(done, 1),
-            )
+@dataclass
+class EvalTally:
+    """Finished episodes by index, and decode time summed over the chunks that brought them."""
 
-        try:
-            stats = pool.run(lambda: pending.pop(0) if pending else None, on_result)
-        finally:
-            pool.shutdown()
+    outcomes: dict[int, EpisodeOutcome] = field(default_factory=dict)
+    decode_seconds: float = 0.0
+    decode_calls: int = 0
+    compile_seconds: float = 0.0
 
-    ordered = [outcomes[i] for i in sorted(outcomes)]
+    def add(self, result: ChunkResult) -> None:
+        self.decode_seconds += result.decode_seconds
+        self.compile_seconds += result.compile_seconds
+        self.decode_calls += result.decode_calls
+        for outcome in result.outcomes:
+            self.outcomes[outcome.index] = outcome
+
+    def ordered(self) -> list[EpisodeOutcome]:
+        return [self.outcomes[i] for i in sorted(self.outcomes)]
+
+
+def run_requests(pool: SimActorPool, requests: list[EpisodeRequest], chunk_size: int,
+                 on_update: Callable[[EvalTally], None] | None = None) -> tuple[EvalTally, PoolStats]:
+    """Every request on the pool, in chunks of `chunk_size` (one env each)."""
+    pending = [requests[i : i + chunk_size] for i in range(0, len(requests), chunk_size)]
+    tally = EvalTally()
+
+    def on_result(chunk: list[EpisodeRequest], result: ChunkResult) -> None:
+        tally.add(result)
+        if on_update is not None:
+            on_update(tally)
+
+    stats = pool.run(lambda: pending.pop(0) if pending else None, on_result)
+    return tally, stats
+
+
+def success_summary(outcomes: list[EpisodeOutcome], tasks: list[str]) -> dict[str, object]:
+    """Success rate with its Wilson 95% interval and episode count, overall and per task."""
     per_task = {}
     for task in tasks:
-        mine = [o for o in ordered if o.task == task]
+        mine = [o for o in outcomes if o.task == task]
         wins = sum(o.success for o in mine)
         low, high = wilson_interval(wins, len(mine))
         per_task[task] = {
@@ -134,36 +141,80 @@ def run_eval(cfg: RunConfig) -> dict[str, object]:
             "mean_length": float(np.mean([o.num_frames for o in mine])) if mine else 0.0,
             "closest_approach_cm": closest_approach_cm(mine),
         }
-    wins = sum(o.success for o in ordered)
-    low, high = wilson_interval(wins, len(ordered))
+    wins = sum(o.success for o in outcomes)
+    low, high = wilson_interval(wins, len(outcomes))
+    return {
+        "episodes": len(outcomes),
+        "successes": wins,
+        "success_rate": wins / max(len(outcomes), 1),
+        "ci95": [round(low, 4), round(high, 4)],
+        "per_task": per_task,
+        "mean_length": float(np.mean([o.num_frames for o in outcomes])) if outcomes else 0.0,
+        # mean over episodes of the closest hand-to-cube distance: progress short of success
+        "closest_approach_cm": closest_approach_cm(outcomes),
+    }
+
+
+def decode_summary(tally: EvalTally, compiled: bool) -> dict[str, object]:
+    calls = tally.decode_calls
+    return {
+        "decode_ms_per_chunk": 1000 * tally.decode_seconds / calls if calls else None,
+        "decode_calls": calls,
+        "compiled_decoding": compiled,
+        "decode_compile_s": round(tally.compile_seconds, 2),  # summed over actors; excluded from decode_ms_per_chunk
+    }
+
+
+def run_eval(cfg: RunConfig) -> dict[str, object]:
+    from vla_dist.rollout.pool import SimActorPool
+    from vla_dist.rollout.progress import episode_progress
+    from vla_dist.runtime import init_ray
+
+    tasks, requests = eval_requests(cfg, cfg.eval.episodes)
+    chunk_size = cfg.collect.envs_per_actor
+    source = resolve_policy(cfg)
+    started = time.perf_counter()
+
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
+    actor_kwargs = {
+        "task": cfg.task, "sim": cfg.sim, "n_envs": chunk_size, "image_codec": cfg.data.image_codec, "policy": source,
+    }
+    with episode_progress() as progress:
+        bar = progress.add_task(f"eval ({source.kind})", total=len(requests), rate=0.0, success=0.0)
+        pool = SimActorPool.from_config(cfg.collect, actor_kwargs)  # eval shares the sim-pool settings
+        eval_started = time.perf_counter()
+
+        def on_update(tally: EvalTally) -> None:
+            done = len(tally.outcomes)
+            progress.update(
+                bar, completed=done, rate=done / max(time.perf_counter() - eval_started, 1e-9),
+                success=sum(o.success for o in tally.outcomes.values()) / max(done, 1),
+            )
+
+        try:
+            tally, stats = run_requests(pool, requests, chunk_size, on_update)
+        finally:
+            pool.shutdown()
+
+    ordered = tally.ordered()
     report = {
         "command": "eval",
         "policy": source.kind,
         "checkpoint": source.path,
-        "episodes": len(ordered),
-        "successes": wins,
-        "success_rate": wins / max(len(ordered), 1),
-        "ci95": [round(low, 4), round(high, 4)],
-        "per_task": per_task,
-        "mean_length": float(np.mean([o.num_frames for o in ordered])),
-        # mean over episodes of the closest hand-to-cube distance: progress short of success
-        "closest_approach_cm": closest_approach_cm(ordered),
-        "decode_ms_per_chunk": 1000 * decode_seconds / decode_calls if decode_calls else None,
-        "decode_calls": decode_calls,
-        "compiled_decoding": bool(source.compile),
-        "decode_compile_s": round(compile_seconds, 2),  # summed over actors; excluded from decode_ms_per_chunk
+        **success_summary(ordered, tasks),
+        **decode_summary(tally, bool(source.compile)),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "actor_failures": stats.actor_failures,
         "chunks_retried": stats.chunks_retried,
     }
-    picked = _pick_videos(ordered, cfg.eval.num_videos)
+    picked = pick_videos(ordered, cfg.eval.num_videos)
     videos = write_videos(Path(cfg.run.dir) / "videos", picked, cfg, label_outcome=True)
     report["videos"] = [str(path) for path in videos]
     write_json(Path(cfg.run.dir) / "report.json", report)
     return report
 
 
-def _pick_videos(ordered: list[EpisodeOutcome], count: int) -> list[dict[str, object]]:
+def pick_videos(ordered: list[EpisodeOutcome], count: int) -> list[dict[str, object]]:
     """Alternate successes and failures so a person sees both."""
     wins = [o.sample for o in ordered if o.success]
     losses = [o.sample for o in ordered if not o.success]

@@ -1,4 +1,5 @@
-"""run.dir/metrics.jsonl (one JSON object per optimizer step) and the loss curve png."""
+"""run.dir/metrics.jsonl (one JSON object per optimizer step, one per training-time eval) and the
+loss (+ success) curve png."""
 
 from __future__ import annotations
 
@@ -32,18 +33,36 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def plot_loss(metrics_path: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> Path:
+    """The loss against the step; with training-time evals (rows with success_rate), a second panel
+    of the success rate against the step with its Wilson 95% interval, on the same step axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in read_metrics(metrics_path) if "loss" in row]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    metrics = read_metrics(metrics_path)
+    rows = [row for row in metrics if "loss" in row]
+    evals = sorted((row for row in metrics if "success_rate" in row), key=lambda row: row["step"])
+    fig, axes = plt.subplots(2 if evals else 1, 1, figsize=(6, 6 if evals else 3.5), sharex=True, squeeze=False)
+    ax = axes[0][0]
     ax.plot([row["step"] for row in rows], [row["loss"] for row in rows], marker=".")
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
+    if evals:
+        ax = axes[1][0]
+        steps, rates = [row["step"] for row in evals], [row["success_rate"] for row in evals]
+        low = [rate - row["ci95"][0] for rate, row in zip(rates, evals)]
+        high = [row["ci95"][1] - rate for rate, row in zip(rates, evals)]
+        ax.errorbar(steps, rates, yerr=[low, high], marker="o", capsize=3, label="all tasks (95% CI)")
+        for task in evals[-1].get("per_task", {}):
+            ax.plot(steps, [row["per_task"].get(task, {}).get("success_rate") for row in evals], marker=".",
+                    linestyle="--", alpha=0.7, label=task)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel(f"success rate ({evals[-1]['episodes']} episodes)")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,13 @@ from vla_dist.checkpoint import manager as ckpt
 from vla_dist.cluster.placement import TrainerPlacement
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
+from vla_dist.config.validate import eval_fit_message
 from vla_dist.data.manifest import ManifestError, read_manifest
 from vla_dist.distributed.ds_config import global_batch_size
 from vla_dist.errors import ConfigError, VlaDistError
-from vla_dist.train.metrics import MetricsLog, plot_loss
+from vla_dist.train.evals import TrainingEvals, train_meta
+from vla_dist.train.loggers import RunLoggers, check_loggers
+from vla_dist.train.metrics import plot_loss
 from vla_dist.train.stop import StoppedBySignal, StopRequest
 
 # Longest a chunk of steps asked of the ranks should last: the driver sees a stop request (SIGTERM:
@@ -47,14 +49,16 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     from vla_dist.train.worker import SFTWorker
 
     t, run_dir = cfg.train, Path(cfg.run.dir)
+    check_loggers(cfg)
     manifest = _manifest(cfg)
     global_batch = global_batch_size(t)
     resume = ckpt.resolve_resume(t.resume, run_dir)
     resume_mode = _check_resumable(cfg, resume)
     if resume is not None and resume_mode != "same":  # elastic: convert once, driver-side, before any rank
-        from vla_dist.checkpoint.universal import ensure_universal
+        from vla_dist.checkpoint.universal import ensure_universal, needs_conversion
 
-        ensure_universal(resume)
+        if needs_conversion(resume_mode):  # a stage-0 source is read from its own safetensors copy instead
+            ensure_universal(resume)
     save_resolved(cfg, run_dir)
     env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
     env = {**env, "DS_ACCELERATOR": "cuda" if t.gpus_per_rank else "cpu",
@@ -67,20 +71,25 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     with StopRequest() as stop:
         # a lost rank's message names the checkpoint that is latest when the loss is found, not at start
         group = TrainerGroup(SFTWorker, placement, env=env, on_lost=lambda: _kept(run_dir))
+        loggers = evals = None
+        finished = False
         try:
             info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume),
                                                           resume_mode))[0]
             setup_s = time.perf_counter() - started
             step = first_step = info["step"]
-            metrics = MetricsLog(run_dir / "metrics.jsonl", resumed_step=step)
+            loggers = RunLoggers(cfg, resumed_step=step)  # metrics.jsonl (+ TensorBoard, W&B)
+            evals = TrainingEvals(cfg, manifest, loggers)  # train.eval_every: closed-loop evals on the side
             rows: list[dict[str, Any]] = []
             saved = step  # the checkpoint resumed from (or step 0, nothing to save): a stop there saves nothing
             with _progress() as progress:
-                bar = progress.add_task("train", total=t.steps, completed=step, loss=float("nan"), rate=0.0)
+                bar = progress.add_task("train", total=t.steps, completed=step, loss=float("nan"), rate=0.0, evals="")
                 # a stop request is seen between chunks, so a chunk is also kept short (_steps_within)
                 while step < t.steps and not stop.requested:
-                    chunk = min(t.log_every, t.steps - step, _steps_within(STOP_CHECK_S, rows),
+                    chunk = min(t.log_every, t.steps - step, _steps_within(STOP_CHECK_S, rows), evals.steps_to_next(step),
                                 (t.save_every - step % t.save_every) if t.save_every else t.steps)
+                    evals.poll()
+                    eval_running = evals.running  # per row: measures what an eval costs the steps
                     got = group.run(lambda a, r, n=chunk: a.train.remote(n))[0]
                     if got and "stop" in got[-1]:
                         kept = ckpt.latest_checkpoint(run_dir)
@@ -88,17 +97,29 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
                                            f"stopped; last good checkpoint kept: {kept or 'none (no save yet)'}")
                     for row in got:
                         row["elapsed_s"] = round(time.perf_counter() - started, 3)
-                        metrics.write(row)
+                        if evals.every:
+                            row["eval_running"] = eval_running
+                        loggers.train(row)
                     rows += got
                     step = got[-1]["step"]
-                    progress.update(bar, completed=step, loss=got[-1]["loss"], rate=got[-1]["samples_per_s"])
-                    if (t.save_every and step % t.save_every == 0) or step == t.steps:
-                        _save(group, cfg, manifest, step)
+                    # keep_best ranks checkpoints by their eval: an eval step is then also a save step
+                    if (t.save_every and step % t.save_every == 0) or step == t.steps or (evals.due(step) and t.keep_best):
+                        _save(group, cfg, manifest, step, keep=evals.protected())
                         saved = step
+                    if evals.due(step):
+                        evals.start(group, step)  # the ranks export the weights; the eval runs meanwhile
+                    evals.poll()
+                    progress.update(bar, completed=step, loss=got[-1]["loss"], rate=got[-1]["samples_per_s"],
+                                    evals=evals.label())
             if stop.requested and step > saved:  # save now, whole (COMPLETE + latest) like any other save
-                _save(group, cfg, manifest, step)
+                _save(group, cfg, manifest, step, keep=evals.protected())
+            finished = True
         finally:
-            group.shutdown()
+            group.shutdown()  # first: the ranks' CPUs then serve the queued evals
+            if evals is not None:  # queued evals are waited for, unless stopped or failed
+                evals.finish(keep_waiting=lambda: finished and not stop.requested)
+            if loggers is not None:
+                loggers.close()
     # a signal that came after the last step changed nothing: the run is complete
     stopped_by = stop.signal_name if step < t.steps else None
     latest = ckpt.latest_checkpoint(run_dir)
@@ -113,7 +134,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         "setup_s": round(setup_s, 2), "wall_s": round(time.perf_counter() - started, 2),
         "nan_skipped": sum(row.get("nan_skipped", 0) for row in rows),
         "checkpoint": latest and str(latest), "loss_png": str(plot), "rank_nodes": group.rank_nodes,
-        "last_step": step, "stopped_by": stopped_by,
+        "last_step": step, "stopped_by": stopped_by, **evals.summary(rows),
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if stopped_by:
@@ -139,16 +160,16 @@ def _kept(run_dir: Path) -> str:
     return f"Last complete checkpoint kept: {latest}; restart with train.resume=auto to continue from it."
 
 
-def _save(group: Any, cfg: RunConfig, manifest: dict[str, Any], step: int) -> Path:
+def _save(group: Any, cfg: RunConfig, manifest: dict[str, Any], step: int, keep: list[Path]) -> Path:
+    """`keep`: step dirs pruning must spare (their training-time eval is still running)."""
     path = ckpt.step_dir(cfg.run.dir, step)
     if path.exists():  # a crash leftover, or an earlier run with train.resume=never
         shutil.rmtree(path)
     t = cfg.train
-    meta = {"step": step, "seed": cfg.run.seed, "model": asdict(cfg.model), "lora": asdict(t.lora),
-            "manifest": manifest, "world_size": t.world_size, "zero_stage": t.zero_stage}
+    meta = train_meta(cfg, manifest, step)
     group.run(lambda a, r: a.save.remote(str(path), meta))  # raises if a rank died: no COMPLETE, `latest` stays
     ckpt.mark_complete(path, step, {"world_size": t.world_size, "zero_stage": t.zero_stage, "lora": t.lora.enabled})
-    ckpt.prune(cfg.run.dir, t.keep_last)
+    ckpt.prune(cfg.run.dir, t.keep_last, keep=keep)
     return path
 
 
@@ -174,6 +195,9 @@ def _check_fits(cfg: RunConfig) -> None:
         if need > offered.get(name, 0.0):
             raise ConfigError("train.world_size", f"{t.world_size} ranks need {need:g} {name} "
                               f"(train.cpus_per_rank/gpus_per_rank), the local Ray offers {offered.get(name, 0.0):g}")
+    # the eval actors come on top: queued behind the ranks they would wait forever (an eval never ends)
+    if t.eval_every and t.world_size * t.cpus_per_rank + t.eval_actors * t.eval_cpus_per_actor > offered.get("CPU", 0.0):
+        raise ConfigError("train.eval_actors", eval_fit_message(cfg, offered.get("CPU", 0.0)))
 
 
 def _check_resumable(cfg: RunConfig, resume: Path | None) -> str:
@@ -193,4 +217,4 @@ def _check_resumable(cfg: RunConfig, resume: Path | None) -> str:
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} samples/s"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[evals]}"))

@@ -216,6 +216,27 @@ class SFTWorker:
             (path / TRAIN_STATE).write_text(json.dumps(train_state) + "\n", encoding="utf-8")
         dist.barrier()
 
+    def export_policy(self, out_dir: str) -> float:
+        """Collective: the current weights for a training-time eval (train/evals.py), in seconds of
+        the ranks' time. Full fine-tune: rank 0 writes a policy directory (save_pretrained) with every
+        parameter gathered (ZeRO-3 partitions them; a no-op at stages 0-2). LoRA: only the adapter
+        (the eval side merges it into the rebuilt base), so the ranks never gather the frozen base."""
+        import deepspeed
+        import torch.distributed as dist
+
+        from vla_dist.train.lora import save_adapter
+
+        started = time.perf_counter()
+        module = self.engine.module
+        if self.lora:
+            save_adapter(module, Path(out_dir) / "adapter", self.rank)
+        else:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if self.rank == 0:
+                    module.save_pretrained(out_dir)
+        dist.barrier()
+        return time.perf_counter() - started
+
     def predict(self, batch: Any, noise: torch.Tensor) -> torch.Tensor:
         """Actions of the engine's module (ZeRO-3 partitioned parameters work as they are)."""
         self.engine.eval()
