@@ -6,7 +6,6 @@ event files read back with its EventAccumulator, wandb in offline mode."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
