@@ -171,3 +171,28 @@ def test_eval_config_errors_name_their_keys(tmp_path: Path, monkeypatch: pytest.
         run_train(validate(load_config(None, [*base, "train.wandb=true"])))
     assert error.value.key == "train.wandb" and "vla-dist[wandb]" in str(error.value)
     assert not (tmp_path / "run").exists()  # before any work: not even config.yaml
+
+
+@pytest.mark.heavy
+def test_lora_eval_runs_the_merged_adapter(small_data: Path, tmp_path: Path) -> None:
+    """LoRA: the ranks write only the adapter; the eval side merges it into the rebuilt base. The
+    policy the eval actors ran predicts what a --merge-lora export of the same step predicts."""
+    import torch
+
+    from vla_dist.models.policy import load_policy
+    from vla_dist.train.batches import EpisodeWindows
+
+    run_dir = tmp_path / "lora"
+    cfg = eval_cfg(run_dir, small_data, "train.steps=2", "train.eval_every=2", "train.save_every=2",
+                   "train.zero_stage=2", "train.lora.enabled=true", "train.lora.r=4", "train.eval_episodes=1")
+    report = run_train(cfg)
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "success_rate" in r]
+    assert [r["step"] for r in rows] == [2] and rows[0]["episodes"] == 1 and report["eval_errors"] == []
+    ran = load_policy(run_dir / "evals" / "current_policy").eval()  # plain policy: merged, no adapter/ left
+    export_checkpoint(ckpt.step_dir(run_dir, 2), tmp_path / "merged", merge_lora=True)
+    merged = load_policy(tmp_path / "merged").eval()
+    windows = EpisodeWindows(small_data, merged.cameras, merged.chunk_size, rank=0, world_size=1)
+    batch = windows.batch(2, (5,))
+    noise = torch.randn(2, merged.chunk_size, merged.action_dim, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ran.predict_chunk(batch, noise=noise), merged.predict_chunk(batch, noise=noise),
+                               rtol=1e-5, atol=1e-5)
