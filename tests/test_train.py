@@ -10,15 +10,19 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from vla_dist.checkpoint import manager as ckpt
-from vla_dist.checkpoint.export import export_checkpoint, load_exported, rebuild_policy
+from vla_dist.checkpoint.export import export_checkpoint, rebuild_policy
+from vla_dist.cli import main
 from vla_dist.config.load import load_config
+from vla_dist.config.schema import ModelSection
 from vla_dist.config.validate import validate
 from vla_dist.errors import ConfigError, VlaDistError
-from vla_dist.models.policy import load_policy
+from vla_dist.models.files import PretrainedError
+from vla_dist.models.policy import VLAPolicy, build_policy, load_policy
 from vla_dist.train import run_train
 from vla_dist.train.batches import EpisodeWindows
 from vla_dist.train.metrics import read_metrics
@@ -103,12 +107,20 @@ def test_export_round_trip_predicts_the_trained_actions(zero2_run, tmp_path):
     assert not torch.allclose(actions, untrained.predict_chunk(batch, noise=noise), atol=1e-4)
 
 
-def test_lora_zero3_saves_a_whole_adapter_and_exports(quickstart_run, local_ray, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def lora_run(quickstart_run, local_ray, tmp_path_factory):
+    """LoRA under ZeRO-3, 4 steps, one injected non-finite loss (skipped, training goes on)."""
     _, data_dir, _ = quickstart_run
-    monkeypatch.setenv("VLA_DIST_TRAIN_NAN_STEPS", "2")  # one non-finite loss: skipped, training goes on
-    cfg = train_cfg(tmp_path / "lora", data_dir, "train.steps=4", "train.save_every=4", "train.zero_stage=3",
-                    "train.lora.enabled=true", "train.lora.r=4")
-    report = run_train(cfg)
+    cfg = train_cfg(tmp_path_factory.mktemp("train") / "lora", data_dir, "train.steps=4", "train.save_every=4",
+                    "train.zero_stage=3", "train.lora.enabled=true", "train.lora.r=4")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLA_DIST_TRAIN_NAN_STEPS", "2")
+        report = run_train(cfg)
+    return cfg, report
+
+
+def test_lora_zero3_saves_a_whole_adapter(lora_run):
+    cfg, report = lora_run
     assert report["nan_skipped"] == 1 and report["trainable_parameters"] < report["parameters"] / 5
     from safetensors.torch import load_file
 
@@ -116,12 +128,119 @@ def test_lora_zero3_saves_a_whole_adapter_and_exports(quickstart_run, local_ray,
     assert adapter and all(t.numel() > 0 for t in adapter.values())
     assert any(("lora_B" in k) and t.abs().sum() > 0 for k, t in adapter.items())  # trained, not the zero init
 
+
+def test_unmerged_lora_export_loads_with_its_adapter(lora_run, tmp_path):
+    """An export without --merge-lora (base weights + adapter/) is the adapted policy wherever it is
+    loaded: load_policy and model.pretrained both merge the adapter; the base alone (what was once
+    loaded, silently) predicts otherwise."""
+    cfg, _ = lora_run
+    data_dir = Path(cfg.data.dir)
+    assert export_checkpoint(cfg.run.dir, tmp_path / "adapter_export")["kind"] == "adapter"
+    assert export_checkpoint(cfg.run.dir, tmp_path / "merged", merge_lora=True)["kind"] == "merged"
+    merged, unmerged = load_policy(tmp_path / "merged").eval(), load_policy(tmp_path / "adapter_export").eval()
+    base_only = VLAPolicy.from_pretrained(tmp_path / "adapter_export").eval()  # the weights beside adapter/
+    batch, noise = fixed_inputs(merged, data_dir)
+    actions = unmerged.predict_chunk(batch, noise=noise)
+    torch.testing.assert_close(actions, merged.predict_chunk(batch, noise=noise), rtol=1e-6, atol=1e-6)
+    assert (actions - base_only.predict_chunk(batch, noise=noise)).abs().max() > 1e-4
+    assert type(unmerged.hf_model) is type(base_only.hf_model)  # merged in: a plain model, no peft wrapper
+    # training (or a new LoRA) from an unmerged export starts at the adapted weights
+    meta = json.loads((ckpt.latest_checkpoint(cfg.run.dir) / ckpt.META).read_text())
+    model_cfg = ModelSection(**{**meta["model"], "pretrained": str(tmp_path / "adapter_export")})
+    from_pretrained = build_policy(model_cfg, meta["manifest"]).eval()
+    torch.testing.assert_close(from_pretrained.predict_chunk(batch, noise=noise), actions, rtol=1e-6, atol=1e-6)
+    # a half-copied adapter is refused by name, not silently skipped
+    (tmp_path / "adapter_export" / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(PretrainedError, match="adapter_model.safetensors is missing"):
+        load_policy(tmp_path / "adapter_export")
+    with pytest.raises(ConfigError, match="adapter_model.safetensors is missing") as error:  # before any actor starts
+        validate(load_config(None, [f"eval.checkpoint={tmp_path / 'adapter_export'}"]))
+    assert error.value.key == "eval.checkpoint"
+
+
+def test_eval_actors_run_an_unmerged_export_with_its_adapter(lora_run, tmp_path):
+    """The chain `vla-dist eval eval.checkpoint=DIR` runs (resolve_policy -> PolicySource -> a real
+    Genesis SimActor's ModelPolicy): the unmerged export drives the same closed-loop episode as the
+    merged one, and another than its base weights alone."""
+    import ray
+
+    from vla_dist.rollout.actor import SimActor
+    from vla_dist.rollout.evaluate import resolve_policy
+    from vla_dist.rollout.runner import EpisodeRequest
+
+    cfg, _ = lora_run
     export_checkpoint(cfg.run.dir, tmp_path / "adapter_export")
     export_checkpoint(cfg.run.dir, tmp_path / "merged", merge_lora=True)
-    with_adapter, merged = load_exported(tmp_path / "adapter_export").eval(), load_policy(tmp_path / "merged").eval()
-    batch, noise = fixed_inputs(merged, data_dir)
-    torch.testing.assert_close(merged.predict_chunk(batch, noise=noise), with_adapter.predict_chunk(batch, noise=noise),
-                               rtol=1e-4, atol=1e-4)
+    shutil.copytree(tmp_path / "adapter_export", tmp_path / "base_only", ignore=shutil.ignore_patterns("adapter"))
+    actions = {}
+    for name in ("adapter_export", "merged", "base_only"):
+        eval_cfg = validate(load_config(None, [f"eval.checkpoint={tmp_path / name}", f"run.dir={tmp_path / 'eval'}",
+                                               f"data.dir={cfg.data.dir}", "task.max_steps=10"]))
+        source = resolve_policy(eval_cfg)
+        assert source.kind == "model" and source.path == str(tmp_path / name)
+        actor = ray.remote(SimActor).options(num_cpus=1).remote(eval_cfg.task, eval_cfg.sim, 1, "npz", source)
+        try:
+            result = ray.get(actor.run_chunk.remote([EpisodeRequest(0, "pick_cube", 4321)]), timeout=900)
+        finally:
+            ray.kill(actor)
+        actions[name] = result.outcomes[0].actions
+    np.testing.assert_allclose(actions["adapter_export"], actions["merged"], atol=1e-5)
+    assert np.abs(actions["adapter_export"] - actions["base_only"]).max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def zero0_run(quickstart_run, local_ray, tmp_path_factory):
+    """train.zero_stage=0 (plain data parallel: no ZeRO partitions), 2 ranks, checkpoints at 4 and 8."""
+    _, data_dir, _ = quickstart_run
+    cfg = train_cfg(tmp_path_factory.mktemp("train") / "zero0", data_dir, "train.steps=8", "train.save_every=4",
+                    "train.zero_stage=0")
+    return cfg, run_train(cfg), read_metrics(Path(cfg.run.dir) / "metrics.jsonl")
+
+
+def test_zero0_checkpoint_exports_and_evaluates(zero0_run, tmp_path):
+    """A stage-0 checkpoint (DeepSpeed's zero_to_fp32 fails on it: no partitions) exports through our
+    safetensors copy to the weights DeepSpeed saved, and `vla-dist eval` takes the run directory."""
+    from vla_dist.checkpoint.stage0 import MODEL_FILE, OPTIM_FILE
+
+    cfg, report, rows = zero0_run
+    assert report["zero_stage"] == 0 and [row["step"] for row in rows] == list(range(1, 9))
+    step_dir = ckpt.step_dir(cfg.run.dir, 8)
+    assert (step_dir / MODEL_FILE).is_file() and (step_dir / OPTIM_FILE).is_file()
+    result = export_checkpoint(step_dir, tmp_path / "export")
+    assert result["kind"] == "full" and result["step"] == 8
+    exported = load_policy(tmp_path / "export").eval()
+    meta = json.loads((step_dir / ckpt.META).read_text())
+    reference, untrained = rebuild_policy(meta).eval(), rebuild_policy(meta).eval()
+    # independent reference: the module DeepSpeed itself saved (a test may read its pickle; vla-dist never does)
+    states = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    reference.load_state_dict(states, strict=False)
+    batch, noise = fixed_inputs(exported, Path(cfg.data.dir))
+    actions = exported.predict_chunk(batch, noise=noise)
+    torch.testing.assert_close(actions, reference.predict_chunk(batch, noise=noise), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(actions, untrained.predict_chunk(batch, noise=noise), atol=1e-4)
+
+    eval_dir = tmp_path / "eval"
+    assert main(["eval", f"eval.checkpoint={cfg.run.dir}", f"run.dir={eval_dir}", f"data.dir={cfg.data.dir}",
+                 "eval.episodes=1", "task.name=pick_cube", "task.max_steps=5", "collect.num_actors=1",
+                 "collect.envs_per_actor=1", "eval.num_videos=0"]) == 0
+    evaluated = json.loads((eval_dir / "report.json").read_text())
+    assert evaluated["policy"] == "model" and evaluated["episodes"] == 1
+    assert evaluated["checkpoint"] == str(eval_dir / "policy")
+    torch.testing.assert_close(load_policy(eval_dir / "policy").predict_chunk(batch, noise=noise), actions)
+
+
+def test_zero0_resume_auto_continues_the_loss(zero0_run, tmp_path):
+    """Same world size and stage: DeepSpeed's own loader on the stage-0 checkpoint."""
+    cfg, _, rows = zero0_run
+    run_dir = tmp_path / "crashed"
+    shutil.copytree(cfg.run.dir, run_dir)
+    (ckpt.step_dir(run_dir, 8) / ckpt.COMPLETE).unlink()
+    report = run_train(train_cfg(run_dir, Path(cfg.data.dir), "train.steps=8", "train.save_every=4",
+                                 "train.zero_stage=0"))
+    assert report["first_step"] == 4 and report["resumed_from"].endswith("step_4")
+    again = read_metrics(run_dir / "metrics.jsonl")
+    for before, after in zip(rows[4:], again[4:], strict=True):
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-5, abs=1e-6), (before, after)
 
 
 def test_repeated_nan_losses_stop_with_the_last_checkpoint_kept(quickstart_run, local_ray, tmp_path, monkeypatch):

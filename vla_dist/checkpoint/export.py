@@ -1,11 +1,13 @@
 """`vla-dist export --checkpoint DIR --out DIR [--merge-lora]`: a training checkpoint -> a policy
 directory `load_policy` (and `vla-dist eval eval.checkpoint=OUT`) reads.
 
-- full fine-tune: DeepSpeed's ZeRO shards consolidated to fp32 (zero_to_fp32), loaded into the
-  policy rebuilt from train_meta.json, written with save_pretrained (HF safetensors + our files);
+- full fine-tune: DeepSpeed's ZeRO shards consolidated to fp32 (zero_to_fp32; at train.zero_stage=0,
+  which has no shards, the safetensors copy of checkpoint/stage0.py), loaded into the policy rebuilt
+  from train_meta.json, written with save_pretrained (HF safetensors + our files);
 - LoRA, --merge-lora: the adapter merged into the base, written as a plain policy;
-- LoRA, no merge: the base policy at OUT and the peft adapter at OUT/adapter (`load_exported`
-  applies it; `PeftModel.from_pretrained(policy.hf_model, OUT/adapter)` does the same by hand).
+- LoRA, no merge: the base policy at OUT and the peft adapter at OUT/adapter; `load_policy` (so
+  `vla-dist eval eval.checkpoint=OUT` and `model.pretrained=OUT`) merges the adapter on load, the
+  same weights as a --merge-lora export (`PeftModel.from_pretrained(base, OUT/adapter)` by hand).
 The base of a LoRA run is rebuilt as training built it: model.pretrained, or the preset's random
 init under run.seed.
 """
@@ -69,11 +71,16 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
     else:
         if merge_lora:
             raise ConfigError("--merge-lora", f"{step_dir} is a full fine-tune (train.lora.enabled=false): nothing to merge")
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
+        if meta.get("zero_stage") == 0:  # no ZeRO partitions for zero_to_fp32: rank 0's safetensors copy
+            from vla_dist.checkpoint.stage0 import load_stage0_weights
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+            state = load_stage0_weights(step_dir)
+        else:
+            from deepspeed.utils.zero_to_fp32 import (
+                get_fp32_state_dict_from_zero_checkpoint,
+            )
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
         missing, unexpected = policy.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ConfigError("--checkpoint", f"{step_dir} does not fit the policy of its train_meta.json: "
@@ -82,14 +89,3 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
         kind = "full"
     return {"command": "export", "checkpoint": str(step_dir), "step": meta["step"], "out": str(out), "kind": kind}
 
-
-def load_exported(path: str | os.PathLike[str]) -> Any:
-    """load_policy, plus the peft adapter when the export holds one (unmerged LoRA)."""
-    from vla_dist.models.policy import load_policy
-
-    policy = load_policy(path)
-    if (Path(path) / ADAPTER / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        policy.hf_model = PeftModel.from_pretrained(policy.hf_model, str(Path(path) / ADAPTER))
-    return policy

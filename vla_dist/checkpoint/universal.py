@@ -14,6 +14,11 @@ Rank side: `load_resume(engine, step_dir, mode)`:
                the former and is not the measured route for the latter, so fp32 weights and Adam moments
                are set parameter by parameter from step_N_universal's per-parameter files, and the
                step counters and LR schedule from step_N's train_state.json.
+  "stage0"     a ZeRO stage-0 checkpoint resumed at another world size or ZeRO stage: it has no ZeRO
+               partitions for ds_to_universal to convert, so the same by-hand load reads the safetensors
+               copy rank 0 wrote beside it (checkpoint/stage0.py). No conversion.
+The by-hand load also fills a stage-0 engine (a plain torch AdamW holding whole parameters): weights
+copied into the module, moments and step into the optimizer's per-parameter state.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 from vla_dist.errors import VlaDistError
 
 SUFFIX = "_universal"
-MODES = ("same", "universal", "by_hand")
+MODES = ("same", "universal", "by_hand", "stage0")
 
 
 def universal_dir(step_dir: str | os.PathLike[str]) -> Path:
@@ -39,6 +44,8 @@ def universal_dir(step_dir: str | os.PathLike[str]) -> Path:
 
 def resume_mode(saved: dict[str, Any], world_size: int, zero_stage: int) -> str:
     """COMPLETE's info (world_size, zero_stage) vs this run -> one of MODES."""
+    if saved.get("zero_stage") == 0 and (saved.get("world_size"), 0) != (world_size, zero_stage):
+        return "stage0"  # nothing for ds_to_universal to convert: our own safetensors copy
     if saved.get("zero_stage") != zero_stage:
         return "by_hand"
     if saved.get("world_size") != world_size and zero_stage == 3:
@@ -46,6 +53,11 @@ def resume_mode(saved: dict[str, Any], world_size: int, zero_stage: int) -> str:
     if saved.get("world_size") != world_size:
         return "universal"
     return "same"
+
+
+def needs_conversion(mode: str) -> bool:
+    """Whether the driver must build step_N_universal (ensure_universal) before the ranks load."""
+    return mode in ("universal", "by_hand")
 
 
 def _converter_argv(src: Path, out: Path) -> list[str]:
@@ -98,21 +110,41 @@ def ensure_universal(step_dir: str | os.PathLike[str], timeout_s: float = 900) -
 def load_resume(engine: Any, step_dir: str, mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"resume mode {mode!r} not in {MODES}")
-    source = Path(step_dir) if mode == "same" else universal_dir(step_dir)
     if mode in ("same", "universal"):
+        source = Path(step_dir) if mode == "same" else universal_dir(step_dir)
         path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed loaded nothing from {source}")
         return
-    _load_by_hand(engine, source)
+    if mode == "stage0":
+        from vla_dist.checkpoint.stage0 import Stage0Tensors
+
+        _load_by_hand(engine, Stage0Tensors(step_dir))
+    else:
+        _load_by_hand(engine, UniversalTensors(universal_dir(step_dir)))
+
+
+class UniversalTensors:
+    """Per-parameter tensors of a universal folder: zero/NAME/{fp32,exp_avg,exp_avg_sq}.pt."""
+
+    def __init__(self, source: Path) -> None:
+        if not any(source.glob("*model_states.pt")):
+            raise VlaDistError(f"{source} has no model-states file")
+        self.source = source
+
+    def get(self, name: str, kind: str, shape: Any) -> Any:
+        pdir = self.source / "zero" / name
+        return _read(pdir, kind, shape) if (pdir / f"{kind}.pt").is_file() else None
 
 
 def _flat_groups(optimizer: Any) -> list[Any]:
-    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3 / ZeRO-1,2
+    """The fp32 flat groups DeepSpeed's optimizer wrapper steps (ZeRO-3 / ZeRO-1,2 / bf16 at stage
+    0); [] for a stage-0 fp32 engine, whose optimizer is the plain torch AdamW."""
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
         groups = getattr(optimizer, name, None)
         if groups:
             return list(groups)
-    raise VlaDistError(f"loading across ZeRO stages: no flat fp32 groups in {type(optimizer).__name__}")
+    return []
 
 
 def _read(pdir: Path, kind: str, shape: Any) -> Any:
@@ -125,43 +157,50 @@ def _read(pdir: Path, kind: str, shape: Any) -> Any:
     return (saved["param"] if isinstance(saved, dict) else saved).reshape(shape)
 
 
-def _load_by_hand(engine: Any, source: Path) -> None:
+def _load_by_hand(engine: Any, tensors: Any) -> None:
+    """Set every trainable parameter's fp32 weight and Adam moments from `tensors` (a
+    UniversalTensors or stage0.Stage0Tensors), then the step counters and LR schedule."""
     import deepspeed
     import torch
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    # Adam state for every flat group first (the setters write into existing state tensors)
-    model_states = sorted(source.glob("*model_states.pt"))
-    if not model_states:
-        raise VlaDistError(f"{source} has no model-states file")
-    common = _train_state(source)
+    from vla_dist.checkpoint.stage0 import MOMENTS, torch_optimizer_state
+
+    common = _train_state(tensors.source)
     steps = int(common["global_steps"])
-    inner = engine.optimizer.optimizer
-    for flat in _flat_groups(engine.optimizer):
-        state = inner.state[flat]
+    flat_groups = _flat_groups(engine.optimizer)
+    if not flat_groups and engine.zero_optimization_stage() != 0:
+        raise VlaDistError(f"loading across ZeRO stages: no flat fp32 groups in {type(engine.optimizer).__name__}")
+    # Adam state for every flat group first (the setters write into existing state tensors)
+    for flat in flat_groups:
+        state = engine.optimizer.optimizer.state[flat]
         state["step"] = torch.tensor(float(steps))  # Adam's bias correction: one step per optimizer step
         state["exp_avg"] = torch.zeros_like(flat)
         state["exp_avg_sq"] = torch.zeros_like(flat)
-    folder = source / "zero"
     missing = []
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
             continue
-        pdir = folder / name
-        if not (pdir / "fp32.pt").is_file():
+        shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+        fp32 = tensors.get(name, "fp32", shape)
+        moments = {key: tensors.get(name, key, shape) for key in MOMENTS}
+        if fp32 is None or any(value is None for value in moments.values()):
             missing.append(name)
             continue
-
-        shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
-        fp32 = _read(pdir, "fp32", shape)
-        safe_set_full_fp32_param(param, fp32)
-        for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(param, _read(pdir, key, shape), key)
+        if flat_groups:
+            safe_set_full_fp32_param(param, fp32)
+            for key, value in moments.items():
+                safe_set_full_optimizer_state(param, value, key)
+        else:  # stage 0, fp32: the torch AdamW steps the module's own parameters, state keyed by parameter
+            state = torch_optimizer_state(engine, param)
+            state["step"] = torch.tensor(float(steps))
+            for key, value in moments.items():
+                state[key] = value.to(param.device, param.dtype).clone()
         # the setters update only the optimizer's fp32 master copy: the module's weights too
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
             param.data.copy_(fp32.to(param.dtype))
     if missing:
-        raise VlaDistError(f"{source} lacks {len(missing)} trainable parameters, e.g. {missing[:3]}")
+        raise VlaDistError(f"{tensors.source} lacks {len(missing)} trainable parameters, e.g. {missing[:3]}")
     engine.global_steps = steps
     engine.global_samples = int(common.get("global_samples", 0))
     engine.skipped_steps = int(common.get("skipped_steps", 0))

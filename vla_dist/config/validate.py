@@ -164,7 +164,13 @@ def _eval_checkpoint(cfg: RunConfig) -> None:
     from vla_dist.checkpoint.manager import latest_checkpoint
 
     path = cfg.eval.checkpoint
-    if path is None or (Path(path) / "vla_dist.json").is_file():
+    if path is None:
+        return
+    if (Path(path) / "vla_dist.json").is_file():
+        try:  # a policy directory: whole, including an unmerged export's adapter/, before any actor starts
+            check_pretrained_dir(path)
+        except PretrainedError as error:
+            raise ConfigError("eval.checkpoint", str(error)) from None
         return
     # A training run, its checkpoints/ or a step dir: eval exports its latest complete checkpoint.
     run_dir = Path(path).parent if Path(path).name == "checkpoints" else Path(path)

@@ -5,6 +5,10 @@ A policy directory (written by `VLAPolicy.save_pretrained`, read by `load_policy
     tokenizer.json, tokenizer_config.json                                       the tokenizer
     normalization.json                                                          dataset statistics
     vla_dist.json                                                               family, chunk size, cameras, ...
+    adapter/adapter_config.json, adapter/adapter_model.safetensors             optional: a peft LoRA adapter
+                                                                                (`vla-dist export` without
+                                                                                --merge-lora); part of the policy:
+                                                                                `load_policy` merges it on load
 
 Importing this module loads no torch: `check_pretrained_dir` (structure, JSON, safetensors headers)
 runs while the config is loaded, so a broken `model.pretrained` fails before any heavy work.
@@ -21,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 SPEC_FILE = "vla_dist.json"
+ADAPTER_DIR = "adapter"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SPEC_VERSION = 1
 FAMILIES = ("pi0", "action_tokens")
 # config.json model_type -> the transformers class that holds it (explicit: no lookup by convention)
@@ -60,7 +66,22 @@ def check_pretrained_dir(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     _read_json(root / "normalization.json")
     weight_shapes(root)  # every safetensors file exists and has a readable header
+    check_adapter_dir(root)
     return spec
+
+
+def check_adapter_dir(root: Path) -> Path | None:
+    """root/adapter when the policy has one (an unmerged LoRA export), checked whole; else None.
+    A half-copied adapter must fail here: loading the base alone would evaluate the wrong policy."""
+    adapter = root / ADAPTER_DIR
+    if not adapter.exists():
+        return None
+    for name in ADAPTER_FILES:
+        if not (adapter / name).is_file():
+            raise PretrainedError(f"{adapter / name} is missing (a LoRA adapter holds {', '.join(ADAPTER_FILES)})")
+    _read_json(adapter / "adapter_config.json")
+    _safetensors_header(adapter / "adapter_model.safetensors")
+    return adapter
 
 
 def weight_shapes(root: Path) -> dict[str, tuple[int, ...]]:

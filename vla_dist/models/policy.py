@@ -26,7 +26,13 @@ from torch import nn
 
 from vla_dist.errors import ConfigError
 from vla_dist.models import processing
-from vla_dist.models.files import SPEC_FILE, SPEC_VERSION, PretrainedError, check_pretrained_dir
+from vla_dist.models.files import (
+    SPEC_FILE,
+    SPEC_VERSION,
+    PretrainedError,
+    check_adapter_dir,
+    check_pretrained_dir,
+)
 from vla_dist.models.processing import Normalization
 
 if TYPE_CHECKING:
@@ -255,8 +261,45 @@ def build_policy(model_cfg: ModelSection, manifest: Mapping[str, Any], device: s
 
 
 def load_policy(path: str | os.PathLike[str]) -> VLAPolicy:
-    """Load a saved policy, whichever family (vla_dist.json says). Raises PretrainedError."""
-    return VLAPolicy.from_pretrained(path)
+    """Load a saved policy, whichever family (vla_dist.json says), with its LoRA adapter merged in
+    when the directory holds one (`vla-dist export` without --merge-lora writes the base weights
+    plus adapter/). Raises PretrainedError.
+
+    The adapter is part of what such a directory means: loading the base alone evaluated (or trained
+    from) the untuned base, silently. It is merged rather than kept as a peft wrapper so every user
+    of a loaded policy gets a plain `VLAPolicy` whose weights are the fine-tuned ones: eval's
+    compiled decoder, `save_pretrained` (writes the merged model), and training from
+    `model.pretrained`, where a full fine-tune then trains the merged weights and a new LoRA adapts
+    them (no peft model nested in another), exactly as from a `--merge-lora` export."""
+    policy = VLAPolicy.from_pretrained(path)
+    adapter = check_adapter_dir(Path(path))
+    if adapter is not None:
+        merge_adapter(policy, adapter)
+    return policy
+
+
+def merge_adapter(policy: VLAPolicy, adapter_dir: str | os.PathLike[str]) -> VLAPolicy:
+    """Merge the peft adapter in `adapter_dir` into `policy.hf_model` (in place). Refuses an adapter
+    whose weights do not all fit the model: peft would only warn and leave those LoRA weights at
+    their init (B = 0: the base model again). Raises PretrainedError."""
+    from peft import PeftConfig, PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        config.inference_mode = True
+        peft_model = PeftModel(policy.hf_model, config)
+        result = peft_model.load_adapter(str(adapter_dir), adapter_name="default", is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise PretrainedError(f"{adapter_dir}: the LoRA adapter does not load onto {type(policy.hf_model).__name__}: "
+                              f"{str(error).splitlines()[0]}") from None
+    bad = list(result.missing_keys) + list(result.unexpected_keys)
+    if bad:
+        raise PretrainedError(f"{adapter_dir / 'adapter_model.safetensors'} does not fit the policy beside it: "
+                              f"{len(result.missing_keys)} adapter weights missing, {len(result.unexpected_keys)} "
+                              f"unexpected, e.g. {bad[0]!r}")
+    policy.hf_model = peft_model.merge_and_unload()
+    return policy
 
 
 def count_parameters(model_cfg: ModelSection, *, exclude_unused: bool = False) -> int:

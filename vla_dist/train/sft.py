@@ -202,7 +202,8 @@ def _check_fits(cfg: RunConfig) -> None:
 
 def _check_resumable(cfg: RunConfig, resume: Path | None) -> str:
     """-> how the ranks load `resume` (checkpoint/universal.py MODES): "same", "universal" (another
-    world size) or "by_hand" (another ZeRO stage). LoRA on/off must match."""
+    world size), "by_hand" (another ZeRO stage) or "stage0" (a stage-0 checkpoint at another world
+    size or stage). LoRA on/off must match."""
     if resume is None:
         return "same"
     from vla_dist.checkpoint.universal import resume_mode

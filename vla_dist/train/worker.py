@@ -188,7 +188,8 @@ class SFTWorker:
 
     def save(self, step_dir: str, meta: dict[str, Any]) -> None:
         """Collective. DeepSpeed's shards (no DeepSpeed `latest`: the driver writes ours after
-        COMPLETE), the gathered adapter when LoRA, and train_meta.json (rank 0)."""
+        COMPLETE), at ZeRO stage 0 rank 0's safetensors copy of weights and Adam moments
+        (checkpoint/stage0.py), the gathered adapter when LoRA, and train_meta.json (rank 0)."""
         import torch.distributed as dist
 
         from vla_dist.checkpoint.manager import META, TRAIN_STATE
@@ -200,6 +201,10 @@ class SFTWorker:
             states = [None] * self.world_size
             dist.all_gather_object(states, self.data.state_dict())
         self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        if self.cfg.train.zero_stage == 0:  # no ZeRO partitions: our own safetensors copy for export/elastic resume
+            from vla_dist.checkpoint.stage0 import save_stage0
+
+            save_stage0(self.engine, path, self.rank)
         _hold_save(path, self.rank)
         if self.lora:
             save_adapter(self.engine.module, path / "adapter", self.rank)
