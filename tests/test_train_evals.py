@@ -1,6 +1,6 @@
 """Training-time evals (train.eval_every), keep_best, TensorBoard and W&B logging of `vla-dist train`.
 
-Real stack: a 32 px pick_cube dataset collected by real Genesis sim actors, one real DeepSpeed ZeRO-3
+Real stack: the quickstart dataset collected by real Genesis sim actors, one real DeepSpeed ZeRO-3
 rank in a Ray actor, the eval on a real sim-actor pool while the rank trains, tensorboard's own
 event files read back with its EventAccumulator, wandb in offline mode."""
 
@@ -26,34 +26,27 @@ STEPS, EVAL_EVERY = 5, 2  # evals at steps 2, 4 and 5 (the last step is always e
 
 
 @pytest.fixture(scope="module")
-def small_data(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> Path:
-    """Two 32 px pick_cube demonstrations: the cheapest dataset a policy trains on."""
-    from vla_dist.rollout.collect import run_collect
-
-    root = tmp_path_factory.mktemp("evaldata")
-    cfg = validate(load_config(None, [f"run.dir={root / 'collect'}", f"data.dir={root / 'data'}",
-                                      "task.name=pick_cube", "task.image_size=32", "collect.episodes=2",
-                                      "collect.num_actors=1", "collect.envs_per_actor=2", "collect.num_videos=0",
-                                      "cluster.num_cpus=2"]))
-    run_collect(cfg)
-    return root / "data"
+def dataset(quickstart_run, local_ray: None) -> Path:
+    """The session's quickstart dataset (8 episodes, 3 tasks): trained on at the model's 32 px, and the
+    evals render at task.image_size=32 too, the cheapest closed-loop episodes."""
+    return quickstart_run[1]
 
 
 def eval_cfg(run_dir: Path, data_dir: Path, *overrides: str):
     return validate(load_config(None, [
-        f"run.dir={run_dir}", f"data.dir={data_dir}", "cluster.num_cpus=2", "task.name=pick_cube",
+        f"run.dir={run_dir}", f"data.dir={data_dir}", "cluster.num_cpus=2", "task.name=all",
         "task.image_size=32", "task.max_steps=12", "collect.envs_per_actor=2", "data.num_workers=0",
         "train.world_size=1", "train.micro_batch_size=4", "train.lr=3e-3", f"train.steps={STEPS}",
-        f"train.eval_every={EVAL_EVERY}", "train.eval_episodes=2", "train.eval_actors=1", "eval.num_videos=1",
+        f"train.eval_every={EVAL_EVERY}", "train.eval_episodes=1", "train.eval_actors=1", "eval.num_videos=1",
         *overrides]))
 
 
 @pytest.fixture(scope="module")
-def eval_run(small_data: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module):
+def eval_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module):
     monkeypatch_module.delenv("WANDB_API_KEY", raising=False)
     monkeypatch_module.delenv("WANDB_MODE", raising=False)
     run_dir = tmp_path_factory.mktemp("evalrun") / "run"
-    cfg = eval_cfg(run_dir, small_data, "train.zero_stage=3", "train.save_every=0", "train.keep_last=1",
+    cfg = eval_cfg(run_dir, dataset, "train.zero_stage=3", "train.save_every=0", "train.keep_last=1",
                    "train.keep_best=true", "train.tensorboard=true", "train.wandb=true")
     report = run_train(cfg)
     return cfg, report, read_metrics(run_dir / "metrics.jsonl")
@@ -73,12 +66,14 @@ def test_eval_rows_at_their_steps_with_intervals(eval_run) -> None:
     assert all(isinstance(r["eval_running"], bool) for r in train_rows)
     assert sorted(r["step"] for r in evals) == [2, 4, 5]
     for row in evals:
-        assert "loss" not in row and row["episodes"] == 2
+        assert "loss" not in row and row["episodes"] == 3  # 1 per task
         low, high = wilson_interval(row["successes"], row["episodes"])
         assert row["ci95"] == [round(low, 4), round(high, 4)]
-        assert row["success_rate"] == row["successes"] / 2
-        task = row["per_task"]["pick_cube"]
-        assert task["episodes"] == 2 and task["ci95"] == row["ci95"]
+        assert row["success_rate"] == row["successes"] / 3
+        assert sorted(row["per_task"]) == ["pick_cube", "push_cube", "stack_cube"]
+        for task in row["per_task"].values():
+            low, high = wilson_interval(task["successes"], 1)
+            assert task["episodes"] == 1 and task["ci95"] == [round(low, 4), round(high, 4)]
         assert row["export_s"] > 0 and row["eval_wall_s"] > 0 and row["closest_approach_cm"] > 0
         assert (Path(cfg.run.dir) / "evals" / f"step_{row['step']}" / "report.json").is_file()
         assert not (Path(cfg.run.dir) / "evals" / f"step_{row['step']}" / "weights").exists()  # consumed
@@ -103,7 +98,7 @@ def test_tensorboard_holds_every_metric_and_eval_gifs(eval_run) -> None:
     loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([loss[s] for s in range(1, STEPS + 1)])
     evals = {r["step"]: r for r in rows if "success_rate" in r}
-    for tag in ("eval/success_rate", "eval/pick_cube/success_rate", "eval/success_ci95_high", "eval/episodes"):
+    for tag in ("eval/success_rate", "eval/stack_cube/success_rate", "eval/success_ci95_high", "eval/episodes"):
         assert sorted(e.step for e in events.Scalars(tag)) == sorted(evals), tag
     for event in events.Scalars("eval/success_ci95_high"):
         assert event.value == pytest.approx(evals[event.step]["ci95"][1])
@@ -174,7 +169,7 @@ def test_eval_config_errors_name_their_keys(tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest.mark.heavy
-def test_lora_eval_runs_the_merged_adapter(small_data: Path, tmp_path: Path) -> None:
+def test_lora_eval_runs_the_merged_adapter(dataset: Path, tmp_path: Path) -> None:
     """LoRA: the ranks write only the adapter; the eval side merges it into the rebuilt base. The
     policy the eval actors ran predicts what a --merge-lora export of the same step predicts."""
     import torch
@@ -183,15 +178,15 @@ def test_lora_eval_runs_the_merged_adapter(small_data: Path, tmp_path: Path) -> 
     from vla_dist.train.batches import EpisodeWindows
 
     run_dir = tmp_path / "lora"
-    cfg = eval_cfg(run_dir, small_data, "train.steps=2", "train.eval_every=2", "train.save_every=2",
+    cfg = eval_cfg(run_dir, dataset, "train.steps=2", "train.eval_every=2", "train.save_every=2",
                    "train.zero_stage=2", "train.lora.enabled=true", "train.lora.r=4", "train.eval_episodes=1")
     report = run_train(cfg)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "success_rate" in r]
-    assert [r["step"] for r in rows] == [2] and rows[0]["episodes"] == 1 and report["eval_errors"] == []
+    assert [r["step"] for r in rows] == [2] and rows[0]["episodes"] == 3 and report["eval_errors"] == []
     ran = load_policy(run_dir / "evals" / "current_policy").eval()  # plain policy: merged, no adapter/ left
     export_checkpoint(ckpt.step_dir(run_dir, 2), tmp_path / "merged", merge_lora=True)
     merged = load_policy(tmp_path / "merged").eval()
-    windows = EpisodeWindows(small_data, merged.cameras, merged.chunk_size, rank=0, world_size=1)
+    windows = EpisodeWindows(dataset, merged.cameras, merged.chunk_size, rank=0, world_size=1)
     batch = windows.batch(2, (5,))
     noise = torch.randn(2, merged.chunk_size, merged.action_dim, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(ran.predict_chunk(batch, noise=noise), merged.predict_chunk(batch, noise=noise),
