@@ -191,3 +191,21 @@ def test_lora_eval_runs_the_merged_adapter(dataset: Path, tmp_path: Path) -> Non
     noise = torch.randn(2, merged.chunk_size, merged.action_dim, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(ran.predict_chunk(batch, noise=noise), merged.predict_chunk(batch, noise=noise),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_tensorboard_resume_hides_what_the_crashed_run_logged_after_its_checkpoint(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vla_dist.train.loggers import TensorBoardLog
+
+    first = TensorBoardLog(tmp_path, resumed_step=0)
+    first.scalars({"train/loss": 1.0}, 1)
+    first.scalars({"train/loss": 2.0}, 2)
+    first.scalars({"train/loss": 3.0}, 3)  # after the checkpoint at step 2: redone by the resumed run
+    first.close()
+    resumed = TensorBoardLog(tmp_path, resumed_step=2)
+    resumed.scalars({"train/loss": 30.0}, 3)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]

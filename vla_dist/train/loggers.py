@@ -28,6 +28,7 @@ from vla_dist.train.metrics import MetricsLog
 TRAIN_SCALARS = ("loss", "lr", "grad_norm", "samples_per_s", "step_time_s", "nan_skipped")
 TENSORBOARD_DIR = "tensorboard"
 GIF_SIDE = 128  # eval GIFs are upscaled (nearest) to about this height: sim images are 32-64 px
+LOGGED_VIDEOS = 2  # per eval, to TensorBoard/W&B (run.dir/evals/step_N/videos has eval.num_videos mp4s)
 
 
 def check_loggers(cfg: RunConfig) -> None:
@@ -68,7 +69,7 @@ class RunLoggers:
     def __init__(self, cfg: RunConfig, resumed_step: int) -> None:
         run_dir = Path(cfg.run.dir)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", resumed_step=resumed_step)
-        self.tensorboard = TensorBoardLog(run_dir / TENSORBOARD_DIR) if cfg.train.tensorboard else None
+        self.tensorboard = TensorBoardLog(run_dir / TENSORBOARD_DIR, resumed_step) if cfg.train.tensorboard else None
         self.wandb = WandbLog(cfg) if cfg.train.wandb else None
 
     def train(self, row: dict[str, Any]) -> None:
@@ -79,7 +80,7 @@ class RunLoggers:
         """`videos`: (name, frames [T, H, W, 3] uint8, fps, mp4 path) of a few episodes of this eval."""
         self.metrics.write(row)
         self._scalars(eval_scalars(row), row["step"])
-        for name, frames, fps, mp4 in videos:
+        for name, frames, fps, mp4 in videos[:LOGGED_VIDEOS]:
             if self.tensorboard is not None:
                 self.tensorboard.gif(f"eval/video/{name}", frames, fps, row["step"])
             if self.wandb is not None:
@@ -100,10 +101,11 @@ class RunLoggers:
 class TensorBoardLog:
     """torch's SummaryWriter (tensorboard's event-file format), offline, under run.dir/tensorboard."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, resumed_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        # a resumed run hides what the crashed one logged after its checkpoint (as MetricsLog drops it)
+        self.writer = SummaryWriter(str(log_dir), purge_step=resumed_step + 1 if resumed_step else None)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
