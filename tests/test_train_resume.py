@@ -1,8 +1,9 @@
 """Elastic resume: a 2-rank ZeRO-2 checkpoint continued on 1 rank (universal checkpoint, DeepSpeed's
 loader) and at ZeRO-3 (by-hand loader), against the uninterrupted 2-rank run; and more combinations,
 each against its own uninterrupted run: ZeRO-3 2 -> 1 rank, 3 -> 2 ranks, LoRA 2 -> 1 rank (ZeRO-2
-and ZeRO-3). Real DeepSpeed on gloo ranks in the session's Ray; tiny-pi0 on the quickstart dataset;
-no mocks except the injected conversion failure.
+and ZeRO-3), ZeRO stage 0 to 1 rank / ZeRO-3 / ZeRO-2, and ZeRO-2 to stage 0 (2 and 1 ranks).
+Real DeepSpeed on gloo ranks in the session's Ray; tiny-pi0 on the quickstart dataset; no mocks
+except the injected conversion failure.
 
 train.fixed_batches=true: every step's global batch is the same windows/noise whatever the world
 size (global micro-batch g = micro * world_size + rank, g < world_size * grad_accum), so 2 ranks x 1
@@ -27,7 +28,7 @@ from vla_dist.errors import VlaDistError
 from vla_dist.train import run_train
 from vla_dist.train.metrics import read_metrics
 
-# Twelve DeepSpeed runs (five uninterrupted base runs, seven elastic resumes): about 4 minutes on 2
+# Eighteen DeepSpeed runs (six uninterrupted base runs, twelve elastic resumes): about 6 minutes on 2
 # cores, plus the quickstart dataset; run after the main suite.
 pytestmark = pytest.mark.heavy
 
@@ -127,26 +128,34 @@ def test_zero2_to_zero3_continues_the_loss(base_run, tmp_path, offload):
     assert json.loads((ckpt.step_dir(run_dir, STEPS) / ckpt.COMPLETE).read_text())["zero_stage"] == 3
 
 
-# (id, base run's overrides, the resumed run's overrides, the route checkpoint/universal.py takes).
-# Each resumed run keeps its base's global batch (see the module docstring). The 3-rank base shares
-# the session's 2-CPU Ray: half a CPU per rank.
+# (id, base run's name and overrides, the resumed run's overrides, the route checkpoint/universal.py
+# takes). Runs of the same base name share one uninterrupted run. Each resumed run keeps its base's
+# global batch (see the module docstring). The 3-rank base shares the session's 2-CPU Ray: half a
+# CPU per rank.
 LORA = ("train.lora.enabled=true", "train.lora.r=4")
+ZERO0 = ("train.zero_stage=0",)
 ELASTIC = [
-    ("zero3_2_to_1_rank", ("train.zero_stage=3",),
+    ("zero3_2_to_1_rank", "zero3", ("train.zero_stage=3",),
      ("train.zero_stage=3", "train.world_size=1", "train.grad_accum=2"), "by_hand"),
-    ("zero2_3_to_2_ranks", ("train.world_size=3", "train.cpus_per_rank=0.5", "train.micro_batch_size=2",
-                            "train.grad_accum=2"),
+    ("zero2_3_to_2_ranks", "zero2_3_ranks", ("train.world_size=3", "train.cpus_per_rank=0.5",
+                                             "train.micro_batch_size=2", "train.grad_accum=2"),
      ("train.world_size=2", "train.micro_batch_size=2", "train.grad_accum=3"), "universal"),
-    ("lora_zero2_2_to_1_rank", LORA, (*LORA, "train.world_size=1", "train.grad_accum=2"), "universal"),
-    ("lora_zero3_2_to_1_rank", (*LORA, "train.zero_stage=3"),
+    ("lora_zero2_2_to_1_rank", "lora_zero2", LORA, (*LORA, "train.world_size=1", "train.grad_accum=2"), "universal"),
+    ("lora_zero3_2_to_1_rank", "lora_zero3", (*LORA, "train.zero_stage=3"),
      (*LORA, "train.zero_stage=3", "train.world_size=1", "train.grad_accum=2"), "by_hand"),
+    # ZeRO stage 0 (no partitions: its own safetensors copy, checkpoint/stage0.py), from and to
+    ("zero0_2_to_1_rank", "zero0", ZERO0, (*ZERO0, "train.world_size=1", "train.grad_accum=2"), "stage0"),
+    ("zero0_to_zero3", "zero0", ZERO0, ("train.zero_stage=3",), "stage0"),
+    ("zero0_to_zero2_1_rank", "zero0", ZERO0, ("train.world_size=1", "train.grad_accum=2"), "stage0"),
+    ("zero2_to_zero0", "base", (), ZERO0, "by_hand"),
+    ("zero2_to_zero0_1_rank", "base", (), (*ZERO0, "train.world_size=1", "train.grad_accum=2"), "by_hand"),
 ]
 
 
-@pytest.mark.parametrize(("base", "resumed", "route"), [pytest.param(*c[1:], id=c[0]) for c in ELASTIC])
-def test_elastic_resume_continues_the_loss(base_runs: BaseRun, tmp_path, request, base, resumed, route):
+@pytest.mark.parametrize(("name", "base", "resumed", "route"), [pytest.param(*c[1:], id=c[0]) for c in ELASTIC])
+def test_elastic_resume_continues_the_loss(base_runs: BaseRun, tmp_path, request, name, base, resumed, route):
     label = request.node.callspec.id
-    cfg, rows = base_runs(label, *base)  # this combination's own uninterrupted run
+    cfg, rows = base_runs(name, *base)  # this combination's own uninterrupted run
     run_dir = crashed_copy(cfg, tmp_path / "resumed")
     source = ckpt.step_dir(run_dir, SAVE)
     saved = json.loads((source / ckpt.COMPLETE).read_text())
@@ -154,10 +163,12 @@ def test_elastic_resume_continues_the_loss(base_runs: BaseRun, tmp_path, request
     assert universal.resume_mode(saved, resumed_cfg.train.world_size, resumed_cfg.train.zero_stage) == route
     report = run_train(resumed_cfg)
     assert report["first_step"] == SAVE and report["resumed_from"].endswith(f"step_{SAVE}")
-    assert report["world_size"] == resumed_cfg.train.world_size != saved["world_size"]
+    assert report["world_size"] == resumed_cfg.train.world_size and report["zero_stage"] == resumed_cfg.train.zero_stage
+    assert (saved["world_size"], saved["zero_stage"]) != (report["world_size"], report["zero_stage"])  # elastic
     assert_continues(rows, read_metrics(run_dir / "metrics.jsonl"), f"{label} ({route})")
     conv = universal.universal_dir(source)
-    assert conv.is_dir() and not ckpt.is_complete(conv)
+    # a stage-0 source is read from its own safetensors copy: nothing converted
+    assert conv.is_dir() == (route != "stage0") and not ckpt.is_complete(conv)
     assert not (ckpt.checkpoints_dir(run_dir) / "latest_universal").exists()  # DeepSpeed's dangling pointer
     final = json.loads((ckpt.step_dir(run_dir, STEPS) / ckpt.COMPLETE).read_text())
     assert (final["world_size"], final["lora"]) == (resumed_cfg.train.world_size, resumed_cfg.train.lora.enabled)
@@ -206,6 +217,11 @@ def test_resume_mode():
     assert universal.resume_mode({"world_size": 2, "zero_stage": 3}, 1, 3) == "by_hand"
     assert universal.resume_mode({"world_size": 2, "zero_stage": 3}, 2, 3) == "same"
     assert universal.resume_mode({"world_size": 3, "zero_stage": 2}, 2, 2) == "universal"
+    assert universal.resume_mode({"world_size": 2, "zero_stage": 0}, 2, 0) == "same"
+    assert universal.resume_mode({"world_size": 2, "zero_stage": 0}, 1, 0) == "stage0"
+    assert universal.resume_mode({"world_size": 2, "zero_stage": 0}, 2, 3) == "stage0"
+    assert universal.resume_mode({"world_size": 2, "zero_stage": 2}, 2, 0) == "by_hand"
+    assert not universal.needs_conversion("stage0") and universal.needs_conversion("by_hand")
 
 
 def test_a_stale_conversion_is_redone(tmp_path, monkeypatch):

@@ -177,6 +177,12 @@ def _load_by_hand(engine: Any, tensors: Any) -> None:
         state["step"] = torch.tensor(float(steps))  # Adam's bias correction: one step per optimizer step
         state["exp_avg"] = torch.zeros_like(flat)
         state["exp_avg_sq"] = torch.zeros_like(flat)
+    # ZeRO-1/2 (and bf16) link each parameter's fragment of that state only after the first optimizer
+    # step; the optimizer-state setter below would find no fragment ("argument of type 'NoneType' is
+    # not iterable"), so link now, as DeepSpeed's own step would (ZeRO-3 has no such method: not needed)
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if flat_groups and link is not None:
+        link()
     missing = []
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
