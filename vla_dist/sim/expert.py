@@ -3,6 +3,17 @@
 One `ScriptedExpert` drives a whole batch; each env runs its own task's phase machine. Targets are
 recomputed from the objects' current poses every step (closed loop), so a cube that slips or turns is
 followed rather than missed. Output is the scene's action space: hand delta pose + gripper command.
+
+The grasp is written to be imitated, not only to succeed. A policy learns it from camera images, so
+every decision in it must be visible and forgiving:
+- No yaw alignment before a grasp: the open gripper (8 cm) takes the 4 cm cube at any yaw (its
+  diagonal is 5.7 cm) and closing squares the cube up. Aligning first made every demonstration
+  wait for a 3-degree match of the hand to the cube's yaw, which a small policy cannot see at 64 px;
+  its imitations hovered above the cube forever (closest approach ~10 cm = HOVER, 0% success).
+  Expert success is the same without it (pick and stack 24/24 either way, measured).
+- A funnel instead of hover-then-descend: the hand's height above the cube shrinks with its
+  horizontal distance to it (FUNNEL), so the descent is a smooth function of what the cameras show,
+  with no hidden "aligned within 1 cm, now descend" switch for a policy to guess.
 """
 
 from __future__ import annotations
@@ -11,23 +22,32 @@ import math
 
 import torch
 
-from vla_dist.sim.geometry import quat_conj, quat_mul, quat_to_axis_angle, quat_yaw, top_down_quat, wrap_angle
-from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE
+from vla_dist.sim.geometry import (
+    quat_conj,
+    quat_mul,
+    quat_to_axis_angle,
+    quat_yaw,
+    top_down_quat,
+    wrap_angle,
+)
 from vla_dist.sim.task_names import TASK_NAMES
+from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE
 
 TCP_OFFSET = 0.105  # m from the hand link origin to the point between the finger pads, along hand z
 MAX_STEP = 0.03  # m of hand translation per control step
 PUSH_STEP = 0.012  # m per step while pushing: slow enough that the cube does not slide past the target
 MAX_TURN = 0.2  # rad of hand rotation per control step
 GAIN = 0.9  # fraction of the remaining error commanded per step (PD tracking lags a little)
-HOVER = 0.10  # m above the cube before descending
+HOVER = 0.10  # m above the cube while still far from it horizontally
+FUNNEL = 3.0  # approach height above the cube per m of horizontal distance to it (capped at HOVER)
+FUNNEL_SLACK = 0.005  # m of horizontal distance at which the hand goes all the way down
 CLOSE_STEPS = 4  # control steps to let the fingers close before lifting
 RELEASE_STEPS = 4
 RETREAT_HEIGHT = 0.22  # m, where the hand goes once the job is done
 
 PICK, PUSH, STACK = (TASK_NAMES.index(name) for name in ("pick_cube", "push_cube", "stack_cube"))
 
-# Phases (shared numbering; each task uses a subset).
+# Phases (shared numbering; each task uses a subset: pick/stack go APPROACH -> CLOSE; push uses DESCEND).
 APPROACH, DESCEND, CLOSE, LIFT, CARRY, LOWER, RELEASE, RETREAT, PUSHING = range(9)
 
 
@@ -53,8 +73,6 @@ class ScriptedExpert:
         move_cube_to: torch.Tensor | None = None
 
         is_push = self.task_ids == PUSH
-        cube_yaw = quat_yaw(state["cube_quat"])
-        grasp_yaw = hand_yaw + wrap_angle(cube_yaw - hand_yaw, math.pi / 2)
         push_dir = target[:, :2] - cube[:, :2]
         push_dist = push_dir.norm(dim=-1, keepdim=True)
         push_dir = push_dir / push_dist.clamp_min(1e-6)
@@ -62,24 +80,21 @@ class ScriptedExpert:
         behind = cube[:, :2] - push_dir * (CUBE_SIZE / 2 + 0.03)
 
         phase = self.phase
-        # -- approach: above the grasp point (pick/stack) or above the pre-push point (push)
+        # -- approach: down a funnel onto the cube centre (pick/stack; heading kept, see the module
+        #    docstring), or above the pre-push point with the hand turned to the push direction (push)
         m = phase == APPROACH
+        xy_dist = (cube[:, :2] - tcp[:, :2]).norm(dim=-1, keepdim=True)
+        funnel = cube + torch.clamp(FUNNEL * (xy_dist - FUNNEL_SLACK), min=0.0, max=HOVER) * torch.tensor([0.0, 0.0, 1.0])
         goal_tcp[m] = torch.where(
-            is_push[m, None],
-            torch.cat((behind[m], torch.full_like(cube[m, :1], HOVER)), dim=1),
-            cube[m] + torch.tensor([0.0, 0.0, HOVER]),
+            is_push[m, None], torch.cat((behind[m], torch.full_like(cube[m, :1], HOVER)), dim=1), funnel[m]
         )
-        goal_yaw[m] = torch.where(is_push[m], push_yaw[m], grasp_yaw[m])
+        goal_yaw[m] = torch.where(is_push[m], push_yaw[m], hand_yaw[m])
         close[m] = is_push[m]
-        # -- descend: to the cube centre (grasp) or to pushing height behind the cube
+        # -- descend (push): to pushing height behind the cube
         m = phase == DESCEND
-        goal_tcp[m] = torch.where(
-            is_push[m, None],
-            torch.cat((behind[m], torch.full_like(cube[m, :1], 0.02)), dim=1),
-            cube[m] + torch.tensor([0.0, 0.0, 0.0]),
-        )
-        goal_yaw[m] = torch.where(is_push[m], push_yaw[m], grasp_yaw[m])
-        close[m] = is_push[m]
+        goal_tcp[m] = torch.cat((behind[m], torch.full_like(cube[m, :1], 0.02)), dim=1)
+        goal_yaw[m] = push_yaw[m]
+        close[m] = True
         # -- close the fingers in place
         m = phase == CLOSE
         close[m] = True
@@ -144,9 +159,9 @@ class ScriptedExpert:
         cube_reached = (cube_goal - cube).norm(dim=-1) < 0.008
         self.timer += 1
         nxt = phase.clone()
-        nxt[(phase == APPROACH) & reached & aligned] = DESCEND
-        nxt[(phase == DESCEND) & reached & (task != PUSH)] = CLOSE
-        nxt[(phase == DESCEND) & reached & (task == PUSH)] = PUSHING
+        nxt[(phase == APPROACH) & reached & (task != PUSH)] = CLOSE  # the funnel ends at the cube centre
+        nxt[(phase == APPROACH) & reached & aligned & (task == PUSH)] = DESCEND
+        nxt[(phase == DESCEND) & reached] = PUSHING
         nxt[(phase == CLOSE) & (self.timer >= CLOSE_STEPS)] = LIFT
         nxt[(phase == LIFT) & (task == STACK) & (tcp[:, 2] > 0.12)] = CARRY
         nxt[(phase == CARRY) & cube_reached] = LOWER
