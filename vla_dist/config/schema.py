@@ -177,6 +177,10 @@ class EvalSection:
     checkpoint: str | None = None  # a saved/exported policy directory; null: untrained model.preset (smoke run)
     action_horizon: int = 0  # actions executed per predicted chunk before re-planning; 0: the whole chunk
     num_videos: int = 4  # episodes written as mp4 under run.dir/videos/ (successes and failures alternate)
+    # "heldout": layouts never collected (a seed stream disjoint from collection's); "collection": the
+    # layouts `vla-dist collect` draws under the same run.seed and task.name (episode i = collected
+    # episode i): scores a policy on its own training layouts, e.g. to check it can replay what it learned
+    seeds: str = "heldout"
 
 
 @dataclass

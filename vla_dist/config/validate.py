@@ -311,6 +311,7 @@ CHECKS: list[Check] = [
     one_of("model.dtype", MODEL_DTYPES),
     at_least("eval.episodes", 1),
     one_of("eval.policy", ("model", "expert")),
+    one_of("eval.seeds", ("heldout", "collection")),
     at_least("eval.action_horizon", 0),
     at_least("eval.num_videos", 0),
     _eval_checkpoint,

@@ -22,7 +22,7 @@ import numpy as np
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
-from vla_dist.rollout.collect import selected_tasks, write_json, write_videos
+from vla_dist.rollout.collect import episode_seed, selected_tasks, write_json, write_videos
 from vla_dist.rollout.policies import PolicySource
 from vla_dist.rollout.runner import EpisodeRequest
 
@@ -85,10 +85,13 @@ def closest_approach_cm(outcomes: list[EpisodeOutcome]) -> float | None:
 
 
 def eval_requests(cfg: RunConfig, episodes_per_task: int) -> tuple[list[str], list[EpisodeRequest]]:
-    """(tasks, requests): the same seeds for the same run.seed, so evals of one run score the same layouts."""
+    """(tasks, requests): the same seeds for the same run.seed, so evals of one run score the same layouts.
+    Episode i runs tasks[i % len(tasks)] on a held-out layout, or (eval.seeds="collection") on the layout
+    collection episode i had: the task rotation and seed of `vla-dist collect` under the same run.seed."""
     tasks = selected_tasks(cfg.task.name)
     total = episodes_per_task * len(tasks)
-    return tasks, [EpisodeRequest(i, tasks[i % len(tasks)], eval_seed(cfg.run.seed, i)) for i in range(total)]
+    seed_of = episode_seed if cfg.eval.seeds == "collection" else eval_seed
+    return tasks, [EpisodeRequest(i, tasks[i % len(tasks)], seed_of(cfg.run.seed, i)) for i in range(total)]
 
 
 @dataclass
@@ -201,6 +204,7 @@ def run_eval(cfg: RunConfig) -> dict[str, object]:
         "command": "eval",
         "policy": source.kind,
         "checkpoint": source.path,
+        "seeds": cfg.eval.seeds,  # held-out layouts, or the collection's (a policy's own training layouts)
         **success_summary(ordered, tasks),
         **decode_summary(tally, bool(source.compile)),
         "wall_seconds": round(time.perf_counter() - started, 2),
