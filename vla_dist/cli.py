@@ -14,7 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 from vla_dist import __version__
-from vla_dist.config import ConfigError, RunConfig, load_config, save_resolved, to_yaml, validate
+from vla_dist.config import (
+    ConfigError,
+    RunConfig,
+    load_config,
+    save_resolved,
+    to_yaml,
+    validate,
+)
 from vla_dist.errors import VlaDistError
 
 Report = dict[str, Any]
@@ -73,6 +80,7 @@ EXAMPLES = """examples:
   vla-dist eval eval.policy=expert                   # success rate of the scripted expert
   vla-dist eval eval.checkpoint=runs/x/export        # success rate of a saved/exported policy
   vla-dist eval eval.checkpoint=runs/x               # ... of a training run's latest checkpoint
+  vla-dist replay data.dir=data/quickstart           # replay the dataset's actions: does it reproduce?
   vla-dist config --config configs/quickstart.yaml   # print the resolved config
   vla-dist bench rollout bench.rollout_actors=4
 """
@@ -123,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(evaluate)
 
+    replay = commands.add_parser(
+        "replay",
+        help="data fidelity: replay a dataset's recorded actions open loop in fresh scenes",
+        description="Rebuild every episode of data.dir (task.name: one task or all) from its task and seed and "
+        "play its recorded actions back open loop on the Ray sim-actor pool (collect.num_actors x "
+        "collect.envs_per_actor, no rendering). Writes run.dir/report.json: per task the share of recorded "
+        "successes the replay reproduces, and per episode the state drift (max |proprio replayed - recorded|). "
+        "sim.* and task.control_hz must be the collection's (checked against the manifest).",
+    )
+    _add_config_arguments(replay)
+
     train = commands.add_parser(
         "train",
         help="supervised post-training (full or LoRA) with DeepSpeed ZeRO",
@@ -171,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(config)
 
-    from vla_dist.cluster.cli import add_commands as add_cluster_commands  # no Ray/torch at import
+    from vla_dist.cluster.cli import (
+        add_commands as add_cluster_commands,  # no Ray/torch at import
+    )
 
     add_cluster_commands(commands, _add_config_arguments)
     return parser
@@ -213,8 +234,16 @@ def _run(args: argparse.Namespace) -> int:
         from vla_dist.rollout.evaluate import run_eval
 
         _print_summary("eval", run_eval(cfg), f"run: {cfg.run.dir}   config: {config_path}")
+    elif args.command == "replay":
+        config_path = save_resolved(cfg, cfg.run.dir)
+        from vla_dist.rollout.replay import run_replay
+
+        report = run_replay(cfg)
+        _print_summary("replay", report, f"report: {cfg.run.dir}/report.json   config: {config_path}")
     elif args.command == "train":
-        from vla_dist.train import run_train  # writes run.dir/config.yaml itself (after resume checks)
+        from vla_dist.train import (
+            run_train,  # writes run.dir/config.yaml itself (after resume checks)
+        )
 
         report = run_train(cfg)
         _print_summary("train", report, f"run: {cfg.run.dir}   checkpoints: {cfg.run.dir}/checkpoints",
@@ -266,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except Exception as error:  # noqa: BLE001 - the CLI boundary: one line, not a traceback
+    except Exception as error:
         if args.debug:
             raise
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)

@@ -83,8 +83,10 @@ class SimActor:
 
         started = time.perf_counter()
         decode_before = [getattr(self.policy, name, 0) for name in ("decode_seconds", "decode_calls", "compile_seconds")]
+        render = getattr(self.policy, "needs_images", True)  # replay: physics only (rendering is most of a step)
         episodes = run_batch(
-            self.scene, requests, self.policy, fps=float(self.task.control_hz), max_steps=self.task.max_steps
+            self.scene, requests, self.policy, fps=float(self.task.control_hz), render=render,
+            max_steps=self.task.max_steps,
         )
         steps = max(ep.num_frames for ep in episodes) * self.scene.n_envs
         outcomes = [
@@ -97,7 +99,7 @@ class SimActor:
                 num_frames=ep.num_frames,
                 state=ep.state,
                 actions=ep.actions,
-                sample=encode_episode(ep, self.codec),
+                sample=encode_episode(ep, self.codec) if render else {},  # no frames: nothing to encode
                 closest_approach_m=ep.closest_approach_m,
             )
             for req, ep in zip(requests, episodes)

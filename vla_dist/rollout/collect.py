@@ -258,6 +258,8 @@ def _write_manifest(
             "failed_episodes": state.failures_written,
             "stats_over": "successful episodes",
             "run_seed": cfg.run.seed,
+            # the physics the actions were recorded under: `vla-dist replay` refuses other settings
+            "sim": {"dt": cfg.sim.dt, "substeps": cfg.sim.substeps, "backend": cfg.sim.backend},
         },
     )
 

@@ -3,7 +3,11 @@
 `expert`: the scripted expert on privileged state. `model`: a VLA loaded from an HF-format
 directory (`VLAPolicy.save_pretrained` output: an export, or an untrained preset the driver saved),
 run with action chunking: one `predict_chunk` per `action_horizon` control steps, batched over
-every env of the actor's scene.
+every env of the actor's scene. `replay`: a dataset's recorded actions played back open loop
+(rollout/replay.py), looked up by episode seed.
+
+A policy whose `needs_images` is False runs without rendering (SimActor.run_chunk): rendering is
+most of a CPU step and does not touch the physics.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from vla_dist.rollout.runner import ExpertPolicy, Observation, Policy
 class PolicySource:
     """Which policy a sim actor runs; small and picklable so Ray ships it to every actor."""
 
-    kind: str = "expert"  # "expert" | "model"
+    kind: str = "expert"  # "expert" | "model" | "replay"
     path: str | None = None  # model: directory with the saved policy
     action_horizon: int = 0  # model: actions executed per predicted chunk; 0 = the whole chunk
     cameras: tuple[str, ...] = ("front", "wrist")
     torch_threads: int = 1  # per actor: actors already run in parallel, one per core
     compile: bool = False  # model: decode through the torch.compile'd kernels (model.compile)
+    # replay: episode seed -> recorded actions float32 [T, A]; shipped whole to each actor (7 floats
+    # per step: ~3 MB per 100k steps), so actors need no access to the shards
+    recorded: dict[int, np.ndarray] | None = None
 
 
 class ModelPolicy:
@@ -86,9 +93,37 @@ class ModelPolicy:
         return float(getattr(self.model.decoder, "compile_seconds", 0.0))
 
 
+class ReplayPolicy:
+    """Recorded actions, open loop: each env plays the actions of the dataset episode with its seed
+    (the runner rebuilds that episode's scene from its (task, seed)). The runner stops an env at its
+    request's max_steps (the recorded length); until the whole batch is done, a finished env keeps
+    getting its last action, which the runner ignores."""
+
+    needs_images = False
+
+    def __init__(self, source: PolicySource) -> None:
+        if not source.recorded:
+            raise ValueError("a replay PolicySource needs recorded actions (seed -> [T, A])")
+        self.recorded = {int(seed): torch.tensor(np.asarray(a, np.float32)) for seed, a in source.recorded.items()}
+
+    def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None:
+        unknown = [seed for seed in seeds if int(seed) not in self.recorded]
+        if unknown:
+            raise ValueError(f"no recorded actions for episode seed(s) {unknown[:3]}")
+        self.actions = [self.recorded[int(seed)] for seed in seeds]
+        self.step = 0
+
+    def act(self, obs: Observation) -> torch.Tensor:
+        rows = [actions[min(self.step, len(actions) - 1)] for actions in self.actions]
+        self.step += 1
+        return torch.stack(rows)
+
+
 def make_policy(source: PolicySource) -> Policy:
     if source.kind == "expert":
         return ExpertPolicy()
     if source.kind == "model":
         return ModelPolicy(source)
+    if source.kind == "replay":
+        return ReplayPolicy(source)
     raise ValueError(f"unknown policy kind {source.kind!r}")

@@ -17,7 +17,13 @@ from vla_dist.sim.expert import TCP_OFFSET, ScriptedExpert
 from vla_dist.sim.geometry import quat_rotate
 from vla_dist.sim.scene import STATE_SPACE, TabletopScene
 from vla_dist.sim.task_names import TASK_NAMES
-from vla_dist.sim.tasks import TASKS, check_success, pick_instruction, sample_layout, stack_layouts
+from vla_dist.sim.tasks import (
+    TASKS,
+    check_success,
+    pick_instruction,
+    sample_layout,
+    stack_layouts,
+)
 
 SUCCESS_HOLD_STEPS = 3  # an episode ends once its success condition has held this many control steps
 
@@ -64,6 +70,7 @@ class EpisodeRequest:
     index: int  # position in the collection; makes the episode id unique
     task: str
     seed: int
+    max_steps: int = 0  # this episode's step limit; 0: run_batch's max_steps, else the task's (replay: recorded length)
 
     @property
     def episode_id(self) -> str:
@@ -88,7 +95,7 @@ def run_batch(
     padded = requests + [requests[-1]] * (scene.n_envs - len(requests))
     task_ids = torch.tensor([TASK_NAMES.index(r.task) for r in padded])
     instructions = [pick_instruction(r.task, r.seed) for r in padded]
-    limits = torch.tensor([max_steps or TASKS[r.task].max_steps for r in padded])
+    limits = torch.tensor([r.max_steps or max_steps or TASKS[r.task].max_steps for r in padded])
 
     scene.reset(stack_layouts([sample_layout(r.task, r.seed) for r in padded]))
     policy.reset(task_ids, instructions, [r.seed for r in padded])
