@@ -31,6 +31,7 @@ from vla_dist.sim.tasks import TASKS
 
 ACTION_DIM, STATE_DIM, IMAGE_SIZE = 7, 15, 64
 PRESETS = {"pi0": "tiny-pi0", "action_tokens": "tiny-openvla"}
+STATE_NAMES = [f"s{i}" for i in range(STATE_DIM)]
 # A toy LLaVA: the openvla-7b preset's code path (Llama causal LM, SigLIP, full feature select).
 TINY_LLAVA_HF: dict[str, Any] = {
     "model_type": "llava", "vision_feature_layer": -2, "vision_feature_select_strategy": "full",
@@ -56,7 +57,7 @@ def synthetic_manifest() -> dict[str, Any]:
 
     return {
         "cameras": ["front", "wrist"], "image_size": IMAGE_SIZE, "tasks": {name: 1 for name in TASKS},
-        "action_space": {"dim": ACTION_DIM}, "state_space": {"dim": STATE_DIM},
+        "action_space": {"dim": ACTION_DIM}, "state_space": {"dim": STATE_DIM, "names": STATE_NAMES},
         "action_stats": stats(ACTION_DIM, constant=5), "state_stats": stats(STATE_DIM),
     }
 
@@ -241,6 +242,29 @@ def test_pi0_prefix_layout() -> None:
     assert prefix["state"].shape == (3, model.max_state_dim) and (prefix["state"][:, STATE_DIM:] == 0).all()
     # padded action dims are exact zeros in sampling: zero noise in, zero velocity out
     assert (model.hf_model.action_out_proj.weight[ACTION_DIM:] == 0).all()
+
+
+def test_pi0_reads_only_its_state_inputs(tmp_path: Path) -> None:
+    """model.state_inputs: the dims left out cannot change an action; the kept ones do; saved with it."""
+    policy = build("pi0", state_inputs=["s7", "s10"]).eval()
+    assert policy.spec.state_inputs == [7, 10]
+    batch = make_batch(policy, size=2)
+    noise = torch.randn(2, policy.chunk_size, ACTION_DIM, generator=torch.Generator().manual_seed(3))
+    before = policy.predict_chunk(batch, noise=noise)
+    hidden = copy.copy(batch)
+    hidden.state = batch.state.clone()
+    hidden.state[:, [0, 8, 9, 14]] += 5.0
+    assert torch.equal(policy.predict_chunk(hidden, noise=noise), before)
+    kept = copy.copy(batch)
+    kept.state = batch.state.clone()
+    kept.state[:, 7] += 5.0
+    assert not torch.allclose(policy.predict_chunk(kept, noise=noise), before)
+    policy.save_pretrained(tmp_path)
+    loaded = load_policy(tmp_path)
+    assert loaded.spec.state_inputs == [7, 10]
+    assert torch.equal(loaded.predict_chunk(hidden, noise=noise), before)
+    with pytest.raises(ConfigError, match="model.state_inputs"):
+        build("pi0", state_inputs=["s7", "gripper"])
 
 
 def test_pi0_log_prob_is_negative_loss_with_shared_draws() -> None:

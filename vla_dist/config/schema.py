@@ -167,6 +167,11 @@ class ModelSection:
     dtype: str = "float32"  # "float32" or "bfloat16"
     compile: bool = False  # torch.compile the action decoding (vla_dist.kernels)
     lora_targets: str | None = None  # peft target_modules regex; null: the family's default (LM only)
+    # Proprioceptive inputs the policy reads, by name from the dataset's state_space (e.g. [gripper_width]);
+    # null: every dim. The others are zeroed after normalization. Leaving out where the hand is forces the
+    # policy to see where the cube is: with the hand pose in its input, an imitation learns to keep
+    # going where the hand is already heading (the copycat shortcut) and ignores the images at t=0.
+    state_inputs: list[str] | None = None
     hf: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs of the architecture
 
 

@@ -160,6 +160,27 @@ def _model_lora_targets(cfg: RunConfig) -> None:
             raise ConfigError("model.lora_targets", f"not a valid regex ({error}): {cfg.model.lora_targets!r}") from None
 
 
+def _model_state_inputs(cfg: RunConfig) -> None:
+    """Distinct names; checked against the dataset's state names when data.dir already has a manifest
+    (a run that collects first is checked when the policy is built)."""
+    names = cfg.model.state_inputs
+    if names is None:
+        return
+    if not names or len(set(names)) != len(names):
+        raise ConfigError("model.state_inputs", f"must be null (every state dim) or distinct names, got {names}")
+    manifest = Path(cfg.data.dir) / "manifest.json"
+    if manifest.is_file():
+        import json
+
+        try:
+            known = json.loads(manifest.read_text(encoding="utf-8"))["state_space"]["names"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # an unreadable manifest is reported by the command that reads the data
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ConfigError("model.state_inputs", f"{unknown} are not state dims of {cfg.data.dir} ({known})")
+
+
 def _eval_checkpoint(cfg: RunConfig) -> None:
     from vla_dist.checkpoint.manager import latest_checkpoint
 
@@ -316,6 +337,7 @@ CHECKS: list[Check] = [
     at_least("eval.num_videos", 0),
     _eval_checkpoint,
     _model_lora_targets,
+    _model_state_inputs,
     _model_pretrained,
     _model_hf_fits_family,
     _model_image_size_fits_patches,

@@ -68,6 +68,7 @@ class PolicySpec:
     num_inference_steps: int = 10  # pi0: Euler steps of sample_actions
     dtype: str = "float32"
     lora_targets: str | None = None  # a peft target_modules regex overriding the family's default
+    state_inputs: list[int] | None = None  # state dims the policy reads (model.state_inputs resolved); None: all
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PolicySpec:
@@ -100,6 +101,18 @@ class VLAPolicy(nn.Module, abc.ABC):
         self._exact: dict[str, torch.Tensor] = {}
         for name, tensor in normalization.tensors().items():
             self.register_exact_buffer(name, tensor)
+        self.set_state_inputs(spec.state_inputs)
+
+    def set_state_inputs(self, dims: list[int] | None) -> None:
+        """Read only these state dims (None: all); the others are zeroed after normalization."""
+        keep = torch.ones(self.spec.state_dim)
+        if dims is not None:
+            if not all(0 <= dim < self.spec.state_dim for dim in dims):
+                raise ValueError(f"state_inputs {dims} outside the state's {self.spec.state_dim} dims")
+            keep = torch.zeros(self.spec.state_dim)
+            keep[list(dims)] = 1.0
+        self.spec.state_inputs = None if dims is None else list(dims)
+        self.register_exact_buffer("state_keep", keep)
 
     def register_exact_buffer(self, name: str, tensor: torch.Tensor) -> None:
         """A non-persistent float32 buffer that follows the module's device but not its dtype."""
@@ -183,8 +196,8 @@ class VLAPolicy(nn.Module, abc.ABC):
         return processing.preprocess_images(images.to(self.device), self.image_size, self.dtype)
 
     def normalize_state(self, state: torch.Tensor) -> torch.Tensor:
-        """raw [B, S] -> standardized float32 [B, S]."""
-        return (state.to(self.state_mean.device, torch.float32) - self.state_mean) / self.state_std
+        """raw [B, S] -> standardized float32 [B, S]; dims outside spec.state_inputs are 0 (not read)."""
+        return (state.to(self.state_mean.device, torch.float32) - self.state_mean) / self.state_std * self.state_keep
 
     def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
         """raw [..., A] -> float32 [..., A] in [-1, 1] (q01 -> -1, q99 -> 1, clipped)."""
@@ -253,6 +266,8 @@ def build_policy(model_cfg: ModelSection, manifest: Mapping[str, Any], device: s
                               f"the dataset {(spec.cameras, spec.action_dim, spec.state_dim)}")
         policy.spec.num_inference_steps = model_cfg.num_inference_steps
         policy.spec.lora_targets = model_cfg.lora_targets
+        if spec.state_inputs is not None:  # asked for explicitly; else the pretrained policy's own choice
+            policy.set_state_inputs(spec.state_inputs)
     else:
         policy = _family_class(model_cfg.family).build(model_cfg, spec, Normalization.from_manifest(manifest))
     policy.hf_model.to(DTYPES[model_cfg.dtype])
@@ -325,7 +340,20 @@ def spec_from(model_cfg: ModelSection, manifest: Mapping[str, Any]) -> PolicySpe
         num_inference_steps=model_cfg.num_inference_steps,
         dtype=model_cfg.dtype,
         lora_targets=model_cfg.lora_targets,
+        state_inputs=state_input_dims(model_cfg.state_inputs, manifest),
     )
+
+
+def state_input_dims(names: list[str] | None, manifest: Mapping[str, Any]) -> list[int] | None:
+    """model.state_inputs (names) -> indices into the dataset's state vector; None stays None (all)."""
+    if names is None:
+        return None
+    known = list(manifest["state_space"].get("names") or [])
+    unknown = [name for name in names if name not in known]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ConfigError("model.state_inputs", f"{list(names)}: need distinct names of the dataset's state "
+                          f"dims {known}" + (f"; unknown: {unknown}" if unknown else ""))
+    return sorted(known.index(name) for name in names)
 
 
 def placeholder_manifest() -> dict[str, Any]:
