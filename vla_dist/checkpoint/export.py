@@ -82,6 +82,10 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
 
             state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
         missing, unexpected = policy.load_state_dict(state, strict=False)
+        # zero_to_fp32 leaves frozen parameters out at ZeRO-1 (its stage-1 checkpoints do not record
+        # them); they never change in training, so the rebuilt policy (same init, same seed) holds them
+        frozen = {name for name, param in policy.named_parameters() if not param.requires_grad}
+        missing = [name for name in missing if name not in frozen]
         if missing or unexpected:
             raise ConfigError("--checkpoint", f"{step_dir} does not fit the policy of its train_meta.json: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
