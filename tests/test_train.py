@@ -158,6 +158,7 @@ def test_unmerged_lora_export_loads_with_its_adapter(lora_run, tmp_path):
     assert error.value.key == "eval.checkpoint"
 
 
+@pytest.mark.heavy  # ~85 s of sim actors; the fast test above checks the same loading in-process
 def test_eval_actors_run_an_unmerged_export_with_its_adapter(lora_run, tmp_path):
     """The chain `vla-dist eval eval.checkpoint=DIR` runs (resolve_policy -> PolicySource -> a real
     Genesis SimActor's ModelPolicy): the unmerged export drives the same closed-loop episode as the
