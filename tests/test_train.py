@@ -22,7 +22,7 @@ from vla_dist.config.schema import ModelSection
 from vla_dist.config.validate import validate
 from vla_dist.errors import ConfigError, VlaDistError
 from vla_dist.models.files import PretrainedError
-from vla_dist.models.policy import VLAPolicy, build_policy, load_policy
+from vla_dist.models.policy import PolicyBatch, VLAPolicy, build_policy, load_policy
 from vla_dist.train import run_train
 from vla_dist.train.batches import EpisodeWindows
 from vla_dist.train.metrics import read_metrics
@@ -92,19 +92,26 @@ def test_resume_auto_continues_the_loss(zero2_run, tmp_path):
 def test_export_round_trip_predicts_the_trained_actions(zero2_run, tmp_path):
     cfg, _, _ = zero2_run
     step_dir = ckpt.step_dir(cfg.run.dir, 8)
-    result = export_checkpoint(step_dir, tmp_path / "export")
+    check_export_against_saved_module(step_dir, tmp_path / "export", Path(cfg.data.dir), tol=1e-5)
+
+
+def check_export_against_saved_module(step_dir: Path, out: Path, data_dir: Path,
+                                      tol: float) -> tuple[PolicyBatch, torch.Tensor, torch.Tensor]:
+    """`export_checkpoint` of a full fine-tune predicts what the module DeepSpeed itself saved predicts
+    (its pickle, read by this test only, never by vla-dist; whole at ZeRO 0-2) in a policy rebuilt
+    independently, and not what the untrained init predicts. Returns (batch, noise, exported actions)."""
+    result = export_checkpoint(step_dir, out)
     assert result["kind"] == "full" and result["step"] == 8
-    exported = load_policy(tmp_path / "export").eval()
-    # reference: the module weights DeepSpeed saved (whole at ZeRO-2), in a policy rebuilt independently
+    exported = load_policy(out).eval()
     meta = json.loads((step_dir / ckpt.META).read_text())
-    reference = rebuild_policy(meta).eval()
-    untrained = rebuild_policy(meta).eval()
+    reference, untrained = rebuild_policy(meta).eval(), rebuild_policy(meta).eval()
     states = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     reference.load_state_dict(states, strict=False)
-    batch, noise = fixed_inputs(exported, Path(cfg.data.dir))
+    batch, noise = fixed_inputs(exported, data_dir)
     actions = exported.predict_chunk(batch, noise=noise)
-    torch.testing.assert_close(actions, reference.predict_chunk(batch, noise=noise), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actions, reference.predict_chunk(batch, noise=noise), rtol=tol, atol=tol)
     assert not torch.allclose(actions, untrained.predict_chunk(batch, noise=noise), atol=1e-4)
+    return batch, noise, actions
 
 
 @pytest.fixture(scope="module")
@@ -207,18 +214,8 @@ def test_zero0_checkpoint_exports_and_evaluates(zero0_run, tmp_path):
     assert report["zero_stage"] == 0 and [row["step"] for row in rows] == list(range(1, 9))
     step_dir = ckpt.step_dir(cfg.run.dir, 8)
     assert (step_dir / MODEL_FILE).is_file() and (step_dir / OPTIM_FILE).is_file()
-    result = export_checkpoint(step_dir, tmp_path / "export")
-    assert result["kind"] == "full" and result["step"] == 8
-    exported = load_policy(tmp_path / "export").eval()
-    meta = json.loads((step_dir / ckpt.META).read_text())
-    reference, untrained = rebuild_policy(meta).eval(), rebuild_policy(meta).eval()
-    # independent reference: the module DeepSpeed itself saved (a test may read its pickle; vla-dist never does)
-    states = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    reference.load_state_dict(states, strict=False)
-    batch, noise = fixed_inputs(exported, Path(cfg.data.dir))
-    actions = exported.predict_chunk(batch, noise=noise)
-    torch.testing.assert_close(actions, reference.predict_chunk(batch, noise=noise), rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(actions, untrained.predict_chunk(batch, noise=noise), atol=1e-4)
+    batch, noise, actions = check_export_against_saved_module(step_dir, tmp_path / "export", Path(cfg.data.dir),
+                                                              tol=1e-6)
 
     eval_dir = tmp_path / "eval"
     assert main(["eval", f"eval.checkpoint={cfg.run.dir}", f"run.dir={eval_dir}", f"data.dir={cfg.data.dir}",

@@ -17,7 +17,7 @@ from typing import Any
 from vla_dist.cluster.checks import CLUSTER_CHECKS, RESERVED_RESOURCES
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
-from vla_dist.models.files import FAMILIES, PretrainedError, check_pretrained_dir
+from vla_dist.models.files import FAMILIES, PretrainedError, check_pretrained_dir, check_state_inputs
 from vla_dist.sim.task_names import TASK_NAMES
 
 Check = Callable[[RunConfig], None]
@@ -161,13 +161,11 @@ def _model_lora_targets(cfg: RunConfig) -> None:
 
 
 def _model_state_inputs(cfg: RunConfig) -> None:
-    """Distinct names; checked against the dataset's state names when data.dir already has a manifest
-    (a run that collects first is checked when the policy is built)."""
-    names = cfg.model.state_inputs
-    if names is None:
+    """Checked against the dataset's state names when data.dir already has a manifest (a run that
+    collects first is checked again when the policy is built); else the names alone."""
+    if cfg.model.state_inputs is None:
         return
-    if not names or len(set(names)) != len(names):
-        raise ConfigError("model.state_inputs", f"must be null (every state dim) or distinct names, got {names}")
+    known = None
     manifest = Path(cfg.data.dir) / "manifest.json"
     if manifest.is_file():
         import json
@@ -175,10 +173,8 @@ def _model_state_inputs(cfg: RunConfig) -> None:
         try:
             known = json.loads(manifest.read_text(encoding="utf-8"))["state_space"]["names"]
         except (OSError, ValueError, KeyError, TypeError):
-            return  # an unreadable manifest is reported by the command that reads the data
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise ConfigError("model.state_inputs", f"{unknown} are not state dims of {cfg.data.dir} ({known})")
+            pass  # an unreadable manifest is reported by the command that reads the data
+    check_state_inputs(cfg.model.state_inputs, known)
 
 
 def _eval_checkpoint(cfg: RunConfig) -> None:

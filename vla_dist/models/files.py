@@ -21,8 +21,11 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from vla_dist.errors import ConfigError
 
 SPEC_FILE = "vla_dist.json"
 ADAPTER_DIR = "adapter"
@@ -68,6 +71,16 @@ def check_pretrained_dir(path: str | os.PathLike[str]) -> dict[str, Any]:
     weight_shapes(root)  # every safetensors file exists and has a readable header
     check_adapter_dir(root)
     return spec
+
+
+def check_state_inputs(names: Sequence[str], known: Sequence[str] | None) -> None:
+    """model.state_inputs: distinct names, each a state dim of the dataset (`known`, its manifest's
+    state_space names; None when no dataset is there yet: then only the names themselves). Torch-free,
+    so config validation and policy building share it. Raises ConfigError."""
+    unknown = [name for name in names if name not in known] if known is not None else []
+    if unknown or not names or len(set(names)) != len(names):
+        raise ConfigError("model.state_inputs", f"{list(names)}: need null (every state dim) or distinct names of "
+                          f"the dataset's state dims {list(known or [])}" + (f"; unknown: {unknown}" if unknown else ""))
 
 
 def check_adapter_dir(root: Path) -> Path | None:

@@ -32,6 +32,7 @@ from vla_dist.models.files import (
     PretrainedError,
     check_adapter_dir,
     check_pretrained_dir,
+    check_state_inputs,
 )
 from vla_dist.models.processing import Normalization
 
@@ -349,10 +350,7 @@ def state_input_dims(names: list[str] | None, manifest: Mapping[str, Any]) -> li
     if names is None:
         return None
     known = list(manifest["state_space"].get("names") or [])
-    unknown = [name for name in names if name not in known]
-    if unknown or not names or len(set(names)) != len(names):
-        raise ConfigError("model.state_inputs", f"{list(names)}: need distinct names of the dataset's state "
-                          f"dims {known}" + (f"; unknown: {unknown}" if unknown else ""))
+    check_state_inputs(names, known)
     return sorted(known.index(name) for name in names)
 
 
