@@ -28,8 +28,8 @@ pytestmark = pytest.mark.heavy
 STEPS, SAVE = 10, 5
 MICRO = 8
 # stride 4: ~9 windows per quickstart episode, ~36 per rank, ~4 batches of 8 per epoch: 10 steps
-# cross two epoch ends
-DATA = ["data.window_stride=4", "data.shuffle_buffer=16", "data.num_workers=1"]
+# cross two epoch ends; images shifted (data.random_shift): resume must reproduce the shifts too
+DATA = ["data.window_stride=4", "data.shuffle_buffer=16", "data.num_workers=1", "data.random_shift=2"]
 
 
 def data_cfg(run_dir: Path, data_dir: Path, *overrides: str):

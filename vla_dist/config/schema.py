@@ -63,6 +63,8 @@ class DataSection:
     num_workers: int = 2  # DataLoader worker processes per trainer rank (0: read in the trainer process)
     shuffle_buffer: int = 256  # windows shuffled together (>= this many, whole episodes); 0: no shuffle
     window_stride: int = 1  # a window every this many steps of an episode
+    # training images move by up to this many pixels, edges repeated (vla_dist/data/augment.py); 0: off
+    random_shift: int = 0
 
 
 @dataclass

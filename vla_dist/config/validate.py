@@ -92,6 +92,12 @@ def _image_size_even(cfg: RunConfig) -> None:
         raise ConfigError("task.image_size", f"must be even, got {cfg.task.image_size}")
 
 
+def _random_shift_fits_images(cfg: RunConfig) -> None:
+    if cfg.data.random_shift * 4 > cfg.task.image_size:
+        raise ConfigError("data.random_shift", f"must be at most a quarter of task.image_size "
+                          f"({cfg.task.image_size // 4} px), got {cfg.data.random_shift}")
+
+
 def _cameras(cfg: RunConfig) -> None:
     cameras = list(cfg.task.cameras)
     allowed = ", ".join(CAMERAS)
@@ -319,6 +325,8 @@ CHECKS: list[Check] = [
     at_least("data.num_workers", 0),
     at_least("data.shuffle_buffer", 0),
     at_least("data.window_stride", 1),
+    at_least("data.random_shift", 0),
+    _random_shift_fits_images,
     # model
     one_of("model.family", FAMILIES),
     at_least("model.chunk_size", 1),

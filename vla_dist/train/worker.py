@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vla_dist.config.schema import RunConfig
+from vla_dist.data.augment import augment_batch
 from vla_dist.distributed.group import node_address_and_free_port
 
 
@@ -139,6 +140,7 @@ class SFTWorker:
                 # noise and flow-matching time are drawn from torch's generator: seed it per micro-batch
                 # so a resumed run continues the uninterrupted one exactly
                 torch.manual_seed(hash(key) & 0x7FFF_FFFF)
+                batch = augment_batch(batch, self.cfg.data.random_shift, seed=hash((*key, 1)) & 0x7FFF_FFFF)
                 loss = self.engine(batch)
                 if _inject_nan(step, attempt):
                     loss = loss * float("nan")
