@@ -23,7 +23,7 @@ EPISODES = QUICKSTART_EPISODES
 
 
 def test_collect_writes_exact_valid_dataset(quickstart_run: tuple[Path, Path, subprocess.CompletedProcess]) -> None:
-    run_dir, data_dir, proc = quickstart_run
+    run_dir, data_dir, _ = quickstart_run
     manifest = read_manifest(data_dir)
     episodes = list(iter_episodes(data_dir, verify="sha256"))
     assert len(episodes) == EPISODES == manifest["episodes"]
@@ -38,7 +38,8 @@ def test_collect_writes_exact_valid_dataset(quickstart_run: tuple[Path, Path, su
     assert shards == sorted(s["name"] for s in manifest["shards"]) and len(shards) == 3
     assert not list(data_dir.glob("*.partial"))
     # Statistics in the manifest match a recomputation from what was read back.
-    for key, arrays in (("action_stats", [ep.actions for ep in episodes]), ("state_stats", [ep.state for ep in episodes])):
+    stats_arrays = (("action_stats", [ep.actions for ep in episodes]), ("state_stats", [ep.state for ep in episodes]))
+    for key, arrays in stats_arrays:
         expected = compute_stats(arrays)
         for stat in ("mean", "std", "min", "max", "q01", "q99"):
             np.testing.assert_allclose(manifest[key][stat], expected[stat], rtol=1e-5, atol=1e-6)
@@ -105,7 +106,7 @@ def test_collect_refuses_to_overwrite_a_dataset(quickstart_run: tuple[Path, Path
     _, data_dir, _ = quickstart_run
     proc = subprocess.run(
         [sys.executable, "-m", "vla_dist", "collect", f"data.dir={data_dir}", "collect.episodes=1"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 2
     assert "data.dir" in proc.stderr and "collect.overwrite" in proc.stderr

@@ -181,7 +181,7 @@ class _Touch:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (open, (str(self.path), "w"))
 
 
@@ -205,7 +205,7 @@ def test_round_trip_through_shards(tmp_path: Path, codec: str) -> None:
     read = list(iter_episodes(tmp_path, on_error=errors))
     assert not errors, errors.errors
     assert [e.episode_id for e in read] == [e.episode_id for e in episodes]
-    for got, want in zip(read, episodes):
+    for got, want in zip(read, episodes, strict=True):
         assert_same_episode(got, want, codec)
 
 
@@ -232,11 +232,10 @@ def test_max_bytes_bounds_the_file_size(tmp_path: Path) -> None:
 
 def test_exception_inside_writer_keeps_only_complete_shards(tmp_path: Path) -> None:
     episodes = [make_episode(i) for i in range(5)]
-    with pytest.raises(RuntimeError, match="sim crashed"):
-        with EpisodeShardWriter(tmp_path, max_episodes=2) as writer:
-            for episode in episodes:
-                writer.write(encode_episode(episode, "npz"))
-            raise RuntimeError("sim crashed")  # the 3rd shard (1 episode) is open here
+    with pytest.raises(RuntimeError, match="sim crashed"), EpisodeShardWriter(tmp_path, max_episodes=2) as writer:
+        for episode in episodes:
+            writer.write(encode_episode(episode, "npz"))
+        raise RuntimeError("sim crashed")  # the 3rd shard (1 episode) is open here
     assert sorted(os.listdir(tmp_path)) == ["shard-000000.tar", "shard-000001.tar"]
     assert [r.episodes for r in writer.records] == [2, 2]
     assert [e.episode_id for e in iter_episodes(tmp_path)] == [e.episode_id for e in episodes[:4]]
@@ -426,9 +425,9 @@ def test_manifest_round_trip_and_errors(tmp_path: Path) -> None:
 
 def _manifest_kwargs(records: list) -> dict:
     stats = compute_stats([np.zeros((1, 1))])
-    return dict(shards=records, episodes=3, frames=36, tasks={"pick_cube": 3}, action_space={},
-                state_space={}, action_stats=stats, state_stats=stats, cameras=["front"], image_size=32,
-                image_codec="npz", fps=10.0)
+    return {"shards": records, "episodes": 3, "frames": 36, "tasks": {"pick_cube": 3}, "action_space": {},
+            "state_space": {}, "action_stats": stats, "state_stats": stats, "cameras": ["front"],
+            "image_size": 32, "image_codec": "npz", "fps": 10.0}
 
 
 def test_write_video_and_tile_cameras(tmp_path: Path) -> None:

@@ -91,7 +91,9 @@ def pi0_inputs(model: PI0ForConditionalGeneration, batch: int) -> dict[str, torc
     return inputs
 
 
-def token_inputs(model: PaliGemmaForConditionalGeneration, batch: int, prefix_lm: bool = False) -> dict[str, torch.Tensor]:
+def token_inputs(
+    model: PaliGemmaForConditionalGeneration, batch: int, prefix_lm: bool = False
+) -> dict[str, torch.Tensor]:
     """The bench's inputs (left-padded by one token; same shapes: shared compiles), row 0 padded more.
     prefix_lm: PaliGemma's token_type_ids (bidirectional prompt), no padding. Else a causal prompt:
     generate() builds a causal mask only when the batch has padding (without padding its eager sdpa
@@ -278,7 +280,8 @@ def test_decoders_on_the_policies_inputs() -> None:
     token_policy = build_policy(load_config(None, ["model.preset=tiny-openvla"]).model, placeholder_manifest()).eval()
     _spread_weights(token_policy.hf_model, 0.2)
     images = torch.randint(0, 256, (2, 2, 32, 32, 3), dtype=torch.uint8)
-    inputs = PolicyInputs(images, torch.randn(2, pi0_policy.state_dim), ["pick up the red cube", "push the cube left now"])
+    texts = ["pick up the red cube", "push the cube left now"]
+    inputs = PolicyInputs(images, torch.randn(2, pi0_policy.state_dim), texts)
 
     prefix = pi0_policy.prepare_prefix(inputs)  # right-padded prompts
     noise = pi0_policy.full_noise(None, 2)

@@ -72,7 +72,8 @@ def jobs_on_a_real_head(out_dir: str) -> None:
     try:
         wait_for_jobs_server(DASHBOARD, timeout=120)
         cfg = validate(load_config(None, [
-            f"run.dir={out / 'run'}", f"data.dir={out / 'data'}", f"collect.episodes={JOB_EPISODES}", "collect.num_videos=0",
+            f"run.dir={out / 'run'}", f"data.dir={out / 'data'}", f"collect.episodes={JOB_EPISODES}",
+            "collect.num_videos=0",
             "task.image_size=32", "collect.actor_resources={sim: 1}", f"cluster.dashboard_address={DASHBOARD}",
         ]))
         lines: list[str] = []
@@ -82,7 +83,8 @@ def jobs_on_a_real_head(out_dir: str) -> None:
         result = {
             "first": first.to_dict(), "first_exit": first.command_exit_code(), "lines": lines,
             "status_later": status(DASHBOARD, first.job_id).to_dict(),
-            "again": again.to_dict(), "again_exit": again.command_exit_code(), "again_logs": logs(DASHBOARD, again.job_id),
+            "again": again.to_dict(), "again_exit": again.command_exit_code(),
+            "again_logs": logs(DASHBOARD, again.job_id),
         }
         (out / "result.json").write_text(json.dumps(result))
     finally:
@@ -133,11 +135,12 @@ def test_entrypoint_writes_the_shipped_config_and_runs_the_command(tmp_path: Pat
     code is the job's, and the config file is gone afterwards."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PATH": path}
-    proc = subprocess.run(["sh", "-c", job_entrypoint("config", working_dir=True)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env={**env, "VLA_DIST_JOB_CONFIG": "collect:\n  episodes: 7\n"})
+    entrypoint = ["sh", "-c", job_entrypoint("config", working_dir=True)]
+    proc = subprocess.run(entrypoint, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+                          env={**env, "VLA_DIST_JOB_CONFIG": "collect:\n  episodes: 7\n"})
     assert proc.returncode == 0, proc.stderr
     assert "episodes: 7" in proc.stdout
-    bad = subprocess.run(["sh", "-c", job_entrypoint("config", working_dir=True)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, env={**env, "VLA_DIST_JOB_CONFIG": "collect:\n  episodes: 0\n"})
+    bad = subprocess.run(entrypoint, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+                         env={**env, "VLA_DIST_JOB_CONFIG": "collect:\n  episodes: 0\n"})
     assert bad.returncode == 2 and "collect.episodes" in bad.stderr
     assert not list(tmp_path.glob("vla-dist-job-*.yaml"))

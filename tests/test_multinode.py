@@ -32,7 +32,8 @@ TINY = ["task.image_size=32", "collect.envs_per_actor=2", "collect.num_actors=2"
 
 def private_net_available() -> bool:
     try:
-        return subprocess.run([str(PRIVATE_NET), "--check"], capture_output=True, timeout=30).returncode == 0
+        proc = subprocess.run([str(PRIVATE_NET), "--check"], capture_output=True, timeout=30, check=False)
+        return proc.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -50,7 +51,7 @@ def run_in_private_net(function: str, out: Path, timeout: float, env: dict[str, 
     child_env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     child_env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([str(PRIVATE_NET), sys.executable, "-c", code, str(out)], cwd=REPO_ROOT, env=child_env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
     result = out / "result.json"
     assert proc.returncode == 0 and result.exists(), (
         f"child failed ({proc.returncode}; Ray logs in {ray_tmp}):\n{proc.stderr[-5000:]}")
@@ -81,8 +82,10 @@ def collect_on_two_nodes(out_dir: str) -> None:
         result: dict[str, object] = {"worker_node_ids": [w.node_id for w in workers]}
 
         def config(name: str):
-            return validate(load_config(None, [*TINY, f"run.dir={out / name / 'run'}", f"data.dir={out / name / 'data'}",
-                                               f"cluster.address={cluster.address}"]))
+            return validate(load_config(None, [
+                *TINY, f"run.dir={out / name / 'run'}", f"data.dir={out / name / 'data'}",
+                f"cluster.address={cluster.address}",
+            ]))
 
         result["undisturbed"] = run_collect(config("undisturbed"))
         chunk_tasks = list_tasks(filters=[("func_or_class_name", "=", "SimActor.run_chunk")], detail=True, limit=1000,
@@ -154,7 +157,8 @@ def test_sim_actor_placement_from_config() -> None:
         check_fits(placement, 4, {"CPU": 64.0, "memory": 1e12})  # no sim node: fail fast, do not hang
     check_fits(placement, 4, {"CPU": 64.0, "sim": 4.0, "memory": 1e12})
     assert ActorPlacement().ray_options() == {"num_cpus": 1.0, "resources": {}}  # the default: any node
-    bundles = trainer_bundles(TrainerPlacement(world_size=2, gpus_per_rank=1, cpus_per_rank=4, resources={"trainer": 1}))
+    placement = TrainerPlacement(world_size=2, gpus_per_rank=1, cpus_per_rank=4, resources={"trainer": 1})
+    bundles = trainer_bundles(placement)
     assert bundles == [{"CPU": 4, "trainer": 1, "GPU": 1}] * 2
 
 
@@ -192,7 +196,8 @@ def test_kuberay_manifests_match_the_config() -> None:
     from vla_dist.cluster.kuberay import render_kuberay
     from vla_dist.config import load_config
 
-    cfg = _two_node("cluster.kuberay.gpu_workers=3", "cluster.kuberay.gpus_per_worker=8", "cluster.kuberay.sim_workers=5")
+    cfg = _two_node(
+        "cluster.kuberay.gpu_workers=3", "cluster.kuberay.gpus_per_worker=8", "cluster.kuberay.sim_workers=5")
     files, notes = render_kuberay(cfg, command="collect")
     assert set(files) == {"raycluster.yaml"} and "rayjob.yaml not rendered" in notes[0]  # dashboard stays on 127.0.0.1
     config_map, cluster = yaml.safe_load_all(files["raycluster.yaml"])

@@ -8,7 +8,7 @@ from .conftest import REPO_ROOT
 
 
 def _bash_blocks(markdown: str) -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", markdown, flags=re.S)
+    return re.findall(r"```bash\n(.*?)```", markdown, flags=re.DOTALL)
 
 
 def test_ci_runs_the_readme_test_command() -> None:

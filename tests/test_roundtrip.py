@@ -5,8 +5,8 @@ Everything between the shards and the simulator is on this path: window cutting 
 exported policy, `ModelPolicy.act` with its action horizon, the control rate. A unit, sign, order
 or off-by-one bug anywhere in it makes the memorized policy miss on the very layouts it learned;
 a policy that cannot even do that cannot be expected to generalize. The floor (some success, the
-grasp point near the cube) must hold; below the 90% target the test reports xfail with the figures. Real commands end to end:
-`vla-dist collect`, `vla-dist train` (DeepSpeed, one Ray-placed rank), `vla-dist eval
+grasp point near the cube) must hold; below the 90% target the test reports xfail with the figures.
+Real commands end to end: `vla-dist collect`, `vla-dist train` (DeepSpeed, one Ray-placed rank), `vla-dist eval
 eval.seeds=collection` on the session's sim actors. No mocks.
 """
 

@@ -76,9 +76,9 @@ def with_local_slurm(out: Path, body) -> None:
     try:
         body()
     finally:
-        subprocess.run(["scancel", "--user=root"], capture_output=True)
+        subprocess.run(["scancel", "--user=root"], capture_output=True, check=False)
         time.sleep(1.0)
-        subprocess.run([str(LOCAL_SLURM), "down", str(state)], capture_output=True, timeout=60)
+        subprocess.run([str(LOCAL_SLURM), "down", str(state)], capture_output=True, timeout=60, check=False)
 
 
 def collect_job(out_dir: str) -> None:
@@ -129,10 +129,12 @@ def requeue_job(out_dir: str) -> None:
             time.sleep(0.5)
         signalled_at_step = steps_logged()
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
-        fields = wait_for_job(job_id, timeout=400, until=lambda f: f["JobState"] == "COMPLETED" and f.get("Restarts") == "1"
+        fields = wait_for_job(job_id, timeout=400,
+                              until=lambda f: f["JobState"] == "COMPLETED" and f.get("Restarts") == "1"
                               or f["JobState"] in ("FAILED", "CANCELLED"))
         shutil.rmtree(f"/tmp/vla-dist-{job_id}", ignore_errors=True)
-        result = {"job": fields, "signalled_at_step": signalled_at_step, "seconds": round(time.monotonic() - started, 1),
+        result = {"job": fields, "signalled_at_step": signalled_at_step,
+                  "seconds": round(time.monotonic() - started, 1),
                   "log": "\n".join(p.read_text() for p in (out / "job").glob("slurm-*.out"))}
         (out / "result.json").write_text(json.dumps(result))
 
@@ -201,17 +203,18 @@ def test_rendered_sbatch_matches_the_config(tmp_path: Path) -> None:
     cfg = validate(load_config(EXAMPLE_CONFIG, [
         "cluster.slurm.nodes=4", "cluster.slurm.gpus_per_node=8", "cluster.slurm.cpus_per_node=96",
         "cluster.slurm.sim_per_node=64",
-        "cluster.slurm.account=robotics", "cluster.slurm.mem_per_node_gb=512", "cluster.slurm.extra_sbatch=[--qos=high]",
+        "cluster.slurm.account=robotics", "cluster.slurm.mem_per_node_gb=512",
+        "cluster.slurm.extra_sbatch=[--qos=high]",
     ]))
     files = render_sbatch(cfg, tmp_path, command="train")
     script = files[SCRIPT_NAME]
-    sbatch_options = re.findall(r"^#SBATCH (\S+)$", script, flags=re.M)
+    sbatch_options = re.findall(r"^#SBATCH (\S+)$", script, flags=re.MULTILINE)
     assert sbatch_options == [
         "--job-name=vla-dist", "--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=96", "--time=04:00:00",
         f"--output={tmp_path}/slurm-%j.out", "--open-mode=append", "--gpus-per-node=8", "--mem=512G", "--partition=gpu",
         "--account=robotics", "--exclusive", "--requeue", "--signal=B:USR1@300", "--qos=high",
     ]
-    settings = dict(re.findall(r"^([A-Z_]+)=(.*?)(?:\s+#.*)?$", script, flags=re.M))
+    settings = dict(re.findall(r"^([A-Z_]+)=(.*?)(?:\s+#.*)?$", script, flags=re.MULTILINE))
     keys = ("NODES", "CPUS", "GPUS", "SIM", "HEAD_PORT", "DASHBOARD_PORT", "JOIN_TIMEOUT", "REQUEUE")
     assert {k: settings[k] for k in keys} == {
         "NODES": "4", "CPUS": "96", "GPUS": "8", "SIM": "64", "HEAD_PORT": "6379", "DASHBOARD_PORT": "8265",
@@ -220,7 +223,7 @@ def test_rendered_sbatch_matches_the_config(tmp_path: Path) -> None:
     assert settings["DRIVER"] == f"(vla-dist train --config {tmp_path}/config.yaml)"
     assert settings["RESUME_OVERRIDE"] == "train.resume=auto"
     assert "--dashboard-host=127.0.0.1" in script
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
     # The job's config is the user's, joining the job's Ray, with outputs on the shared filesystem.
     (tmp_path / "config.yaml").write_text(files["config.yaml"])
     job = load_config(tmp_path / "config.yaml", [])

@@ -86,7 +86,8 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
 
 def assert_continues(rows, again, label):
     assert [row["step"] for row in again] == list(range(1, STEPS + 1))
-    assert all(a["elapsed_s"] != b["elapsed_s"] for a, b in zip(rows[SAVE:], again[SAVE:]))  # rows of the new run
+    # rows of the new run
+    assert all(a["elapsed_s"] != b["elapsed_s"] for a, b in zip(rows[SAVE:], again[SAVE:], strict=True))
     deltas = [abs(a["loss"] - b["loss"]) for a, b in zip(rows[SAVE:], again[SAVE:], strict=True)]
     print(f"{label}: max |loss delta| after resume = {max(deltas):.3g}; per step {[f'{d:.2g}' for d in deltas]}")
     for before, after in zip(rows[SAVE:], again[SAVE:], strict=True):

@@ -136,7 +136,8 @@ def test_sigterm_saves_and_raises_so_the_cli_exits_1(quickstart_run, local_ray, 
     sender = threading.Thread(target=terminate_once_stepping, daemon=True)
     sender.start()
     try:
-        with pytest.raises(StoppedBySignal, match=r"stopped by SIGTERM at step \d+ of 200; checkpoint kept: ") as stopped:
+        stopped_message = r"stopped by SIGTERM at step \d+ of 200; checkpoint kept: "
+        with pytest.raises(StoppedBySignal, match=stopped_message) as stopped:
             run_train(cfg)
     finally:
         finished.set()

@@ -44,14 +44,14 @@ def all_windows(episodes: dict[str, object], stride: int = 1) -> set[tuple[str, 
 
 
 def keys(batches: list[WindowBatch]) -> list[tuple[str, int]]:
-    return [(eid, int(t)) for b in batches for eid, t in zip(b.episode_ids, b.timesteps)]
+    return [(eid, int(t)) for b in batches for eid, t in zip(b.episode_ids, b.timesteps, strict=True)]
 
 
 def same_batches(a: list[WindowBatch], b: list[WindowBatch]) -> bool:
     return len(a) == len(b) and all(
         x.episode_ids == y.episode_ids and x.instructions == y.instructions and torch.equal(x.images, y.images)
         and torch.equal(x.actions, y.actions) and torch.equal(x.action_mask, y.action_mask)
-        and torch.equal(x.state, y.state) for x, y in zip(a, b)
+        and torch.equal(x.state, y.state) for x, y in zip(a, b, strict=True)
     )
 
 

@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint; for LoRA runs the base policy plus adapter/, or with --merge-lora the merged weights. "
         "The result loads with vla_dist.models.load_policy and serves eval.checkpoint.",
     )
-    export.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoints/step_N, run.dir or run.dir/checkpoints")
+    export.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="checkpoints/step_N, run.dir or run.dir/checkpoints")
     export.add_argument("--out", required=True, metavar="DIR", help="output directory")
     export.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapter into the base weights")
     _add_config_arguments(export)
@@ -228,7 +229,8 @@ def _run(args: argparse.Namespace) -> int:
         config_path = save_resolved(cfg, cfg.run.dir)
         from vla_dist.rollout.collect import run_collect
 
-        _print_summary("collect", run_collect(cfg), f"shards: {cfg.data.dir}   run: {cfg.run.dir}   config: {config_path}")
+        where = f"shards: {cfg.data.dir}   run: {cfg.run.dir}   config: {config_path}"
+        _print_summary("collect", run_collect(cfg), where)
     elif args.command == "eval":
         config_path = save_resolved(cfg, cfg.run.dir)
         from vla_dist.rollout.evaluate import run_eval

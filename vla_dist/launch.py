@@ -63,8 +63,9 @@ def job_client(address: str) -> JobSubmissionClient:
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise VlaDistError(f"no Ray Jobs server answered at {address} (cluster.dashboard_address): {_first_line(error)}; "
-                           "is the head up and its dashboard port tunnelled to this machine?") from error
+        raise VlaDistError(f"no Ray Jobs server answered at {address} (cluster.dashboard_address): "
+                           f"{_first_line(error)}; is the head up and its dashboard port tunnelled to this machine?"
+                           ) from error
 
 
 def job_entrypoint(command: str, working_dir: bool) -> str:

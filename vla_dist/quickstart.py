@@ -188,8 +188,8 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     labels = [row["label"] for row in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     rates = [row["success_rate"] for row in rows]
-    errors = [[rate - row["ci95"][0] for rate, row in zip(rates, rows)],
-              [row["ci95"][1] - rate for rate, row in zip(rates, rows)]]
+    errors = [[rate - row["ci95"][0] for rate, row in zip(rates, rows, strict=True)],
+              [row["ci95"][1] - rate for rate, row in zip(rates, rows, strict=True)]]
     left.bar(labels, rates, yerr=errors, capsize=4, color="#4c72b0")
     left.set_ylim(0, 1.05)
     left.set_title("success rate (95% Wilson interval)")

@@ -39,8 +39,8 @@ def bench_codec(frames: np.ndarray, fps: float) -> dict:
         codecs["jpeg"] = jpeg
     details = {name: _measure(frames, encode, decode) for name, (encode, decode) in codecs.items()}
     num_frames, height, width, _ = frames.shape
-    for name in details:
-        details[name]["frames"], details[name]["height"], details[name]["width"] = num_frames, height, width
+    for detail in details.values():
+        detail["frames"], detail["height"], detail["width"] = num_frames, height, width
     mp4_bytes, npz_bytes = details["mp4"]["bytes"], details["npz"]["bytes"]
     return {
         "name": "codec",

@@ -87,7 +87,8 @@ def token_family(
     def hf_eager(inputs: Inputs) -> torch.Tensor:
         bins = greedy_action_bins_reference(model, action_token_ids, num_tokens, **inputs)
         rows = torch.arange(num_tokens, device=bins.device) % centers.shape[0] if centers.ndim == 2 else None
-        token_centers = centers.to(bins.device)[rows] if rows is not None else centers.to(bins.device).expand(num_tokens, -1)
+        on_device = centers.to(bins.device)
+        token_centers = on_device[rows] if rows is not None else on_device.expand(num_tokens, -1)
         return token_centers[torch.arange(num_tokens, device=bins.device)[None, :], bins]
 
     return DecodeFamily("action_tokens", chunk_size, make_inputs, hf_eager, make_decoder)
@@ -102,7 +103,8 @@ def synthetic_pi0_inputs(model: torch.nn.Module, num_cameras: int) -> MakeInputs
 
     def make_inputs(batch: int) -> Inputs:
         gen = torch.Generator().manual_seed(batch)
-        inputs = _prompt(batch, image_tokens, config.vlm_config.image_token_id, config.vlm_config.text_config.vocab_size, gen)
+        vlm = config.vlm_config
+        inputs = _prompt(batch, image_tokens, vlm.image_token_id, vlm.text_config.vocab_size, gen)
         inputs["pixel_values"] = torch.randn(batch, num_cameras, 3, vision.image_size, vision.image_size, generator=gen)
         inputs["pixel_attention_mask"] = torch.ones(batch, num_cameras, dtype=torch.bool)
         inputs["state"] = torch.randn(batch, config.max_state_dim, generator=gen)
@@ -127,7 +129,8 @@ def synthetic_token_inputs(model: torch.nn.Module, num_cameras: int) -> MakeInpu
         pad = torch.zeros(batch, 1, dtype=torch.long)
         inputs["input_ids"] = torch.cat([pad, inputs["input_ids"]], dim=1)
         inputs["attention_mask"] = torch.cat([pad, inputs["attention_mask"]], dim=1)
-        inputs["pixel_values"] = torch.randn(batch * num_cameras, 3, vision.image_size, vision.image_size, generator=gen)
+        size = vision.image_size
+        inputs["pixel_values"] = torch.randn(batch * num_cameras, 3, size, size, generator=gen)
         return _to(inputs, param)
 
     return make_inputs
@@ -238,7 +241,8 @@ def _policy_inputs(policy: Any, batch: int) -> Any:
     size = policy.image_size
     images = torch.randint(0, 256, (batch, len(policy.cameras), size, size, 3), generator=gen, dtype=torch.uint8)
     texts = [text for spec in TASKS.values() for text in spec.instructions]
-    return PolicyInputs(images, torch.randn(batch, policy.state_dim, generator=gen), [texts[i % len(texts)] for i in range(batch)])
+    state = torch.randn(batch, policy.state_dim, generator=gen)
+    return PolicyInputs(images, state, [texts[i % len(texts)] for i in range(batch)])
 
 
 def _tiny_families(num_cameras: int, device: torch.device) -> list[DecodeFamily]:

@@ -24,7 +24,9 @@ def run_rollout_bench(cfg: RunConfig) -> dict[str, object]:
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
     n, steps = cfg.bench.rollout_actors, cfg.bench.rollout_steps
     remote_cls = ray.remote(SimActor)
-    kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": cfg.collect.envs_per_actor, "image_codec": cfg.data.image_codec}
+    kwargs = {
+        "task": cfg.task, "sim": cfg.sim, "n_envs": cfg.collect.envs_per_actor, "image_codec": cfg.data.image_codec,
+    }
     actors = [remote_cls.options(num_cpus=cfg.collect.cpus_per_actor).remote(**kwargs) for _ in range(n)]
     try:
         ray.get([a.info.remote() for a in actors])

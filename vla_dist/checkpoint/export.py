@@ -70,7 +70,8 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
             kind = "adapter"
     else:
         if merge_lora:
-            raise ConfigError("--merge-lora", f"{step_dir} is a full fine-tune (train.lora.enabled=false): nothing to merge")
+            raise ConfigError("--merge-lora",
+                              f"{step_dir} is a full fine-tune (train.lora.enabled=false): nothing to merge")
         if meta.get("zero_stage") == 0:  # no ZeRO partitions for zero_to_fp32: rank 0's safetensors copy
             from vla_dist.checkpoint.stage0 import load_stage0_weights
 

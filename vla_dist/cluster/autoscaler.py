@@ -54,8 +54,10 @@ def autoscaler_config(cfg: RunConfig) -> dict[str, Any]:
         "setup_commands": [],
         "head_start_ray_commands": [
             "ray stop",
-            "ulimit -n 65536; ray start --head --port=6379 --dashboard-host=127.0.0.1 "
-            "--autoscaling-config=~/ray_bootstrap_config.yaml --disable-usage-stats",
+            (
+                "ulimit -n 65536; ray start --head --port=6379 --dashboard-host=127.0.0.1 "
+                "--autoscaling-config=~/ray_bootstrap_config.yaml --disable-usage-stats"
+            ),
         ],
         "worker_start_ray_commands": [
             "ray stop",

@@ -66,12 +66,14 @@ def _slurm(cfg: RunConfig) -> None:
         raise ConfigError("cluster.slurm.join_timeout_s",
                           f"must be >= 10 (nodes take seconds to start Ray), got {s.join_timeout_s}")
     if not SLURM_TIME.match(s.time):
-        raise ConfigError("cluster.slurm.time", f"must be a SLURM time limit like 04:00:00 or 1-00:00:00, got {s.time!r}")
+        raise ConfigError("cluster.slurm.time",
+                          f"must be a SLURM time limit like 04:00:00 or 1-00:00:00, got {s.time!r}")
     for key, port in (("head_port", s.head_port), ("dashboard_port", s.dashboard_port)):
         if not 1024 <= port <= 65535:
             raise ConfigError(f"cluster.slurm.{key}", f"must be in 1024..65535, got {port}")
     if s.venv is not None and s.container is not None:
-        raise ConfigError("cluster.slurm.container", "set either cluster.slurm.venv or cluster.slurm.container, not both")
+        raise ConfigError("cluster.slurm.container",
+                          "set either cluster.slurm.venv or cluster.slurm.container, not both")
     for option in s.extra_sbatch:
         if not option.startswith("--"):
             raise ConfigError("cluster.slurm.extra_sbatch",
@@ -98,8 +100,8 @@ def _cloud(cfg: RunConfig) -> None:
     _non_negative("cluster.cloud.gpu_workers_max", c.gpu_workers_max)
     _non_negative("cluster.cloud.sim_workers_min", c.sim_workers_min)
     if c.sim_workers_max < c.sim_workers_min:
-        raise ConfigError("cluster.cloud.sim_workers_max", f"must be >= cluster.cloud.sim_workers_min={c.sim_workers_min}, "
-                          f"got {c.sim_workers_max}")
+        raise ConfigError("cluster.cloud.sim_workers_max",
+                          f"must be >= cluster.cloud.sim_workers_min={c.sim_workers_min}, got {c.sim_workers_max}")
     _positive("cluster.cloud.idle_timeout_minutes", c.idle_timeout_minutes)
     _positive("cluster.cloud.sim_per_node", c.sim_per_node)
 

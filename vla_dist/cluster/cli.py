@@ -29,8 +29,9 @@ EXAMPLE_CONFIG = REPO_ROOT / "cluster" / "two-node.yaml"
 def add_commands(
     commands: argparse._SubParsersAction, add_config_arguments: Callable[[argparse.ArgumentParser], None]
 ) -> None:
-    cluster = commands.add_parser("cluster", help="render cluster files (SLURM sbatch, KubeRay manifests, autoscaler YAML)",
-                                  description="Write the files that bring a Ray cluster up for vla-dist, from the config.")
+    cluster = commands.add_parser(
+        "cluster", help="render cluster files (SLURM sbatch, KubeRay manifests, autoscaler YAML)",
+        description="Write the files that bring a Ray cluster up for vla-dist, from the config.")
     actions = cluster.add_subparsers(dest="cluster_action", metavar="ACTION", required=True)
     render = actions.add_parser("render", help="write the cluster files for TARGET",
                                 description="slurm: DIR/vla-dist.sbatch + DIR/config.yaml (sbatch it); kuberay: "
@@ -38,14 +39,16 @@ def add_commands(
                                 "autoscaler: ray-cluster.yaml for `ray up`.")
     render.add_argument("target", choices=TARGETS, metavar="TARGET", help=f"one of: {', '.join(TARGETS)}")
     render.add_argument("--out", metavar="DIR", default=None,
-                        help="output directory (slurm: RUN_DIR/slurm, on the shared filesystem; else ./vla-dist-TARGET)")
+                        help="output directory "
+                             "(slurm: RUN_DIR/slurm, on the shared filesystem; else ./vla-dist-TARGET)")
     render.add_argument("--job", metavar="COMMAND", default="collect",
                         help="the vla-dist command the job runs (default: collect)")
     add_config_arguments(render)
 
-    submit = commands.add_parser("submit", help="run a command on a Ray cluster through Ray Jobs, following its logs",
-                                 description="Validate the config here, ship it with the job to cluster.dashboard_address "
-                                 "(tunnel the head's 127.0.0.1:8265 first), stream the logs, exit with the job's exit code.")
+    submit = commands.add_parser(
+        "submit", help="run a command on a Ray cluster through Ray Jobs, following its logs",
+        description="Validate the config here, ship it with the job to cluster.dashboard_address "
+        "(tunnel the head's 127.0.0.1:8265 first), stream the logs, exit with the job's exit code.")
     submit.add_argument("job_command", metavar="COMMAND", help="collect, train, eval, rl, or 'bench NAME' (quoted)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     submit.add_argument("--working-dir", metavar="DIR", default=None,
@@ -153,7 +156,8 @@ def example_files(job: str = "train") -> dict[Path, str]:
     for target, target_cfg in (("slurm", cfg), ("kuberay", with_job), ("autoscaler", cfg)):
         files, _ = rendered(target_cfg, target, default_out(target_cfg, target), job)
         # Not the SLURM job's config.yaml: it is the whole config, which changes with every new key.
-        examples.update({Path(target) / "example" / name: text for name, text in files.items() if name != "config.yaml"})
+        examples.update(
+            {Path(target) / "example" / name: text for name, text in files.items() if name != "config.yaml"})
     return examples
 
 

@@ -61,7 +61,9 @@ def _pod(cfg: RunConfig, role: str, container: dict[str, Any]) -> dict[str, Any]
             "spec": {"containers": [container], "volumes": volumes}}
 
 
-def _group(cfg: RunConfig, name: str, replicas: int, container: dict[str, Any], resources: dict[str, str]) -> dict[str, Any]:
+def _group(
+    cfg: RunConfig, name: str, replicas: int, container: dict[str, Any], resources: dict[str, str]
+) -> dict[str, Any]:
     group: dict[str, Any] = {
         "groupName": name,
         "replicas": replicas,
@@ -139,7 +141,8 @@ def dashboard_policy(cfg: RunConfig) -> dict[str, Any]:
             "policyTypes": ["Ingress"],
             "ingress": [
                 {"from": [{"podSelector": {"matchLabels": {"vla-dist/cluster": k.name}}}]},
-                {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": k.operator_namespace}}}],
+                {"from": [{"namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": k.operator_namespace}}}],
                  "ports": [{"port": 8265, "protocol": "TCP"}]},
             ],
         },
@@ -159,7 +162,8 @@ _BlockDumper.add_representer(str, _str)
 
 
 def _dump(documents: list[dict[str, Any]], header: str) -> str:
-    return header + "".join("---\n" + yaml.dump(doc, Dumper=_BlockDumper, sort_keys=False, width=120) for doc in documents)
+    return header + "".join(
+        "---\n" + yaml.dump(doc, Dumper=_BlockDumper, sort_keys=False, width=120) for doc in documents)
 
 
 def render_kuberay(cfg: RunConfig, command: str = "collect") -> tuple[dict[str, str], list[str]]:
@@ -170,7 +174,8 @@ def render_kuberay(cfg: RunConfig, command: str = "collect") -> tuple[dict[str, 
               f"# Needs a ReadWriteMany PersistentVolumeClaim {k.shared_pvc!r} in namespace {k.namespace!r}.\n")
     files = {
         "raycluster.yaml": _dump([config_map, ray_cluster(cfg)], header + (
-            f"# kubectl apply -f raycluster.yaml; kubectl -n {k.namespace} port-forward svc/{k.name}-head-svc 8265:8265\n"
+            f"# kubectl apply -f raycluster.yaml; "
+            f"kubectl -n {k.namespace} port-forward svc/{k.name}-head-svc 8265:8265\n"
             f"# then: vla-dist submit {command} cluster.dashboard_address=http://127.0.0.1:8265 ...\n")),
     }
     notes = []

@@ -56,10 +56,12 @@ def check_fits(placement: ActorPlacement, count: int, offered: dict[str, float])
         if offered.get(name, 0.0) < amount:
             raise VlaDistError(
                 f"sim actors need {amount:g} of Ray resource {name!r} (collect.actor_resources) but the cluster offers "
-                f"{offered.get(name, 0.0):g}: start sim nodes with --resources='{{\"{name}\": N}}' (cluster/ files do), "
+                f"{offered.get(name, 0.0):g}: start sim nodes with --resources='{{\"{name}\": N}}' "
+                "(cluster/ files do), "
                 "or set collect.actor_resources={} to place actors on any node"
             )
-    short = {k: (need, offered.get(k, 0.0)) for k, need in placement.demand(count).items() if offered.get(k, 0.0) < need}
+    demand = placement.demand(count)
+    short = {k: (need, offered.get(k, 0.0)) for k, need in demand.items() if offered.get(k, 0.0) < need}
     if short:
         details = ", ".join(f"{k} {have:g} of {need:g}" for k, (need, have) in short.items())
         log.warning("the cluster offers less than %d sim actors need (%s): the pool waits until Ray can place them all "

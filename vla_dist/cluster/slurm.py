@@ -41,7 +41,8 @@ CPUS={{CPUS}}                 # CPUs Ray offers per node
 GPUS={{GPUS}}                 # GPUs Ray offers per node
 SIM={{SIM}}                  # "sim" resource per node (sim actors with collect.actor_resources={sim: 1})
 HEAD_PORT={{HEAD_PORT}}
-DASHBOARD_PORT={{DASHBOARD_PORT}}     # 127.0.0.1 only: ssh -L {{DASHBOARD_PORT}}:127.0.0.1:{{DASHBOARD_PORT}} <first node>
+# the dashboard listens on 127.0.0.1 only: ssh -L {{DASHBOARD_PORT}}:127.0.0.1:{{DASHBOARD_PORT}} <first node>
+DASHBOARD_PORT={{DASHBOARD_PORT}}
 JOIN_TIMEOUT={{JOIN_TIMEOUT}}
 OUT_DIR={{OUT_DIR_Q}}
 VENV={{VENV}}
@@ -143,7 +144,7 @@ if [ -n "$CONTAINER" ]; then
 else
   # A background job of a non-interactive shell starts with SIGINT ignored, and Python then never
   # raises KeyboardInterrupt: restore the default before exec'ing the driver.
-  python -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' \
+  python -c 'import os, signal as s, sys; s.signal(s.SIGINT, s.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' \
     "${ARGS[@]}" &
 fi
 DRIVER_PID=$!

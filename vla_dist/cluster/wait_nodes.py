@@ -22,7 +22,9 @@ def live_nodes() -> list[dict[str, object]]:
     return [node for node in ray.nodes() if node.get("Alive")]
 
 
-def wait_for_nodes(address: str, nodes: int, timeout_s: float, expect: list[str] | None = None) -> list[dict[str, object]]:
+def wait_for_nodes(
+    address: str, nodes: int, timeout_s: float, expect: list[str] | None = None
+) -> list[dict[str, object]]:
     """Connect to `address` (retrying while the head's GCS comes up) and poll until `nodes` are alive."""
     import ray
 

@@ -1,8 +1,9 @@
 """Loading a RunConfig: YAML files composed through `defaults:`, then `key=value` overrides.
 
 Merge order, later wins: the model preset (configs/model/<model.preset>.yaml), each file's
-`defaults` (in list order, recursively), the file's own keys, then the command-line overrides. Every key is checked against the typed schema before OmegaConf
-merges it, so a typo fails with the full key path and the keys its section does have.
+`defaults` (in list order, recursively), the file's own keys, then the command-line overrides. Every
+key is checked against the typed schema before OmegaConf merges it, so a typo fails with the full key
+path and the keys its section does have.
 
 Commands receive a plain `RunConfig` dataclass instance (`OmegaConf.to_object`): typed attribute
 access, cheap to pickle into Ray actors, no OmegaConf at use sites.

@@ -142,7 +142,8 @@ def _model_hf_fits_family(cfg: RunConfig) -> None:
         return
     model_type = model.hf.get("model_type")
     if model.family == "action_tokens" and model_type not in TOKEN_MODEL_TYPES:
-        raise ConfigError("model.hf", f"the action_tokens family needs hf.model_type in {', '.join(TOKEN_MODEL_TYPES)}, "
+        raise ConfigError("model.hf", "the action_tokens family needs hf.model_type in "
+                          f"{', '.join(TOKEN_MODEL_TYPES)}, "
                           f"got {model_type!r} (pick a preset of that family, e.g. model.preset=tiny-openvla)")
     if model.family == "pi0" and model_type is not None:
         raise ConfigError("model.hf", f"holds a {model_type!r} architecture, not PI0Config kwargs (pick a pi0 "
@@ -163,7 +164,8 @@ def _model_lora_targets(cfg: RunConfig) -> None:
         try:
             re.compile(cfg.model.lora_targets)
         except re.error as error:
-            raise ConfigError("model.lora_targets", f"not a valid regex ({error}): {cfg.model.lora_targets!r}") from None
+            raise ConfigError("model.lora_targets",
+                              f"not a valid regex ({error}): {cfg.model.lora_targets!r}") from None
 
 
 def _model_state_inputs(cfg: RunConfig) -> None:

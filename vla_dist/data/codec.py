@@ -231,7 +231,7 @@ def decode_sample(sample: dict[str, object], decode_images: bool = True) -> Epis
     we did not write: nothing is ever decoded by extension (a `.pyd` would be unpickled)."""
     key = sample.get("__key__")
     if not isinstance(key, str):
-        raise ValueError(f"sample has no string __key__ (keys: {sorted(sample)})")
+        raise ValueError(f"sample has no string __key__ (keys: {sorted(sample)})")  # noqa: TRY004  (malformed data, not a caller's type error: readers catch ValueError)
     if META_KEY not in sample:
         raise ValueError(f"sample {key!r}: missing {META_KEY}")
     try:

@@ -18,8 +18,9 @@ class Episode:
     frames: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> uint8 [T, H, W, 3]
     state: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # float32 [T, S]
     actions: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # float32 [T, A]
-    # Closest the grasp point (between the finger pads) came to the red cube's centre (m), from simulator state: a dense progress measure
-    # for eval (a policy that never succeeds can still learn to reach). In-memory only, not in shards.
+    # Closest the grasp point (between the finger pads) came to the red cube's centre (m), from simulator
+    # state: a dense progress measure for eval (a policy that never succeeds can still learn to reach).
+    # In-memory only, not in shards.
     closest_approach_m: float = float("nan")
 
     @property

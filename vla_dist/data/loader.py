@@ -67,9 +67,9 @@ from vla_dist.data.reader import (
     VERIFY_MODES,
     ShardErrors,
     check_shard,
+    list_shards,
     report_shard_error,
     tar_members,
-    list_shards,
 )
 from vla_dist.data.windows import (
     EpisodeRef,

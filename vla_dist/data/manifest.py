@@ -121,10 +121,12 @@ def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _check_shard_record(record: object, where: str) -> None:
+    # ValueError for wrong types too (TRY004 would want TypeError): this is malformed file content, and
+    # read_manifest turns every ValueError into a ManifestError naming the file.
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: shard record {record!r} is not an object")
+        raise ValueError(f"{where}: shard record {record!r} is not an object")  # noqa: TRY004 (see above)
     for field, kind in _SHARD_FIELDS.items():
         if not isinstance(record.get(field), kind) or isinstance(record.get(field), bool):
-            raise ValueError(f"{where}: shard record {record!r}: '{field}' must be {kind.__name__}")
+            raise ValueError(f"{where}: shard record {record!r}: '{field}' must be {kind.__name__}")  # noqa: TRY004
     if "/" in record["name"] or record["name"] in ("", ".", ".."):
         raise ValueError(f"{where}: shard name {record['name']!r} must be a plain file name")

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
     import webdataset as wds
@@ -127,9 +127,9 @@ class EpisodeShardWriter:
         for name, value in sample.items():
             if name.startswith("_"):
                 continue  # __key__, and metadata webdataset does not write
-            if not isinstance(value, bytes):
-                raise ValueError(f"sample {key!r}: {name} is {type(value).__name__}, expected bytes "
-                                 "(encode with encode_episode)")
+            if not isinstance(value, bytes):  # a malformed sample: ValueError like the checks around it
+                raise ValueError(  # noqa: TRY004
+                    f"sample {key!r}: {name} is {type(value).__name__}, expected bytes (encode with encode_episode)")
             member = f"{key}.{name}"
             if not member.isascii() or len(member) > _MAX_MEMBER_NAME:
                 raise ValueError(f"tar member name {member!r} must be ASCII and <= {_MAX_MEMBER_NAME} bytes")
@@ -184,7 +184,7 @@ class EpisodeShardWriter:
         self._discard_open_shard = True
         return self.close()
 
-    def __enter__(self) -> EpisodeShardWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

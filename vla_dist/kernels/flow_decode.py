@@ -101,7 +101,8 @@ class ShapeCompiled:
         if key in self.keys:
             return self._fn(*args)
         started = time.perf_counter()
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=4 * RECOMPILE_LIMIT):
+        limits = {"recompile_limit": RECOMPILE_LIMIT, "accumulated_recompile_limit": 4 * RECOMPILE_LIMIT}
+        with torch._dynamo.config.patch(**limits):
             out = self._fn(*args)
         self.compile_seconds += time.perf_counter() - started
         self.keys.add(key)
@@ -226,10 +227,11 @@ class FlowDecoder:
         state_mask = attention_mask_for(full_mask[:, : prefix_len + 1], attn_impl, state_hidden.dtype)
         hidden = state_hidden
         for layer in layers:
-            hidden = layer(hidden, attention_mask=state_mask, position_embeddings=(cos[:, :1], sin[:, :1]), past_key_values=recorder)
+            hidden = layer(hidden, attention_mask=state_mask, position_embeddings=(cos[:, :1], sin[:, :1]),
+                           past_key_values=recorder)
         frozen = _FrozenPrefixKV(
-            [torch.cat([k, nk], dim=-2) for k, nk in zip(keys, recorder.new_keys)],
-            [torch.cat([v, nv], dim=-2) for v, nv in zip(values, recorder.new_values)],
+            [torch.cat([k, nk], dim=-2) for k, nk in zip(keys, recorder.new_keys, strict=True)],
+            [torch.cat([v, nv], dim=-2) for v, nv in zip(values, recorder.new_values, strict=True)],
         )
 
         # 4. Euler steps from t=1 to t=0, unrolled into the graph.
@@ -241,10 +243,12 @@ class FlowDecoder:
         for step in range(self.num_steps):
             time_tensor = torch.full((batch,), 1.0 + step * dt, dtype=torch.float32, device=x.device)
             action_embeds = embed.action_in_proj(x)
-            time_embeds = embed.sinusoid_embeds(time_tensor)[:, None, :].expand_as(action_embeds).to(action_embeds.dtype)
+            time_embeds = embed.sinusoid_embeds(time_tensor)[:, None, :]
+            time_embeds = time_embeds.expand_as(action_embeds).to(action_embeds.dtype)
             hidden = embed.action_time_mlp_in(torch.cat([action_embeds, time_embeds], dim=2))
             hidden = embed.action_time_mlp_out(F.silu(hidden))
             for layer in layers:
-                hidden = layer(hidden, attention_mask=chunk_mask, position_embeddings=chunk_rope, past_key_values=frozen)
+                hidden = layer(hidden, attention_mask=chunk_mask, position_embeddings=chunk_rope,
+                               past_key_values=frozen)
             x = x + dt * model.action_out_proj(dit.norm(hidden))
         return x

@@ -193,7 +193,8 @@ class TokenDecoder:
         valid[:, :prompt_len] = attention_mask.bool()
 
         # Clones: under CUDA graphs a graph's outputs are only valid until the next replay starts.
-        bins = [self._prefill_fn(input_ids, pixel_values, attention_mask, prompt_pos, token_type_ids, keys, values).clone()]
+        first = self._prefill_fn(input_ids, pixel_values, attention_mask, prompt_pos, token_type_ids, keys, values)
+        bins = [first.clone()]
         slots = torch.arange(prompt_len, prompt_len + self.num_tokens, device=self.device)
         for i in range(self.num_tokens - 1):
             bins.append(self._step_fn(bins[-1], slots[i : i + 1], first_gen_pos, valid, keys, values).clone())
@@ -244,7 +245,7 @@ class TokenDecoder:
             **mask,
         )
         prompt_len = input_ids.shape[1]
-        for layer, k, v in zip(out.past_key_values.layers, keys, values):
+        for layer, k, v in zip(out.past_key_values.layers, keys, values, strict=True):
             k[:, :, :prompt_len].copy_(layer.keys)
             v[:, :, :prompt_len].copy_(layer.values)
         return self._greedy_bin(out.logits)
@@ -254,7 +255,8 @@ class TokenDecoder:
         position = torch.arange(length, device=attention_mask.device)
         causal = position[None, :] <= position[:, None]  # [query, key]
         # Each token also sees itself, so a padding row never has all keys masked (NaN-free K/V).
-        allowed = (causal[None] & attention_mask.bool()[:, None, :]) | torch.eye(length, dtype=torch.bool, device=attention_mask.device)
+        itself = torch.eye(length, dtype=torch.bool, device=attention_mask.device)
+        allowed = (causal[None] & attention_mask.bool()[:, None, :]) | itself
         return attention_mask_for(allowed, self._attn_impl, self.dtype)
 
     def _step(

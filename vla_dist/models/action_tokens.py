@@ -55,7 +55,8 @@ class ActionTokenPolicy(VLAPolicy):
         self.num_action_tokens = spec.chunk_size * spec.action_dim
         ids = [processing.token_id(tokenizer, token) for token in processing.ACTION_TOKENS]
         if max(ids) >= config.get_text_config().vocab_size:
-            raise ValueError(f"action token ids reach {max(ids)}, the vocabulary has {config.get_text_config().vocab_size}")
+            raise ValueError(
+                f"action token ids reach {max(ids)}, the vocabulary has {config.get_text_config().vocab_size}")
         self.register_buffer("action_token_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         edges = torch.linspace(-1.0, 1.0, NUM_ACTION_BINS + 1, dtype=torch.float64)
         self.register_exact_buffer("bin_centers", ((edges[:-1] + edges[1:]) / 2).float())

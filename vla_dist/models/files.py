@@ -80,7 +80,8 @@ def check_state_inputs(names: Sequence[str], known: Sequence[str] | None) -> Non
     unknown = [name for name in names if name not in known] if known is not None else []
     if unknown or not names or len(set(names)) != len(names):
         raise ConfigError("model.state_inputs", f"{list(names)}: need null (every state dim) or distinct names of "
-                          f"the dataset's state dims {list(known or [])}" + (f"; unknown: {unknown}" if unknown else ""))
+                          f"the dataset's state dims {list(known or [])}"
+                          + (f"; unknown: {unknown}" if unknown else ""))
 
 
 def check_adapter_dir(root: Path) -> Path | None:
@@ -150,7 +151,8 @@ def load_hf_model(root: Path, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
 
     config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
     if config.model_type not in HF_CLASSES:
-        raise PretrainedError(f"{root / 'config.json'}: model_type {config.model_type!r} is not one of {', '.join(HF_CLASSES)}")
+        raise PretrainedError(
+            f"{root / 'config.json'}: model_type {config.model_type!r} is not one of {', '.join(HF_CLASSES)}")
     model_class = getattr(transformers, HF_CLASSES[config.model_type])
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()

@@ -75,7 +75,9 @@ class PI0Policy(VLAPolicy):
                 param.requires_grad_(False)
 
     @classmethod
-    def build(cls, model_cfg: ModelSection, spec: PolicySpec, normalization: Normalization, meta: bool = False) -> PI0Policy:
+    def build(
+        cls, model_cfg: ModelSection, spec: PolicySpec, normalization: Normalization, meta: bool = False
+    ) -> PI0Policy:
         from transformers import PI0ForConditionalGeneration
 
         tokenizer = processing.build_tokenizer()
@@ -143,13 +145,15 @@ class PI0Policy(VLAPolicy):
         if noise.shape[:2] != (batch, self.chunk_size) or noise.shape[2] not in (self.action_dim, self.max_action_dim):
             raise ValueError(f"noise must be [{batch}, {self.chunk_size}, {self.action_dim} or {self.max_action_dim}], "
                              f"got {tuple(noise.shape)}")
-        noise = F.pad(noise[..., : self.action_dim].to(self.device, torch.float32), (0, self.max_action_dim - self.action_dim))
+        noise = noise[..., : self.action_dim].to(self.device, torch.float32)
+        noise = F.pad(noise, (0, self.max_action_dim - self.action_dim))
         return noise.to(self.dtype)
 
     def sample_timestep(self, batch: int) -> torch.Tensor:
         """float32 [B] flow-matching times, drawn as transformers' PI0 does (scaled Beta(1.5, 1))."""
         config = self.hf_model.config
-        beta = torch.distributions.Beta(torch.tensor(config.time_sampling_beta_alpha), torch.tensor(config.time_sampling_beta_beta))
+        beta = torch.distributions.Beta(
+            torch.tensor(config.time_sampling_beta_alpha), torch.tensor(config.time_sampling_beta_beta))
         time = beta.sample((batch,)) * config.time_sampling_scale + config.time_sampling_offset
         return time.float().to(self.device)
 
@@ -235,7 +239,8 @@ def pi0_config(hf: dict[str, Any], spec: PolicySpec, tokenizer: Any) -> Any:
     for key in _SHARED_WITH_EXPERT:
         if getattr(backbone, key) != getattr(expert, key):
             raise ConfigError("model.hf", f"dit_config.{key} = {getattr(expert, key)} must equal "
-                              f"vlm_config.text_config.{key} = {getattr(backbone, key)} (the expert reads its KV cache)")
+                              f"vlm_config.text_config.{key} = {getattr(backbone, key)} "
+                              "(the expert reads its KV cache)")
     if config.vlm_config.projection_dim != backbone.hidden_size:
         raise ConfigError("model.hf", f"vlm_config.projection_dim {config.vlm_config.projection_dim} must equal the "
                           f"text hidden_size {backbone.hidden_size}")

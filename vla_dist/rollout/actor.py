@@ -82,7 +82,8 @@ class SimActor:
         from vla_dist.data.codec import encode_episode
 
         started = time.perf_counter()
-        decode_before = [getattr(self.policy, name, 0) for name in ("decode_seconds", "decode_calls", "compile_seconds")]
+        counters = ("decode_seconds", "decode_calls", "compile_seconds")
+        decode_before = [getattr(self.policy, name, 0) for name in counters]
         render = getattr(self.policy, "needs_images", True)  # replay: physics only (rendering is most of a step)
         episodes = run_batch(
             self.scene, requests, self.policy, fps=float(self.task.control_hz), render=render,
@@ -102,7 +103,7 @@ class SimActor:
                 sample=encode_episode(ep, self.codec) if render else {},  # no frames: nothing to encode
                 closest_approach_m=ep.closest_approach_m,
             )
-            for req, ep in zip(requests, episodes)
+            for req, ep in zip(requests, episodes, strict=True)
         ]
         return ChunkResult(
             outcomes,

@@ -118,7 +118,8 @@ def run_collect(
         bar = progress.add_task("building sim actors", total=c.episodes, rate=0.0, success=0.0)
         pool = SimActorPool.from_config(c, actor_kwargs)
         progress.update(bar, description="collecting")
-        writer = EpisodeShardWriter(data_dir, max_episodes=cfg.data.shard_max_episodes, max_bytes=cfg.data.shard_max_bytes)
+        writer = EpisodeShardWriter(data_dir, max_episodes=cfg.data.shard_max_episodes,
+                                    max_bytes=cfg.data.shard_max_bytes)
         collect_started = time.perf_counter()
 
         def commit(outcome: EpisodeOutcome) -> None:
@@ -284,13 +285,15 @@ def write_videos(
     paths = []
     for sample in samples:
         frames = {
-            cam: decode_frames(sample[f"{cam}.{cfg.data.image_codec}"], cfg.data.image_codec) for cam in cfg.task.cameras
+            cam: decode_frames(sample[f"{cam}.{cfg.data.image_codec}"], cfg.data.image_codec)
+            for cam in cfg.task.cameras
         }
         suffix = ""
         if label_outcome:
             suffix = "-success" if json.loads(sample["meta.json"])["success"] else "-failure"
         path = video_dir / f"{sample['__key__']}{suffix}.mp4"
-        write_video(path, tile_cameras(frames), fps=float(cfg.task.control_hz), scale=max(1, 256 // cfg.task.image_size))
+        write_video(path, tile_cameras(frames), fps=float(cfg.task.control_hz),
+                    scale=max(1, 256 // cfg.task.image_size))
         paths.append(path)
     return paths
 

@@ -84,7 +84,8 @@ class ScriptedExpert:
         #    docstring), or above the pre-push point with the hand turned to the push direction (push)
         m = phase == APPROACH
         xy_dist = (cube[:, :2] - tcp[:, :2]).norm(dim=-1, keepdim=True)
-        funnel = cube + torch.clamp(FUNNEL * (xy_dist - FUNNEL_SLACK), min=0.0, max=HOVER) * torch.tensor([0.0, 0.0, 1.0])
+        height = torch.clamp(FUNNEL * (xy_dist - FUNNEL_SLACK), min=0.0, max=HOVER)
+        funnel = cube + height * torch.tensor([0.0, 0.0, 1.0])
         goal_tcp[m] = torch.where(
             is_push[m, None], torch.cat((behind[m], torch.full_like(cube[m, :1], HOVER)), dim=1), funnel[m]
         )

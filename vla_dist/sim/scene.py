@@ -53,8 +53,9 @@ def init_genesis(backend: str = "cpu") -> None:
     # Genesis imports the stdlib `distutils`; if setuptools comes later (torch.compile's C++ builder
     # imports it through torch.utils.cpp_extension), its distutils shim asserts and every compile in
     # a sim process fails with an InductorError. Importing setuptools first installs the shim before.
-    import setuptools  # noqa: F401
+    import setuptools  # noqa: F401  (imported for its side effect, see above)
 
+    # isort: split
     import genesis as gs
 
     if _initialized_backend is None:

@@ -87,7 +87,8 @@ class EvalRunner:
         shutil.rmtree(weights, ignore_errors=True)
         frames = [tile_cameras({cam: decode_frames(s[f"{cam}.{cfg.data.image_codec}"], cfg.data.image_codec)
                                 for cam in cfg.task.cameras}) for s in picked]
-        report["video_frames"] = [(p.stem, f, float(cfg.task.control_hz), str(p)) for p, f in zip(paths, frames)]
+        fps = float(cfg.task.control_hz)
+        report["video_frames"] = [(p.stem, f, fps, str(p)) for p, f in zip(paths, frames, strict=True)]
         return report
 
     def _pool_ready(self) -> None:

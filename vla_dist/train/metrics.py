@@ -52,8 +52,8 @@ def plot_loss(metrics_path: str | os.PathLike[str], out_png: str | os.PathLike[s
     if evals:
         ax = axes[1][0]
         steps, rates = [row["step"] for row in evals], [row["success_rate"] for row in evals]
-        low = [rate - row["ci95"][0] for rate, row in zip(rates, evals)]
-        high = [row["ci95"][1] - rate for rate, row in zip(rates, evals)]
+        low = [rate - row["ci95"][0] for rate, row in zip(rates, evals, strict=True)]
+        high = [row["ci95"][1] - rate for rate, row in zip(rates, evals, strict=True)]
         ax.errorbar(steps, rates, yerr=[low, high], marker="o", capsize=3, label="all tasks (95% CI)")
         for task in evals[-1].get("per_task", {}):
             ax.plot(steps, [row["per_task"].get(task, {}).get("success_rate") for row in evals], marker=".",

@@ -86,7 +86,8 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
                 bar = progress.add_task("train", total=t.steps, completed=step, loss=float("nan"), rate=0.0, evals="")
                 # a stop request is seen between chunks, so a chunk is also kept short (_steps_within)
                 while step < t.steps and not stop.requested:
-                    chunk = min(t.log_every, t.steps - step, _steps_within(STOP_CHECK_S, rows), evals.steps_to_next(step),
+                    chunk = min(t.log_every, t.steps - step, _steps_within(STOP_CHECK_S, rows),
+                                evals.steps_to_next(step),
                                 (t.save_every - step % t.save_every) if t.save_every else t.steps)
                     evals.poll()
                     eval_running = evals.running  # per row: measures what an eval costs the steps
@@ -103,7 +104,8 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
                     rows += got
                     step = got[-1]["step"]
                     # keep_best ranks checkpoints by their eval: an eval step is then also a save step
-                    if (t.save_every and step % t.save_every == 0) or step == t.steps or (evals.due(step) and t.keep_best):
+                    save_due = (t.save_every and step % t.save_every == 0) or step == t.steps
+                    if save_due or (evals.due(step) and t.keep_best):
                         _save(group, cfg, manifest, step, keep=evals.protected())
                         saved = step
                     if evals.due(step):
@@ -177,7 +179,8 @@ def _manifest(cfg: RunConfig) -> dict[str, Any]:
     try:
         manifest = read_manifest(cfg.data.dir)
     except (ManifestError, FileNotFoundError, OSError) as error:
-        raise ConfigError("data.dir", f"no readable dataset at {cfg.data.dir} ({error}); run vla-dist collect") from None
+        raise ConfigError("data.dir",
+                          f"no readable dataset at {cfg.data.dir} ({error}); run vla-dist collect") from None
     if cfg.train.world_size > int(manifest["episodes"]):
         raise ConfigError("train.world_size", f"{cfg.train.world_size} ranks but {cfg.data.dir} holds "
                           f"{manifest['episodes']} episodes: every rank needs at least one")
@@ -196,7 +199,8 @@ def _check_fits(cfg: RunConfig) -> None:
             raise ConfigError("train.world_size", f"{t.world_size} ranks need {need:g} {name} "
                               f"(train.cpus_per_rank/gpus_per_rank), the local Ray offers {offered.get(name, 0.0):g}")
     # the eval actors come on top: queued behind the ranks they would wait forever (an eval never ends)
-    if t.eval_every and t.world_size * t.cpus_per_rank + t.eval_actors * t.eval_cpus_per_actor > offered.get("CPU", 0.0):
+    cpus_needed = t.world_size * t.cpus_per_rank + t.eval_actors * t.eval_cpus_per_actor
+    if t.eval_every and cpus_needed > offered.get("CPU", 0.0):
         raise ConfigError("train.eval_actors", eval_fit_message(cfg, offered.get("CPU", 0.0)))
 
 

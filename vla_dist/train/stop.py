@@ -61,7 +61,8 @@ class StopRequest:
             self.signal_name = name
             note = f"{self.what}: {name} received: saving a checkpoint after the current steps, then stopping\n"
         else:
-            note = f"{self.what}: {name} ignored: already stopping ({self.signal_name}), the checkpoint is being saved\n"
+            note = (f"{self.what}: {name} ignored: already stopping ({self.signal_name}), "
+                    "the checkpoint is being saved\n")
         # os.write, not print: a handler can run in the middle of another print to the same stream
         os.write(2, note.encode())
 
