@@ -13,6 +13,7 @@ import pytest
 
 from vla_dist.cli import main
 from vla_dist.config import ConfigError, RunConfig, load_config, save_resolved, validate
+from vla_dist.config.validate import value_at
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HEAVY_MODULES = ("ray", "genesis", "torch", "deepspeed")
@@ -220,6 +221,34 @@ def test_data_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
     not_a_dir = _write(tmp_path / "data", "x")
     err = _config_error(["collect", f"data.dir={not_a_dir}"], capsys)
     assert "data.dir" in err and str(not_a_dir) in err
+
+
+OUTPUT_DIR_KEYS = ("run.dir", "data.dir", "cluster.cache_dir")  # every key naming a directory we write
+
+
+@pytest.mark.parametrize("key", OUTPUT_DIR_KEYS)
+def test_output_dir_under_a_file_exits_2(key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = _write(tmp_path / "a-file", "x")
+    for bad in (a_file / "x", a_file / "x" / "y"):
+        err = _config_error(["collect", f"{key}={bad}"], capsys)
+        assert key in err and f"lies under {str(a_file)!r}, which is not a directory" in err
+    assert a_file.read_text() == "x"
+    # what can be created still validates: a new directory below a directory, a symlink to one
+    (tmp_path / "link").symlink_to(tmp_path)
+    for good in (tmp_path / "new" / "deeper", tmp_path / "link" / "new"):
+        assert value_at(validate(load_config(None, [f"{key}={good}"])), key) == str(good)
+
+
+def test_dir_under_dev_null_exits_2_before_any_work(tmp_path: Path) -> None:
+    """The command a user typed (a directory under a character device), as a process: exit 2 naming
+    the key, and nothing written (no run.dir/config.yaml, which the command writes before Ray starts)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "vla_dist", "collect", "data.dir=/dev/null/x", f"run.dir={tmp_path / 'run'}"],
+        check=False, capture_output=True, text=True, env=_subprocess_env(), timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: data.dir: ") and "'/dev/null'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
 
 
 def test_malformed_override(capsys: pytest.CaptureFixture[str]) -> None:

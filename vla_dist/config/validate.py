@@ -9,6 +9,7 @@ come after the check that the value is positive.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,15 +74,26 @@ def one_of(key: str, allowed: Sequence[str]) -> Check:
     return check
 
 
-def output_dir(key: str) -> Check:
-    """A directory we will create/write: must be non-empty and not an existing regular file."""
+def output_dir(key: str, optional: bool = False, expanduser: bool = False) -> Check:
+    """A directory we will create/write: non-empty, and neither it nor any existing directory above it
+    is a file (`/dev/null/x` cannot be created). Only the filesystem as it is now: a directory we may
+    not create (permissions, a read-only mount) is a runtime failure when it is created."""
 
     def check(cfg: RunConfig) -> None:
         value = value_at(cfg, key)
+        if value is None and optional:
+            return
         if not value.strip():
             raise ConfigError(key, "must be a directory path, got an empty string")
-        if Path(value).is_file():
+        path = Path(value).expanduser() if expanduser else Path(value)
+        if path.is_file():
             raise ConfigError(key, f"{value!r} is an existing file; expected a directory path")
+        for above in (path, *path.parents):
+            # os.path: False (not an exception) for a path we may not look at; the mkdir then reports it
+            if os.path.isdir(above):
+                return  # the nearest existing directory: everything below it can be created
+            if os.path.lexists(above):
+                raise ConfigError(key, f"{value!r} lies under {str(above)!r}, which is not a directory")
 
     return check
 
@@ -349,6 +361,7 @@ CHECKS: list[Check] = [
     _model_image_size_fits_patches,
     # cluster
     at_least("cluster.num_cpus", 1, optional=True),
+    output_dir("cluster.cache_dir", optional=True, expanduser=True),  # (shared_dir: a path on the cluster's nodes)
     _cluster_address,
     *CLUSTER_CHECKS,  # collect placement keys and cluster.slurm/kuberay/cloud (vla_dist/cluster/checks.py)
     # bench
