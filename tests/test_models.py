@@ -191,6 +191,26 @@ def test_save_and_load_give_identical_predictions(policy: VLAPolicy, tmp_path: P
     assert torch.equal(loaded.predict_chunk(batch, noise), policy.predict_chunk(batch, noise))
 
 
+def test_saved_weights_are_readable_like_every_other_file(policy: VLAPolicy, tmp_path: Path) -> None:
+    """transformers and peft write *.safetensors through a 0600 temp file: on a shared cluster other
+    users and nodes could not read an export. The full model and a LoRA adapter, saved as export and
+    training do: every file gets the mode the umask gives (0644 under 022)."""
+    from vla_dist.config.schema import LoraSection
+    from vla_dist.train.lora import apply_lora, save_adapter
+
+    previous = os.umask(0o022)
+    try:
+        policy.save_pretrained(tmp_path / "policy")
+        adapted = apply_lora(copy.deepcopy(policy), LoraSection(enabled=True))
+        save_adapter(adapted, tmp_path / "adapter", rank=0)  # not partitioned: no collective needed
+    finally:
+        os.umask(previous)
+    for directory, weights in ((tmp_path / "policy", "model.safetensors"),
+                               (tmp_path / "adapter", "adapter_model.safetensors")):
+        modes = {path.name: oct(path.stat().st_mode & 0o777) for path in directory.iterdir()}
+        assert weights in modes and set(modes.values()) == {"0o644"}, modes
+
+
 def test_bfloat16_keeps_exact_statistics(policy: VLAPolicy) -> None:
     cfg = model_cfg(PRESETS[policy.family], "model.dtype=bfloat16")
     model = build_policy(cfg, synthetic_manifest())

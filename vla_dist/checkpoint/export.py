@@ -22,6 +22,7 @@ from typing import Any
 
 from vla_dist.checkpoint import manager as ckpt
 from vla_dist.errors import ConfigError
+from vla_dist.models.files import weights_readable_like
 
 ADAPTER = "adapter"
 
@@ -67,6 +68,8 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
         else:
             policy.save_pretrained(out)
             shutil.copytree(step_dir / ADAPTER, out / ADAPTER, dirs_exist_ok=True)
+            # readable by other users even from a checkpoint that saved its adapter 0600 (older runs)
+            weights_readable_like(out / ADAPTER, out / ADAPTER / "adapter_config.json")
             kind = "adapter"
     else:
         if merge_lora:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,15 @@ _REQUIRED_FILES = ("config.json", SPEC_FILE, "normalization.json", "tokenizer.js
 
 class PretrainedError(ValueError):
     """A policy directory that cannot be loaded; the message names the file (and key) at fault."""
+
+
+def weights_readable_like(directory: str | os.PathLike[str], like: str | os.PathLike[str]) -> None:
+    """transformers and peft write `*.safetensors` through a private temporary file, so the weights
+    end up mode 0600 while every other file is 0644: on a shared cluster, other users and nodes could
+    not read them. Give them the mode of `like`, a file written beside them the ordinary way (the
+    process umask decides, as for every other output)."""
+    for path in Path(directory).glob("*.safetensors"):
+        shutil.copymode(like, path)
 
 
 def check_pretrained_dir(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from vla_dist.models.files import (
     check_adapter_dir,
     check_pretrained_dir,
     check_state_inputs,
+    weights_readable_like,
 )
 from vla_dist.models.processing import Normalization
 
@@ -231,6 +232,7 @@ class VLAPolicy(nn.Module, abc.ABC):
         spec = {**asdict(self.spec), "dtype": _dtype_name(self.dtype)}
         spec = {"format_version": SPEC_VERSION, **spec, "hf_class": type(self.hf_model).__name__}
         (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+        weights_readable_like(out, out / SPEC_FILE)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> VLAPolicy:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vla_dist.config.schema import LoraSection
+from vla_dist.models.files import weights_readable_like
 from vla_dist.models.policy import VLAPolicy
 
 
@@ -38,6 +40,7 @@ def save_adapter(module: VLAPolicy, out_dir: str | os.PathLike[str], rank: int) 
         if rank == 0:
             peft_model: Any = module.hf_model
             peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+            weights_readable_like(out_dir, Path(out_dir) / "adapter_config.json")
 
 
 def trainable_count(module: torch.nn.Module) -> tuple[int, int]:
