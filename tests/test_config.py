@@ -300,6 +300,25 @@ def test_help_exits_0(args: list[str], words: tuple[str, ...], capsys: pytest.Ca
     assert all(word in out for word in words)
 
 
+def test_submit_offers_only_commands_that_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    """`vla-dist submit --help` lists the commands a job can run; each must be a vla-dist command
+    (rl is not one yet), and one that is not is refused (exit 2) before any connection is tried."""
+    import argparse
+
+    from vla_dist.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert main(["submit", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    offered = help_text.split("COMMAND ", 2)[2].split(" or 'bench NAME'")[0].strip(" ,").split(", ")
+    assert offered == ["collect", "train", "eval"] and all(name in commands for name in [*offered, "bench"])
+    err = _config_error(["submit", "rl", "cluster.dashboard_address=http://127.0.0.1:9"], capsys)
+    assert "cannot submit 'rl'; one of: collect, train, eval, bench" in err
+    err = _config_error(["cluster", "render", "slurm", "--job", "rl", "--out", "/nonexistent/out"], capsys)
+    assert "cannot run 'rl' as a cluster job" in err
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "nope"]) == 2
     assert "rollout" in capsys.readouterr().err and main([]) == 2

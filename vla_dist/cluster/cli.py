@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from vla_dist.cluster.jobspec import JOB_COMMANDS
 from vla_dist.config import load_config, validate
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError, VlaDistError
@@ -49,7 +50,8 @@ def add_commands(
         "submit", help="run a command on a Ray cluster through Ray Jobs, following its logs",
         description="Validate the config here, ship it with the job to cluster.dashboard_address "
         "(tunnel the head's 127.0.0.1:8265 first), stream the logs, exit with the job's exit code.")
-    submit.add_argument("job_command", metavar="COMMAND", help="collect, train, eval, rl, or 'bench NAME' (quoted)")
+    plain = ", ".join(name for name in JOB_COMMANDS if name != "bench")
+    submit.add_argument("job_command", metavar="COMMAND", help=f"{plain}, or 'bench NAME' (quoted)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     submit.add_argument("--working-dir", metavar="DIR", default=None,
                         help="upload DIR and run its code (default: the vla-dist installed on the cluster)")

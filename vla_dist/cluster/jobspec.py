@@ -17,8 +17,9 @@ from vla_dist.errors import ConfigError
 
 # Commands that can continue from their last checkpoint: a requeued/restarted job adds
 # train.resume=auto to them (the trainer's contract, shared/design.md). Others start over.
-RESUMABLE_COMMANDS = ("train", "rl")
-JOB_COMMANDS = ("collect", "train", "eval", "rl", "bench")
+# (`rl` joins both lists when the command exists.)
+RESUMABLE_COMMANDS = ("train",)
+JOB_COMMANDS = ("collect", "train", "eval", "bench")
 
 
 def cluster_job_config(cfg: RunConfig, shared_dir: str | None = None, require_shared: bool = False) -> RunConfig:
