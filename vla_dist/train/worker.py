@@ -244,11 +244,6 @@ class SFTWorker:
         dist.barrier()
         return time.perf_counter() - started
 
-    def predict(self, batch: Any, noise: torch.Tensor) -> torch.Tensor:
-        """Actions of the engine's module (ZeRO-3 partitioned parameters work as they are)."""
-        self.engine.eval()
-        return self.engine.module.predict_chunk(batch, noise=noise)
-
 
 def _inject_nan(step: int, attempt: int) -> bool:
     """Test hook, VLA_DIST_TRAIN_NAN_STEPS: "3,4" makes the first micro-batch drawn at steps 3 and 4
