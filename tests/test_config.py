@@ -319,6 +319,20 @@ def test_submit_offers_only_commands_that_exist(capsys: pytest.CaptureFixture[st
     assert "cannot run 'rl' as a cluster job" in err
 
 
+def test_render_slurm_without_out_writes_under_the_configs_run_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --out: the job's files go to RUN_DIR/slurm of the config given (docs/multinode.md; a run's
+    files live under its run.dir), never under the quickstart's runs/quickstart."""
+    monkeypatch.chdir(tmp_path)
+    mine = _write(tmp_path / "mine.yaml", "run:\n  dir: runs/mine\n")
+    assert main(["cluster", "render", "slurm", "--config", str(mine), "--job", "train"]) == 0
+    assert "submit: sbatch runs/mine/slurm/vla-dist.sbatch" in capsys.readouterr().out
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["mine.yaml", "runs/mine/slurm/config.yaml", "runs/mine/slurm/vla-dist.sbatch"]
+    assert load_config(tmp_path / "runs/mine/slurm/config.yaml", []).run.dir == "runs/mine"
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "nope"]) == 2
     assert "rollout" in capsys.readouterr().err and main([]) == 2
