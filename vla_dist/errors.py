@@ -22,3 +22,24 @@ class ConfigError(Exception):
 
 class VlaDistError(RuntimeError):
     """A runtime failure (not the user's config): the message says what failed and what was kept."""
+
+
+def error_line(error: BaseException, limit: int = 400) -> str:
+    """What went wrong, in one line (at most `limit` characters), to go into a longer message.
+
+    - An exception raised inside a Ray task arrives wrapped (RayTaskError: its text is the remote
+      traceback, whose first line only names the task): its `cause`, named by type.
+    - A Ray actor's death (RayActorError): its last line, which says why (the first one is always
+      "The actor died unexpectedly before finishing this task."), named by type.
+    - Anything else: the first non-empty line of its text (OmegaConf, YAML and HTTP errors put the
+      message first and details after), or its type's name when it has no text.
+    """
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException) and cause is not error:
+        return f"{type(cause).__name__}: {error_line(cause, limit)}"[:limit]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if any(cls.__name__ == "RayActorError" for cls in type(error).__mro__):  # by name: no Ray import here
+        return f"{type(error).__name__}: {lines[-1]}"[:limit]
+    return lines[0][:limit]

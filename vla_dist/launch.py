@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from vla_dist.cluster.jobspec import JOB_COMMANDS, cluster_job_config
 from vla_dist.config import to_yaml
 from vla_dist.config.schema import RunConfig
-from vla_dist.errors import ConfigError, VlaDistError
+from vla_dist.errors import ConfigError, VlaDistError, error_line
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -64,7 +64,7 @@ def job_client(address: str) -> JobSubmissionClient:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise VlaDistError(f"no Ray Jobs server answered at {address} (cluster.dashboard_address): "
-                           f"{_first_line(error)}; is the head up and its dashboard port tunnelled to this machine?"
+                           f"{error_line(error)}; is the head up and its dashboard port tunnelled to this machine?"
                            ) from error
 
 
@@ -105,7 +105,7 @@ def submit(
             metadata=metadata,
         )
     except RuntimeError as error:
-        raise VlaDistError(f"the Jobs server refused the job: {_first_line(error)}") from error
+        raise VlaDistError(f"the Jobs server refused the job: {error_line(error)}") from error
 
 
 def status(address: str, job_id: str) -> JobReport:
@@ -113,7 +113,7 @@ def status(address: str, job_id: str) -> JobReport:
     try:
         info = client.get_job_info(job_id)
     except RuntimeError as error:
-        raise VlaDistError(f"no job {job_id!r} at {address}: {_first_line(error)}") from error
+        raise VlaDistError(f"no job {job_id!r} at {address}: {error_line(error)}") from error
     return JobReport(job_id, str(info.status.value), info.driver_exit_code, info.message or "", address)
 
 
@@ -160,8 +160,6 @@ def submit_and_follow(
     return report
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def describe(report: JobReport) -> str:

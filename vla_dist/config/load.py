@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vla_dist.config.schema import RunConfig
-from vla_dist.errors import ConfigError
+from vla_dist.errors import ConfigError, error_line
 
 # The checkout holding `configs/` next to the `vla_dist` package: lets `vla-dist collect` find the
 # default config when run from any directory.
@@ -63,7 +63,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
     try:
         cfg = typing.cast(RunConfig, OmegaConf.to_object(merged))
     except OmegaConfBaseException as error:  # an unresolvable ${...} interpolation
-        raise ConfigError(error.full_key or None, _first_line(error)) from None
+        raise ConfigError(error.full_key or None, error_line(error)) from None
     if cfg.model.pretrained is not None:
         _apply_pretrained(cfg, _model_keys_given(layers))
     return cfg
@@ -215,7 +215,7 @@ def _read_yaml(file: Path) -> dict[str, Any]:
     except yaml.YAMLError as error:  # its message spans lines: what was expected, where
         raise ConfigError(None, f"cannot parse config file {file}: {' '.join(str(error).split())}") from None
     except (OSError, UnicodeDecodeError, OmegaConfBaseException) as error:
-        raise ConfigError(None, f"cannot read config file {file}: {_first_line(error)}") from None
+        raise ConfigError(None, f"cannot read config file {file}: {error_line(error)}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(None, f"config file {file} must hold a mapping of sections, got {loaded!r}")
     return typing.cast(dict[str, Any], loaded)
@@ -228,7 +228,7 @@ def _parse_override(override: str) -> dict[str, Any]:
     try:  # the value is parsed as YAML: 4 -> int, null -> None, [front] -> list
         return typing.cast(dict[str, Any], OmegaConf.to_container(OmegaConf.from_dotlist([override])))
     except (yaml.YAMLError, OmegaConfBaseException) as error:
-        raise ConfigError(key.strip(), f"cannot parse override {override!r}: {_first_line(error)}") from None
+        raise ConfigError(key.strip(), f"cannot parse override {override!r}: {error_line(error)}") from None
 
 
 def _merge(merged: Any, data: dict[str, Any], source: str) -> Any:
@@ -238,9 +238,9 @@ def _merge(merged: Any, data: dict[str, Any], source: str) -> Any:
     except OmegaConfBaseException as error:  # a value of the wrong type
         key = error.full_key or None
         if key is None:
-            raise ConfigError(None, f"{_first_line(error)} (from {source})") from None
+            raise ConfigError(None, f"{error_line(error)} (from {source})") from None
         value = _value_at(data, key)
-        got = repr(value) if value is not _MISSING else _first_line(error)
+        got = repr(value) if value is not _MISSING else error_line(error)
         raise ConfigError(key, f"expected {_type_name(key)}, got {got} (from {source})") from None
 
 
@@ -286,5 +286,3 @@ def _type_name(key: str) -> str:
     return name.replace(" | None", " or null")
 
 
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vla_dist.cluster.placement import GIB, TrainerPlacement, check_rank_resources, trainer_bundles
-from vla_dist.errors import VlaDistError
+from vla_dist.errors import VlaDistError, error_line
 
 
 def node_address_and_free_port() -> tuple[str, int, str]:
@@ -119,8 +119,8 @@ class TrainerGroup:
             if not dead:
                 raise
             text = on_lost if isinstance(on_lost, str) else (on_lost or self.on_lost)()
-            died = "; ".join(f"{who} was lost ({type(e).__name__}: {_first_line(e)})" for who, e in dead.items())
-            others = "; ".join(f"{who} failed ({_first_line(e)})" for who, e in outcomes.items() if who not in dead)
+            died = "; ".join(f"{who} was lost ({error_line(e)})" for who, e in dead.items())
+            others = "; ".join(f"{who} failed ({error_line(e)})" for who, e in outcomes.items() if who not in dead)
             raise VlaDistError(f"trainer {died}{'; then ' + others if others else ''}. {text}".strip()) from None
 
     def _outcomes(self, refs: list[Any], first: Exception) -> dict[str, Exception]:
@@ -150,9 +150,3 @@ class TrainerGroup:
         ray.util.remove_placement_group(self.pg)
 
 
-def _first_line(error: BaseException) -> str:
-    cause = getattr(error, "cause", None)  # a RayTaskError's own first line is only "ray::Class.method()"
-    if isinstance(cause, BaseException) and cause is not error:
-        return f"{type(cause).__name__}: {_first_line(cause)}"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__

@@ -19,7 +19,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from vla_dist.cluster.placement import ActorPlacement, check_fits
 from vla_dist.config.schema import CollectSection
-from vla_dist.errors import VlaDistError
+from vla_dist.errors import VlaDistError, error_line
 from vla_dist.rollout.actor import ChunkResult, SimActor
 from vla_dist.rollout.runner import EpisodeRequest
 
@@ -127,7 +127,7 @@ class SimActorPool:
                     except RayActorError as error:  # restarts used up
                         alive.discard(actor_idx)
                         self.stats.actors_lost += 1
-                        self._check_alive(alive, f"sim actor {actor_idx} is gone: {_first_line(error)}")
+                        self._check_alive(alive, f"sim actor {actor_idx} is gone: {error_line(error)}")
                     continue
                 actor_idx, chunk = work.pop(ref)
                 load[actor_idx] -= 1
@@ -153,7 +153,7 @@ class SimActorPool:
         first, last = chunk[0].index, chunk[-1].index
         died = isinstance(error, RayActorError)
         what = "died" if died else "raised"
-        message = f"sim actor {actor_idx} {what} on episodes {first}..{last}: {_first_line(error)}"
+        message = f"sim actor {actor_idx} {what} on episodes {first}..{last}: {error_line(error)}"
         log.warning("%s; re-queuing the chunk", message)
         self.stats.failures.append(message)
         self.stats.chunks_retried += 1
@@ -174,12 +174,4 @@ class SimActorPool:
             ray.kill(actor, no_restart=True)
 
 
-def _first_line(error: BaseException) -> str:
-    """What went wrong in one line: for an exception raised inside an actor, the original exception
-    (RayTaskError's own first line only names the task)."""
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, BaseException):
-        error = cause
-    text = (str(error).strip().splitlines() or [""])[-1]
-    return f"{type(error).__name__}: {text}"[:400]
 
