@@ -37,6 +37,7 @@ def test_quickstart_compares_the_policies_before_and_after_training(quickstart_l
     summary = json.loads((root / "summary.json").read_text())
     rows = {row["name"]: row for row in summary["policies"]}
     assert list(rows) == ["expert", "untrained", "full", "lora"]
+    assert summary["dataset_episodes"] == 8  # from the manifest, whether collect wrote or reused the dataset
     assert rows["expert"]["successes"] >= 1  # the expert picks the cube (100/100 seeds measured)
     for row in rows.values():
         assert row["episodes"] == 2 and 0.0 <= row["success_rate"] <= 1.0

@@ -77,7 +77,7 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
         stage_started = time.perf_counter()
         reports[stage.name] = _run_stage(stage, cfg, log)
         seconds[stage.name] = round(time.perf_counter() - stage_started, 1)
-    summary = _summarize(stages, reports, seconds, time.perf_counter() - started)
+    summary = _summarize(stages, reports, seconds, time.perf_counter() - started, _dataset_episodes(base))
     _write_summary(root, summary)
     log(_markdown(summary))
     return {"command": "quickstart", "run_dir": str(root), "wall_s": summary["wall_s"],
@@ -114,6 +114,14 @@ def _run_stage(stage: Stage, cfg: RunConfig, log: Callable[[str], None]) -> dict
     return run_eval(cfg)
 
 
+def _dataset_episodes(cfg: RunConfig) -> int:
+    """Episodes in the dataset the stages used, from its manifest: the same whether the collect
+    stage wrote it or reused it (their reports differ)."""
+    from vla_dist.data.manifest import read_manifest
+
+    return int(read_manifest(cfg.data.dir)["episodes"])
+
+
 def _existing_dataset(cfg: RunConfig) -> dict[str, Any] | None:
     from vla_dist.data.manifest import ManifestError, read_manifest
 
@@ -132,7 +140,7 @@ def _command_line(config: str | None, overrides: Sequence[str], stage: Stage, ro
 
 
 def _summarize(stages: list[Stage], reports: dict[str, dict[str, Any]], seconds: dict[str, float],
-               wall_s: float) -> dict[str, Any]:
+               wall_s: float, dataset_episodes: int) -> dict[str, Any]:
     rows = []
     for stage in stages:
         if stage.command != "eval":
@@ -152,7 +160,7 @@ def _summarize(stages: list[Stage], reports: dict[str, dict[str, Any]], seconds:
                                              "parameters", "world_size", "zero_stage", "checkpoint", "loss_png")
         }
     return {"policies": rows, "training": training, "stage_seconds": seconds, "wall_s": round(wall_s, 1),
-            "dataset_episodes": reports["collect"].get("episodes")}
+            "dataset_episodes": dataset_episodes}
 
 
 def _markdown(summary: dict[str, Any]) -> str:
