@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vla_dist import atomic
 from vla_dist.errors import ConfigError
 
 COMPLETE = "COMPLETE"
@@ -47,20 +48,12 @@ def is_complete(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / COMPLETE).is_file()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def mark_complete(path: str | os.PathLike[str], step: int, info: dict[str, Any]) -> None:
     """Marker first, then the pointer: `latest` only ever names a complete checkpoint."""
     path = Path(path)
-    _write_atomic(path / COMPLETE, json.dumps({"step": step, "time": time.time(), **info}, indent=2) + "\n")
-    _write_atomic(path.parent / LATEST, path.name + "\n")
+    atomic.write_text(path / COMPLETE, json.dumps({"step": step, "time": time.time(), **info}, indent=2) + "\n",
+                      fsync=True)
+    atomic.write_text(path.parent / LATEST, path.name + "\n", fsync=True)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
@@ -79,10 +72,7 @@ def mark_best(path: str | os.PathLike[str]) -> None:
     """Point checkpoints/best at the complete step dir `path` (a symlink, so `best` itself reads as a
     checkpoint directory: `vla-dist eval eval.checkpoint=RUN/checkpoints/best` works)."""
     path = Path(path)
-    tmp = path.parent / f".{BEST}.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    os.symlink(path.name, tmp)
-    os.replace(tmp, path.parent / BEST)
+    atomic.replace_symlink(path.name, path.parent / BEST)
 
 
 def best_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vla_dist import atomic
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError, error_line
 
@@ -159,17 +159,8 @@ def save_resolved(cfg: RunConfig, run_dir: str | Path) -> Path:
     """Write `run_dir/config.yaml` atomically (a crash never leaves half a file); return its path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
-    # A per-process temp name (not mkstemp: that makes the file 0600) renamed over the target.
-    tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"
     header = "# Resolved config of this run; rerun it with: vla-dist <command> --config THIS_FILE\n"
-    try:
-        tmp.write_text(header + to_yaml(cfg), encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    return atomic.write_text(run_dir / "config.yaml", header + to_yaml(cfg))
 
 
 def _compose(file: Path, stack: tuple[Path, ...]) -> list[tuple[str, dict[str, Any]]]:

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vla_dist import atomic
 from vla_dist.data.shards import ShardRecord
 from vla_dist.data.stats import STAT_NAMES
 
@@ -71,19 +72,9 @@ def write_manifest(
         "state_stats": dict(state_stats),
         "extra": dict(extra or {}),
     }
-    path = Path(data_dir) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    try:
-        # allow_nan=False: a NaN statistic is a bug upstream, and not valid JSON for other readers
-        text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    # allow_nan=False: a NaN statistic is a bug upstream, and not valid JSON for other readers
+    text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+    return atomic.write_text(Path(data_dir) / MANIFEST_NAME, text, fsync=True)
 
 
 def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vla_dist import atomic
 from vla_dist.data.codec import write_h264
 
 # For people, not training: a little above the shards' crf (no visible difference at these sizes);
@@ -33,12 +34,8 @@ def write_video(path: str | os.PathLike[str], frames: np.ndarray, fps: float, sc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # ".mp4" last: ffmpeg's faststart pass reopens the file by name
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.mp4")
-    try:
+    with atomic.replacing(path, suffix=".mp4") as tmp:
         write_h264(str(tmp), frames, fps, crf=VIDEO_CRF, pix_fmt="yuv420p")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vla_dist.atomic import write_json
 from vla_dist.config.schema import RunConfig
 from vla_dist.data.codec import decode_frames
 from vla_dist.data.manifest import write_manifest
@@ -297,9 +297,3 @@ def write_videos(
         paths.append(path)
     return paths
 
-
-def write_json(path: Path, payload: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vla_dist.atomic import write_json
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
-from vla_dist.rollout.collect import episode_seed, selected_tasks, write_json, write_videos
+from vla_dist.rollout.collect import episode_seed, selected_tasks, write_videos
 from vla_dist.rollout.policies import PolicySource
 from vla_dist.rollout.runner import EpisodeRequest
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_dist.atomic import write_json
 from vla_dist.config.schema import RunConfig
 from vla_dist.data.episode import Episode
 from vla_dist.errors import ConfigError
@@ -169,8 +170,6 @@ def _summary(detail: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_replay(cfg: RunConfig) -> dict[str, Any]:
     """`vla-dist replay`: replay_dataset, report written to run.dir/report.json."""
-    from vla_dist.rollout.collect import write_json
-
     report = replay_dataset(cfg)
     write_json(Path(cfg.run.dir) / "report.json", report)
     return report

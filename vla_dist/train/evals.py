@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_dist.atomic import write_json
 from vla_dist.checkpoint import manager as ckpt
 from vla_dist.config.schema import RunConfig
 from vla_dist.train.loggers import RunLoggers
@@ -62,7 +63,7 @@ class EvalRunner:
     def evaluate(self, step: int, weights: str, meta: dict[str, Any]) -> dict[str, Any]:
         from vla_dist.data.codec import decode_frames
         from vla_dist.data.video import tile_cameras
-        from vla_dist.rollout.collect import write_json, write_videos
+        from vla_dist.rollout.collect import write_videos
         from vla_dist.rollout.evaluate import (
             decode_summary,
             eval_requests,

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vla_dist import atomic
+
 
 class MetricsLog:
     """Appends one line per step. Opened at `resumed_step`, it first drops lines of later steps
@@ -16,9 +18,7 @@ class MetricsLog:
     def __init__(self, path: str | os.PathLike[str], resumed_step: int) -> None:
         self.path = Path(path)
         rows = [row for row in read_metrics(self.path) if row.get("step", 0) <= resumed_step] if resumed_step else []
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic.write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vla_dist import atomic
 from vla_dist.config.schema import RunConfig
 from vla_dist.data.augment import augment_batch
 from vla_dist.distributed.group import node_address_and_free_port
@@ -270,6 +271,5 @@ def _hold_save(path: Path, rank: int) -> None:
     if path.name != f"step_{int(step)}" or rank != int(held_rank):
         return
     marker = path / f".hold_save_rank{rank}.pid"
-    marker.with_suffix(".tmp").write_text(str(os.getpid()), encoding="utf-8")
-    os.replace(marker.with_suffix(".tmp"), marker)  # whole or absent: the test reads it as soon as it exists
+    atomic.write_text(marker, str(os.getpid()))  # whole or absent: the test reads it as soon as it exists
     time.sleep(float(seconds[0]) if seconds else 300.0)
