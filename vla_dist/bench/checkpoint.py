@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from vla_dist.bench.common import describe_device
+from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
 from vla_dist.train.worker import SFTWorker
 
@@ -111,23 +111,18 @@ def run_checkpoint_bench(cfg: RunConfig) -> dict[str, object]:
         shutil.rmtree(root, ignore_errors=True)
         release_ray(started_ray)
     value, baseline = nbytes / save_s / 1e9, nbytes / plain_s / 1e9
-    return {
-        "name": "checkpoint",
-        "value": round(value, 4),
-        "unit": "GB/s",
-        "baseline": round(baseline, 4),
-        "ratio": round(value / baseline, 3),
-        "ratio_definition": "DeepSpeed save_checkpoint GB/s (all ranks, fsync'd) / plain torch.save of the same "
-                            "bytes GB/s (one process, fsync'd), same disk",
-        "device": describe_device(),
-        "disk_path": str(root),
-        "world_size": t.world_size,
-        "zero_stage": t.zero_stage,
-        "lora": t.lora.enabled,
-        "model": cfg.model.preset,
-        "parameters": info["parameters"],
-        "bytes": nbytes,
-        "save_s": round(save_s, 4),
-        "plain_write_s": round(plain_s, 4),
-        "repeats": REPEATS,
-    }
+    return bench_report(
+        "checkpoint", round(value, 4), "GB/s", round(baseline, 4), round(value / baseline, 3),
+        "DeepSpeed save_checkpoint GB/s (all ranks, fsync'd) / plain torch.save of the same bytes GB/s "
+        "(one process, fsync'd), same disk",
+        disk_path=str(root),
+        world_size=t.world_size,
+        zero_stage=t.zero_stage,
+        lora=t.lora.enabled,
+        model=cfg.model.preset,
+        parameters=info["parameters"],
+        bytes=nbytes,
+        save_s=round(save_s, 4),
+        plain_write_s=round(plain_s, 4),
+        repeats=REPEATS,
+    )

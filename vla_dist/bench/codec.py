@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vla_dist.bench.common import bench_report
 from vla_dist.data.codec import MP4_CRF, decode_frames, decode_h264, encode_frames, encode_h264
 
 if TYPE_CHECKING:
@@ -42,15 +43,9 @@ def bench_codec(frames: np.ndarray, fps: float) -> dict:
     for detail in details.values():
         detail["frames"], detail["height"], detail["width"] = num_frames, height, width
     mp4_bytes, npz_bytes = details["mp4"]["bytes"], details["npz"]["bytes"]
-    return {
-        "name": "codec",
-        "value": mp4_bytes,
-        "unit": "bytes/episode",  # one camera's video of one episode
-        "baseline": npz_bytes,
-        "ratio": npz_bytes / mp4_bytes,
-        "device": "cpu",
-        "details": details,
-    }
+    # one camera's video of one episode
+    return bench_report("codec", mp4_bytes, "bytes/episode", npz_bytes, npz_bytes / mp4_bytes,
+                        "npz (lossless) bytes / mp4 bytes for one camera's episode", device="cpu", details=details)
 
 
 def _measure(
@@ -170,16 +165,12 @@ def main() -> None:
     episode = per_size["64x64"]
     value = sum(episode[camera]["mp4"]["bytes"] for camera in cameras)
     baseline = sum(episode[camera]["npz"]["bytes"] for camera in cameras)
-    result = {
-        "name": "codec",
-        "value": value,
-        "unit": "bytes/episode",
-        "baseline": baseline,
-        "ratio": baseline / value,
-        "device": "cpu",
-        "details": {"episode": f"{len(cameras)} cameras x {num_frames} frames, synthetic sim-like video",
-                    "fps": fps, "mp4_crf": MP4_CRF, "per_size": per_size},
-    }
+    result = bench_report(
+        "codec", value, "bytes/episode", baseline, baseline / value, "npz (lossless) bytes / mp4 bytes for one episode",
+        device="cpu",
+        details={"episode": f"{len(cameras)} cameras x {num_frames} frames, synthetic sim-like video",
+                 "fps": fps, "mp4_crf": MP4_CRF, "per_size": per_size},
+    )
     print(json.dumps(result, allow_nan=False))
 
 
@@ -190,8 +181,6 @@ if __name__ == "__main__":
 def run_codec_bench(cfg: RunConfig) -> dict:
     """`vla-dist bench codec`: one episode at the configured image size and cameras, mp4 against the
     lossless npz baseline, on sim-like synthetic frames (no simulator needed)."""
-    from vla_dist.bench.common import describe_device
-
     fps, num_frames = float(cfg.task.control_hz), 60
     details = {
         camera: bench_codec(synthetic_video(cfg.task.image_size, num_frames, camera), fps)["details"]
@@ -199,15 +188,6 @@ def run_codec_bench(cfg: RunConfig) -> dict:
     }
     value = sum(row["mp4"]["bytes"] for row in details.values())
     baseline = sum(row["npz"]["bytes"] for row in details.values())
-    return {
-        "name": "codec",
-        "value": value,
-        "unit": "bytes/episode",
-        "baseline": baseline,
-        "ratio": baseline / value,
-        "ratio_definition": "npz (lossless) bytes / mp4 bytes for one episode",
-        "device": describe_device(),
-        "image_size": cfg.task.image_size,
-        "frames": num_frames,
-        "details": details,
-    }
+    return bench_report("codec", value, "bytes/episode", baseline, baseline / value,
+                        "npz (lossless) bytes / mp4 bytes for one episode",
+                        image_size=cfg.task.image_size, frames=num_frames, details=details)

@@ -1,9 +1,36 @@
-"""Shared pieces of `vla-dist bench`: the device description every report carries."""
+"""Shared pieces of `vla-dist bench`: the report every bench returns and the device it names."""
 
 from __future__ import annotations
 
 import os
 import platform
+from typing import Any
+
+
+def bench_report(
+    name: str,
+    value: float,
+    unit: str,
+    baseline: float,
+    ratio: float,
+    ratio_definition: str,
+    device: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The report `vla-dist bench NAME` prints as the last line of stdout (one JSON object): the
+    figure (`value`, in `unit`), its `baseline` measured in the same run, their `ratio` as
+    `ratio_definition` says (value / baseline, or its inverse for latencies and sizes), the `device`
+    (default: this machine's, describe_device()), then the bench's own `extra` keys, in that order."""
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "ratio": ratio,
+        "ratio_definition": ratio_definition,
+        "device": describe_device() if device is None else device,
+        **extra,
+    }
 
 
 def describe_device() -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from vla_dist.bench.common import describe_device
+from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
 
 BATCH_SIZE = 32
@@ -60,29 +60,25 @@ def run_data_bench(cfg: RunConfig, batch_size: int = BATCH_SIZE) -> dict[str, ob
         raise RuntimeError(f"loader served {windows} windows, the shards hold {base_windows}")
     value, baseline = windows / seconds, base_windows / base_s
     in_process = results[0][0] / results[0][1]
-    return {
-        "name": "data",
-        "value": round(value, 1),
-        "unit": "windows/s (decoded, shuffled, collated)",
-        "baseline": round(baseline, 1),
-        "ratio": round(value / baseline, 3),
-        "ratio_definition": "loader windows/s / sequential iter_episodes windows/s (same shards, with decoding)",
-        "device": describe_device(),
-        "num_workers": cfg.data.num_workers,
-        "windows_per_s_no_workers": round(in_process, 1),
+    return bench_report(
+        "data", round(value, 1), "windows/s (decoded, shuffled, collated)", round(baseline, 1),
+        round(value / baseline, 3),
+        "loader windows/s / sequential iter_episodes windows/s (same shards, with decoding)",
+        num_workers=cfg.data.num_workers,
+        windows_per_s_no_workers=round(in_process, 1),
         # worker start-up is paid once per epoch: on a small dataset it dominates the epoch
-        "first_batch_s": round(first[cfg.data.num_workers][0], 4),
-        "windows_per_s_after_first_batch": round(first[cfg.data.num_workers][1] /
-                                                 max(first[cfg.data.num_workers][2], 1e-9), 1),
-        "batch_size": batch_size,
-        "shuffle_buffer": cfg.data.shuffle_buffer,
-        "window_stride": stride,
-        "chunk_size": cfg.model.chunk_size,
-        "windows": windows,
-        "episodes": manifest["episodes"],
-        "shards": len(manifest["shards"]),
-        "image_codec": manifest["image_codec"],
-        "image_size": manifest["image_size"],
-        "cameras": list(manifest["cameras"]),
-        "epochs_timed": REPEATS,
-    }
+        first_batch_s=round(first[cfg.data.num_workers][0], 4),
+        windows_per_s_after_first_batch=round(first[cfg.data.num_workers][1] /
+                                              max(first[cfg.data.num_workers][2], 1e-9), 1),
+        batch_size=batch_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        window_stride=stride,
+        chunk_size=cfg.model.chunk_size,
+        windows=windows,
+        episodes=manifest["episodes"],
+        shards=len(manifest["shards"]),
+        image_codec=manifest["image_codec"],
+        image_size=manifest["image_size"],
+        cameras=list(manifest["cameras"]),
+        epochs_timed=REPEATS,
+    )

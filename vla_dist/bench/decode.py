@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from vla_dist.bench.common import describe_device
+from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
 from vla_dist.kernels import (
     FlowDecoder,
@@ -164,19 +164,14 @@ def bench_decode(families: list[DecodeFamily], batch_sizes: tuple[int, ...], pri
 
     first = details[primary]["batches"][f"b{batch_sizes[0]}"]
     value, baseline = first["compiled"]["ms_per_chunk"], first["hf_eager"]["ms_per_chunk"]
-    return {
-        "name": "decode",
-        "value": value,
-        "unit": "ms/chunk",
-        "baseline": baseline,
-        "ratio": round(baseline / value, 3),
-        "ratio_definition": f"eager / compiled latency per chunk, {primary}, batch {batch_sizes[0]}",
-        "device": describe_device(),
-        "family": primary,
-        "batch_sizes": list(batch_sizes),
-        "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
-        "details": details,
-    }
+    return bench_report(
+        "decode", value, "ms/chunk", baseline, round(baseline / value, 3),
+        f"eager / compiled latency per chunk, {primary}, batch {batch_sizes[0]}",
+        family=primary,
+        batch_sizes=list(batch_sizes),
+        dtype="bfloat16" if torch.cuda.is_available() else "float32",
+        details=details,
+    )
 
 
 def run_decode_bench(cfg: RunConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from vla_dist.bench.common import describe_device
+from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
 
 
@@ -43,20 +43,15 @@ def run_rollout_bench(cfg: RunConfig) -> dict[str, object]:
 
     one_actor = single["env_steps"] / single["seconds"]
     n_actors = sum(p["env_steps"] for p in parallel) / wall
-    return {
-        "name": "rollout",
-        "value": round(n_actors, 2),
-        "unit": "env_steps/s (rendered)",
-        "baseline": round(one_actor, 2),
-        "ratio": round(n_actors / (n * one_actor), 3),
-        "ratio_definition": "N-actor throughput / (N x 1-actor throughput)",
-        "device": describe_device(),
-        "num_actors": n,
-        "envs_per_actor": cfg.collect.envs_per_actor,
-        "image_size": cfg.task.image_size,
-        "cameras": list(cfg.task.cameras),
-        "steps_measured": steps,
-        "env_steps_per_s_no_render": round(no_render["env_steps"] / no_render["seconds"], 2),
-        "render_ms_per_frame": round(1000 * single["render_seconds"] / max(single["frames"], 1), 2),
-        "render_share": round(single["render_seconds"] / single["seconds"], 3),
-    }
+    return bench_report(
+        "rollout", round(n_actors, 2), "env_steps/s (rendered)", round(one_actor, 2),
+        round(n_actors / (n * one_actor), 3), "N-actor throughput / (N x 1-actor throughput)",
+        num_actors=n,
+        envs_per_actor=cfg.collect.envs_per_actor,
+        image_size=cfg.task.image_size,
+        cameras=list(cfg.task.cameras),
+        steps_measured=steps,
+        env_steps_per_s_no_render=round(no_render["env_steps"] / no_render["seconds"], 2),
+        render_ms_per_frame=round(1000 * single["render_seconds"] / max(single["frames"], 1), 2),
+        render_share=round(single["render_seconds"] / single["seconds"], 3),
+    )

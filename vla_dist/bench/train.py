@@ -28,7 +28,7 @@ import statistics
 import time
 from typing import Any
 
-from vla_dist.bench.common import describe_device
+from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
 
 WARMUP = 2
@@ -188,32 +188,27 @@ def run_train_bench(cfg: RunConfig) -> dict[str, object]:
     step_s = statistics.median(row["step_time_s"] for row in rows)
     value, baseline = global_batch / step_s, global_batch / base["median_step_s"]
     flops = base["flops_per_sample"]
-    report: dict[str, object] = {
-        "name": "train",
-        "value": round(value, 3),
-        "unit": "samples/s",
-        "baseline": round(baseline, 3),
-        "ratio": round(value / baseline, 3),
-        "ratio_definition": f"{t.world_size}-rank DeepSpeed ZeRO-{t.zero_stage} samples/s / one-process plain "
-                            "PyTorch AdamW samples/s, same model and global batch",
-        "device": describe_device(),
-        "world_size": t.world_size,
-        "zero_stage": t.zero_stage,
-        "lora": t.lora.enabled,
-        "model": cfg.model.preset,
-        "global_batch_size": global_batch,
-        "micro_batch_size": t.micro_batch_size,
-        "grad_accum": t.grad_accum,
-        "steps_measured": steps,
-        "median_step_s": round(step_s, 4),
-        "baseline_median_step_s": round(base["median_step_s"], 4),
-        "baseline_threads": base["threads"],
-        "trainable_parameters": info["trainable"],
-        "parameters": info["parameters"],
-        "model_flops_per_sample": flops,
-        "achieved_tflops": round(flops * value / 1e12, 6),
-        "mfu": None,
-    }
+    report = bench_report(
+        "train", round(value, 3), "samples/s", round(baseline, 3), round(value / baseline, 3),
+        f"{t.world_size}-rank DeepSpeed ZeRO-{t.zero_stage} samples/s / one-process plain PyTorch AdamW samples/s, "
+        "same model and global batch",
+        world_size=t.world_size,
+        zero_stage=t.zero_stage,
+        lora=t.lora.enabled,
+        model=cfg.model.preset,
+        global_batch_size=global_batch,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        steps_measured=steps,
+        median_step_s=round(step_s, 4),
+        baseline_median_step_s=round(base["median_step_s"], 4),
+        baseline_threads=base["threads"],
+        trainable_parameters=info["trainable"],
+        parameters=info["parameters"],
+        model_flops_per_sample=flops,
+        achieved_tflops=round(flops * value / 1e12, 6),
+        mfu=None,
+    )
     if t.gpus_per_rank > 0:  # untested here (CPU CI): peak bf16 of the device from the table
         import torch
 
