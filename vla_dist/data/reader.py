@@ -177,6 +177,32 @@ def check_shard(path: Path, records: dict[str, dict[str, Any]] | None, verify: s
         return f"cannot read: {exc}"
 
 
+def checked_shards(
+    data_dir: str | os.PathLike[str], manifest: dict[str, Any], verify: str, on_error: OnError
+) -> list[tuple[str, int]]:
+    """(name, episodes) of the shards of `manifest` (read from `data_dir`), in its order, that pass
+    `check_shard` (size, sha256 with verify="sha256", the tar end marker); every other shard,
+    listed but missing or failing a check, or on disk but not listed, is passed to
+    `on_error(shard, message)` instead."""
+    data_dir = Path(data_dir)
+    records = {record["name"]: record for record in manifest["shards"]}
+    on_disk = {path.name for path in list_shards(data_dir)}
+    for name in sorted(on_disk - set(records)):
+        on_error(name, f"skipped: not listed in {MANIFEST_NAME} (left over from another collection?)")
+    good = []
+    for record in manifest["shards"]:
+        name = record["name"]
+        if name not in on_disk:
+            on_error(name, f"listed in {MANIFEST_NAME} but missing from {data_dir}")
+            continue
+        problem = check_shard(data_dir / name, records, verify)
+        if problem is not None:
+            on_error(name, f"skipped: {problem}")
+            continue
+        good.append((name, int(record["episodes"])))
+    return good
+
+
 def _check_tar_end(path: Path, size: int) -> str | None:
     """A complete tar has its end-of-archive marker (two zero blocks) right after the last member.
     Python's tar reader stops silently at a cut that falls between members, so we look: this reads
