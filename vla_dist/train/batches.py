@@ -74,8 +74,9 @@ class LoaderBatches:
     split is re-drawn each epoch, so different windows are dropped each time).
 
     Resume: `state_dict()` is the loader's (windows delivered in batches the caller took); the
-    worker puts every rank's into the DeepSpeed checkpoint's client_state and a resumed run (same
-    world size) continues at that position: the next batch is the one the uninterrupted run took.
+    worker gathers every rank's into the checkpoint's train_state.json (plain JSON, indexed by rank,
+    written by rank 0) and a resumed run (same world size) continues at that position: the next
+    batch is the one the uninterrupted run took.
     Batches are pulled lazily (only when a step needs one), so the agreement replays identically.
     """
 
