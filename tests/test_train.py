@@ -27,6 +27,8 @@ from vla_dist.train import run_train
 from vla_dist.train.batches import EpisodeWindows
 from vla_dist.train.metrics import read_metrics
 
+from .faults import nan_worker
+
 STEPS = 16
 
 
@@ -120,10 +122,7 @@ def lora_run(quickstart_run, local_ray, tmp_path_factory):
     _, data_dir, _ = quickstart_run
     cfg = train_cfg(tmp_path_factory.mktemp("train") / "lora", data_dir, "train.steps=4", "train.save_every=4",
                     "train.zero_stage=3", "train.lora.enabled=true", "train.lora.r=4")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VLA_DIST_TRAIN_NAN_STEPS", "2")
-        report = run_train(cfg)
-    return cfg, report
+    return cfg, run_train(cfg, worker_cls=nan_worker("2"))
 
 
 def test_lora_zero3_saves_a_whole_adapter(lora_run):
@@ -241,12 +240,11 @@ def test_zero0_resume_auto_continues_the_loss(zero0_run, tmp_path):
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-5, abs=1e-6), (before, after)
 
 
-def test_repeated_nan_losses_stop_with_the_last_checkpoint_kept(quickstart_run, local_ray, tmp_path, monkeypatch):
+def test_repeated_nan_losses_stop_with_the_last_checkpoint_kept(quickstart_run, local_ray, tmp_path):
     _, data_dir, _ = quickstart_run
-    monkeypatch.setenv("VLA_DIST_TRAIN_NAN_STEPS", "3+")
     cfg = train_cfg(tmp_path / "nan", data_dir, "train.steps=6", "train.save_every=2", "train.max_nan_steps=2")
     with pytest.raises(VlaDistError, match="non-finite.*step_2"):
-        run_train(cfg)
+        run_train(cfg, worker_cls=nan_worker("3+"))
     assert ckpt.latest_checkpoint(cfg.run.dir) == ckpt.step_dir(cfg.run.dir, 2)
 
 

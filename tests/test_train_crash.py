@@ -4,10 +4,10 @@ then continues the run exactly as if it had never been interrupted.
 
 The killed training is `vla-dist train` in its own process (its own in-process Ray, so the SIGKILL
 hits a real Ray actor process of an SFTWorker and nothing of the test session). The kill is not a
-race against a sub-second save: the test-only hook VLA_DIST_TRAIN_HOLD_SAVE (train/worker.py) holds
-rank 1 inside its save of step_N right after DeepSpeed wrote its shards (rank 0 waits in the save's
-barrier) and makes it write its pid; the test kills exactly that process then. Real DeepSpeed on gloo
-ranks, tiny-pi0 on the quickstart dataset; no mocks."""
+race against a sub-second save: the process runs the CLI through tests/faults.py with a worker
+subclass (hold_save_worker) that holds rank 1 inside its save of step_N right after DeepSpeed wrote
+its shards (rank 0 waits in the save's barrier) and makes it write its pid; the test kills exactly
+that process then. Real DeepSpeed on gloo ranks, tiny-pi0 on the quickstart dataset; no mocks."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from vla_dist.config.load import load_config
 from vla_dist.config.validate import validate
 from vla_dist.train import run_train
 from vla_dist.train.metrics import read_metrics
-from vla_dist.train.worker import HOLD_SAVE_ENV
 
 from .conftest import REPO_ROOT
 
@@ -75,11 +74,12 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_continues
     _, data_dir, _ = quickstart_run
     run_dir = tmp_path / "killed"
     killed_dir, kept_dir = ckpt.step_dir(run_dir, KILLED_SAVE), ckpt.step_dir(run_dir, KEPT)
-    env = {**os.environ, HOLD_SAVE_ENV: f"{KILLED_SAVE}:{KILLED_RANK}:600"}
     log = tmp_path / "killed.log"  # a file, not a pipe nobody reads while training: it could fill and block
     with open(log, "w", encoding="utf-8") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vla_dist", "train", *overrides(run_dir, data_dir)],
-                                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # `vla-dist train`, its rank KILLED_RANK held in the save of step_KILLED_SAVE for up to 600 s
+        proc = subprocess.Popen([sys.executable, "-m", "tests.faults", "hold-save", f"{KILLED_SAVE}:{KILLED_RANK}:600",
+                                 "train", *overrides(run_dir, data_dir)],
+                                cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         held = killed_dir / f".hold_save_rank{KILLED_RANK}.pid"
         wait_for(held, proc, log, timeout_s=600)

@@ -10,11 +10,10 @@ StopRequest (train/stop.py: SIGUSR1/SIGTERM -> save a checkpoint at the current 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import (
     BarColumn,
@@ -38,12 +37,17 @@ from vla_dist.train.loggers import RunLoggers, check_loggers
 from vla_dist.train.metrics import plot_loss
 from vla_dist.train.stop import StoppedBySignal, StopRequest
 
+if TYPE_CHECKING:
+    from vla_dist.train.worker import SFTWorker
+
 # Longest a chunk of steps asked of the ranks should last: the driver sees a stop request (SIGTERM:
 # Kubernetes waits 30 s, docker stop 10 s before SIGKILL) only between chunks, and must still save.
 STOP_CHECK_S = 2.0
 
 
-def run_train(cfg: RunConfig) -> dict[str, Any]:
+def run_train(cfg: RunConfig, worker_cls: type[SFTWorker] | None = None) -> dict[str, Any]:
+    """Train as `cfg` says; the report `vla-dist train` prints. `worker_cls`: the rank actor,
+    SFTWorker or a subclass of it (as bench/train.py's ranks take one)."""
     from vla_dist.distributed.group import TrainerGroup
     from vla_dist.runtime import init_ray
     from vla_dist.train.worker import SFTWorker
@@ -61,8 +65,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
             ensure_universal(resume)
     save_resolved(cfg, run_dir)
     env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
-    env = {**env, "DS_ACCELERATOR": "cuda" if t.gpus_per_rank else "cpu",
-           **{k: os.environ[k] for k in ("VLA_DIST_TRAIN_NAN_STEPS", "VLA_DIST_TRAIN_HOLD_SAVE") if k in os.environ}}
+    env = {**env, "DS_ACCELERATOR": "cuda" if t.gpus_per_rank else "cpu"}
     placement = TrainerPlacement.from_train(t)
     _check_fits(cfg)
     started = time.perf_counter()
@@ -70,7 +73,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     # saves and returns. Installed after init_ray: ray.init sets its own SIGTERM handler (sys.exit).
     with StopRequest() as stop:
         # a lost rank's message names the checkpoint that is latest when the loss is found, not at start
-        group = TrainerGroup(SFTWorker, placement, env=env, on_lost=lambda: _kept(run_dir))
+        group = TrainerGroup(worker_cls or SFTWorker, placement, env=env, on_lost=lambda: _kept(run_dir))
         loggers = evals = None
         finished = False
         try:

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from vla_dist import atomic
 from vla_dist.config.schema import RunConfig
 from vla_dist.data.augment import augment_batch
 from vla_dist.distributed.group import node_address_and_free_port
@@ -142,9 +141,7 @@ class SFTWorker:
                 # so a resumed run continues the uninterrupted one exactly
                 torch.manual_seed(hash(key) & 0x7FFF_FFFF)
                 batch = augment_batch(batch, self.cfg.data.random_shift, seed=hash((*key, 1)) & 0x7FFF_FFFF)
-                loss = self.engine(batch)
-                if _inject_nan(step, attempt):
-                    loss = loss * float("nan")
+                loss = self._loss(batch)
                 if self._all_min(float(torch.isfinite(loss.detach()).all())) < 1:
                     skipped += 1
                     attempt += 1
@@ -172,6 +169,10 @@ class SFTWorker:
                 **self._data_metrics(used),
             })
         return out
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        """One micro-batch's loss: the engine's forward (a subclass may wrap it)."""
+        return self.engine(batch)
 
     def _data_metrics(self, used: list[Any]) -> dict[str, Any]:
         """Loader mode: rank 0's data position after the step, a digest of the windows it used, and
@@ -203,12 +204,7 @@ class SFTWorker:
         if self.data is not None:  # every rank's loader state, gathered: only rank 0 writes it
             states = [None] * self.world_size
             dist.all_gather_object(states, self.data.state_dict())
-        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
-        if self.cfg.train.zero_stage == 0:  # no ZeRO partitions: our own safetensors copy for export/elastic resume
-            from vla_dist.checkpoint.stage0 import save_stage0
-
-            save_stage0(self.engine, path, self.rank)
-        _hold_save(path, self.rank)
+        self._save_engine(path)
         if self.lora:
             save_adapter(self.engine.module, path / "adapter", self.rank)
         if self.rank == 0:
@@ -223,6 +219,15 @@ class SFTWorker:
             }
             (path / TRAIN_STATE).write_text(json.dumps(train_state) + "\n", encoding="utf-8")
         dist.barrier()
+
+    def _save_engine(self, path: Path) -> None:
+        """This rank's part of the engine's state in `path`: DeepSpeed's shards and, at ZeRO stage 0
+        (no ZeRO partitions), our own safetensors copy for export and elastic resume."""
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        if self.cfg.train.zero_stage == 0:
+            from vla_dist.checkpoint.stage0 import save_stage0
+
+            save_stage0(self.engine, path, self.rank)
 
     def export_policy(self, out_dir: str) -> float:
         """Collective: the current weights for a training-time eval (train/evals.py), in seconds of
@@ -245,31 +250,3 @@ class SFTWorker:
         dist.barrier()
         return time.perf_counter() - started
 
-
-def _inject_nan(step: int, attempt: int) -> bool:
-    """Test hook, VLA_DIST_TRAIN_NAN_STEPS: "3,4" makes the first micro-batch drawn at steps 3 and 4
-    non-finite; "5+" every micro-batch from step 5 on."""
-    for item in filter(None, os.environ.get("VLA_DIST_TRAIN_NAN_STEPS", "").split(",")):
-        if (item.endswith("+") and step >= int(item[:-1])) or (attempt == 0 and item == str(step)):
-            return True
-    return False
-
-
-HOLD_SAVE_ENV = "VLA_DIST_TRAIN_HOLD_SAVE"
-
-
-def _hold_save(path: Path, rank: int) -> None:
-    """Test-only hook, VLA_DIST_TRAIN_HOLD_SAVE="STEP:RANK[:SECONDS]": that rank, in its save of
-    checkpoint step_STEP, right after DeepSpeed wrote its shards (the other ranks go on and wait in
-    the save's barrier), writes its pid to step_STEP/.hold_save_rankRANK.pid and sleeps SECONDS
-    (default 300). It makes "kill -9 during a save" deterministic for tests/test_train_crash.py
-    instead of a race against a sub-second save; unset, it does nothing."""
-    spec = os.environ.get(HOLD_SAVE_ENV, "")
-    if not spec:
-        return
-    step, held_rank, *seconds = spec.split(":")
-    if path.name != f"step_{int(step)}" or rank != int(held_rank):
-        return
-    marker = path / f".hold_save_rank{rank}.pid"
-    atomic.write_text(marker, str(os.getpid()))  # whole or absent: the test reads it as soon as it exists
-    time.sleep(float(seconds[0]) if seconds else 300.0)
