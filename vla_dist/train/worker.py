@@ -249,4 +249,3 @@ class SFTWorker:
                     module.save_pretrained(out_dir)
         dist.barrier()
         return time.perf_counter() - started
-
