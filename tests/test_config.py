@@ -189,6 +189,7 @@ def test_contract_resume_modes_validate(resume: str) -> None:
         ("collect.episodes=abc", "collect.episodes"),
         ("collect.episodes=-1", "collect.episodes"),
         ("collect.num_actors=0", "collect.num_actors"),
+        ("collect.action_noise=0.2", "collect.action_noise"),  # 20 cm per step: not a perturbation
         ("task.image_size=33", "task.image_size"),
         ("task.cameras=[front,front]", "task.cameras"),
         ("sim.dt=0.03", "task.control_hz"),

@@ -43,6 +43,9 @@ class CollectSection:
     keep_failures: bool = False  # also write failed expert episodes, marked success=false
     max_attempts_factor: float = 3.0  # give up after episodes * factor attempts (expert broken?)
     max_actor_restarts: int = 3  # Ray restarts of a dead sim actor before collection fails
+    # DART: std (m per control step) of Gaussian noise on the hand translation the expert's actions
+    # execute; the recorded actions stay the expert's, so the data shows recoveries (rollout/runner.py)
+    action_noise: float = 0.0
     num_videos: int = 3  # episodes written as mp4 under run.dir/videos/
     cpus_per_actor: float = 1.0  # Ray resources a sim actor reserves
     overwrite: bool = False  # allow collecting into a data.dir that already holds shards

@@ -330,6 +330,7 @@ CHECKS: list[Check] = [
     at_least("collect.max_attempts_factor", 1),
     at_least("collect.max_actor_restarts", 0),
     at_least("collect.num_videos", 0),
+    in_range("collect.action_noise", 0, 0.05),
     greater_than("collect.cpus_per_actor", 0),
     # data
     output_dir("data.dir"),

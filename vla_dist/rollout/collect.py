@@ -105,7 +105,7 @@ def run_collect(
             return None
         size = min(c.envs_per_actor, max_attempts - state.next_index)
         chunk = [
-            EpisodeRequest(i, tasks[i % len(tasks)], episode_seed(cfg.run.seed, i))
+            EpisodeRequest(i, tasks[i % len(tasks)], episode_seed(cfg.run.seed, i), action_noise=c.action_noise)
             for i in range(state.next_index, state.next_index + size)
         ]
         state.next_index += size
@@ -261,6 +261,8 @@ def _write_manifest(
             "run_seed": cfg.run.seed,
             # the physics the actions were recorded under: `vla-dist replay` refuses other settings
             "sim": {"dt": cfg.sim.dt, "substeps": cfg.sim.substeps, "backend": cfg.sim.backend},
+            # DART noise on the executed actions (the recorded ones are the expert's): replay re-applies it
+            "action_noise": cfg.collect.action_noise,
         },
     )
 

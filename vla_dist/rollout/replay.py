@@ -67,8 +67,9 @@ def check_physics(cfg: RunConfig, manifest: Mapping[str, Any]) -> None:
                               f"has {getattr(cfg.sim, key)}: set sim.{key}={sim[key]}")
 
 
-def load_recorded(cfg: RunConfig) -> tuple[list[Episode], list[tuple[str, str]]]:
-    """The episodes to replay (task.name: one task, or all), images not decoded; shard errors."""
+def load_recorded(cfg: RunConfig) -> tuple[list[Episode], list[tuple[str, str]], float]:
+    """The episodes to replay (task.name: one task, or all), images not decoded; shard errors; the
+    execution noise they were collected with (collect.action_noise, DART: replayed identically)."""
     from vla_dist.data.manifest import ManifestError, read_manifest
     from vla_dist.data.reader import ShardErrors, iter_episodes
 
@@ -77,6 +78,7 @@ def load_recorded(cfg: RunConfig) -> tuple[list[Episode], list[tuple[str, str]]]
     except (ManifestError, FileNotFoundError, OSError) as error:
         raise ConfigError("data.dir", f"no readable dataset at {cfg.data.dir} ({error})") from None
     check_physics(cfg, manifest)
+    action_noise = float((manifest.get("extra") or {}).get("action_noise", 0.0))
     errors = ShardErrors()
     episodes = [ep for ep in iter_episodes(cfg.data.dir, decode_images=False, on_error=errors)
                 if cfg.task.name in ("all", ep.task)]
@@ -88,7 +90,7 @@ def load_recorded(cfg: RunConfig) -> tuple[list[Episode], list[tuple[str, str]]]
             raise ConfigError("data.dir", f"{cfg.data.dir}: episodes {seen[ep.seed]} and {ep.episode_id} share "
                               f"seed {ep.seed} (datasets merged from runs with the same run.seed?)")
         seen[ep.seed] = ep.episode_id
-    return episodes, errors.errors
+    return episodes, errors.errors, action_noise
 
 
 def replay_dataset(cfg: RunConfig, perturb: str = "none") -> dict[str, Any]:
@@ -98,9 +100,10 @@ def replay_dataset(cfg: RunConfig, perturb: str = "none") -> dict[str, Any]:
     from vla_dist.runtime import init_ray
 
     started = time.perf_counter()
-    episodes, shard_errors = load_recorded(cfg)
+    episodes, shard_errors, action_noise = load_recorded(cfg)
     recorded = {ep.seed: perturbed(ep.actions, perturb) for ep in episodes}
-    requests = [EpisodeRequest(i, ep.task, ep.seed, max_steps=ep.num_frames) for i, ep in enumerate(episodes)]
+    requests = [EpisodeRequest(i, ep.task, ep.seed, max_steps=ep.num_frames, action_noise=action_noise)
+                for i, ep in enumerate(episodes)]
     size = cfg.collect.envs_per_actor
     pending = [requests[i : i + size] for i in range(0, len(requests), size)]
     source = PolicySource(kind="replay", cameras=tuple(cfg.task.cameras), recorded=recorded)

@@ -65,12 +65,40 @@ class ExpertPolicy:
         return self.expert.act(obs.privileged)
 
 
+class ExecutionNoise:
+    """DART-style noise injection (Laskey et al. 2017): the executed hand translation is perturbed,
+    the recorded action is not. The closed-loop expert then demonstrates how to come back from where
+    the noise pushed the hand, which is where a learned policy's own errors take it; plain
+    demonstrations only show the expert's ideal path. Translation only (dims 0-2): rotation and
+    the gripper command are executed as asked."""
+
+    def __init__(self, stds: list[float], seeds: list[int]) -> None:
+        self.stds = torch.tensor(stds, dtype=torch.float32)[:, None]
+        self.generators = ([torch.Generator().manual_seed(NOISE_SEED_OFFSET + seed) for seed in seeds]
+                           if any(stds) else [])
+
+    def apply(self, action: torch.Tensor) -> torch.Tensor:
+        if not self.generators:
+            return action
+        draws = torch.stack([torch.randn(3, generator=g) for g in self.generators])
+        executed = action.clone()
+        executed[:, :3] += self.stds * draws
+        return executed
+
+
+NOISE_SEED_OFFSET = 0x0DA7_0000  # keeps the noise stream apart from other uses of the episode seed
+
+
 @dataclass
 class EpisodeRequest:
     index: int  # position in the collection; makes the episode id unique
     task: str
     seed: int
     max_steps: int = 0  # this episode's step limit; 0: run_batch's max_steps, else the task's (replay: recorded length)
+    # DART (collect.action_noise): std (m) of Gaussian noise added to the hand translation that is
+    # executed; the recorded action stays the policy's. Drawn from a generator seeded by the episode
+    # seed alone, so a replay with the same setting executes exactly the same noisy actions.
+    action_noise: float = 0.0
 
     @property
     def episode_id(self) -> str:
@@ -109,6 +137,7 @@ def run_batch(
     done = torch.zeros(n, dtype=torch.bool)
     success = torch.zeros(n, dtype=torch.bool)
     closest = torch.full((n,), float("inf"))
+    noise = ExecutionNoise([r.action_noise for r in padded], [r.seed for r in padded])
     while not bool(done.all()):
         privileged = scene.object_state()
         obs = Observation(scene.render() if render else {}, scene.proprio(), privileged, instructions)
@@ -117,8 +146,8 @@ def run_batch(
         action = policy.act(obs).to(torch.float32)
         frames.append(obs.images)
         states.append(obs.proprio)
-        actions.append(action)
-        scene.step(action)
+        actions.append(action)  # the label: what the policy (the expert) asked for
+        scene.step(noise.apply(action))
         length += (~done).long()
 
         after = scene.object_state()
