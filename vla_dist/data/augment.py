@@ -11,11 +11,11 @@ generator seeded per micro-batch: a resumed run shifts exactly as the uninterrup
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
-BatchT = TypeVar("BatchT", bound=Any)  # a PolicyBatch dataclass (or subclass: WindowBatch)
+BatchT = TypeVar("BatchT")  # a PolicyBatch dataclass (or subclass: WindowBatch)
 
 
 def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:

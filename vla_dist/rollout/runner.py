@@ -65,6 +65,9 @@ class ExpertPolicy:
         return self.expert.act(obs.privileged)
 
 
+NOISE_SEED_OFFSET = 0x0DA7_0000  # keeps the noise stream apart from other uses of the episode seed
+
+
 class ExecutionNoise:
     """DART-style noise injection (Laskey et al. 2017): the executed hand translation is perturbed,
     the recorded action is not. The closed-loop expert then demonstrates how to come back from where
@@ -84,9 +87,6 @@ class ExecutionNoise:
         executed = action.clone()
         executed[:, :3] += self.stds * draws
         return executed
-
-
-NOISE_SEED_OFFSET = 0x0DA7_0000  # keeps the noise stream apart from other uses of the episode seed
 
 
 @dataclass
