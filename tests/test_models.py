@@ -62,6 +62,46 @@ def synthetic_manifest() -> dict[str, Any]:
     }
 
 
+def manifest_action_range() -> tuple[torch.Tensor, torch.Tensor]:
+    """(q01, q99) float64 [A] as the manifest states them, not as a policy stores them."""
+    stats = synthetic_manifest()["action_stats"]
+    return torch.tensor(stats["q01"], dtype=torch.float64), torch.tensor(stats["q99"], dtype=torch.float64)
+
+
+def hand_normalize(actions: torch.Tensor) -> torch.Tensor:
+    """raw -> [-1, 1] by hand: q01 -> -1, q99 -> 1 linearly, clipped; a constant dim (q01 = q99) -> 0."""
+    q01, q99 = manifest_action_range()
+    width = q99 - q01
+    norm = 2 * (actions.double() - q01) / torch.where(width > 0, width, 1) - 1
+    return torch.where(width > 0, norm.clamp(-1, 1), 0)
+
+
+def hand_unnormalize(norm: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> raw by hand: clipped to [-1, 1], then -1 -> q01, 1 -> q99 linearly (float64)."""
+    q01, q99 = manifest_action_range()
+    return q01 + (norm.double().clamp(-1, 1) + 1) / 2 * (q99 - q01)
+
+
+def bin_centres(bins: torch.Tensor) -> torch.Tensor:
+    """Bin b of 256 equal bins over [-1, 1] has its centre at -1 + (2b + 1) / 256."""
+    return -1 + (2 * bins.double() + 1) / 256
+
+
+def expected_chunk(policy: VLAPolicy, inputs: PolicyInputs, noise: torch.Tensor) -> torch.Tensor:
+    """What predict_chunk must return, from the family's raw decoder output un-normalized by hand with
+    the manifest's statistics: pi0's sample_actions from the same noise (zero-padded to the model's
+    width), or the greedy bins' centres."""
+    with torch.no_grad():
+        if isinstance(policy, PI0Policy):
+            padded = torch.nn.functional.pad(noise, (0, policy.max_action_dim - ACTION_DIM)).to(policy.dtype)
+            norm = policy.hf_model.sample_actions(**policy.prepare_prefix(inputs), noise=padded,
+                                                  num_steps=policy.spec.num_inference_steps)[..., :ACTION_DIM]
+        else:
+            assert isinstance(policy, ActionTokenPolicy)
+            norm = bin_centres(policy.predict_bins(inputs))
+    return hand_unnormalize(norm.float())
+
+
 def make_batch(policy: VLAPolicy, size: int = 4, seed: int = 1) -> PolicyBatch:
     """Random images/state, actions spread over (a bit beyond) [q01, q99]; sample 1 ends mid-chunk."""
     gen = torch.Generator().manual_seed(seed)
@@ -165,14 +205,20 @@ def test_padded_steps_do_not_count(policy: VLAPolicy) -> None:
             assert torch.equal(policy.log_prob(batch), policy.log_prob(changed))
 
 
-def test_predict_chunk_shape_and_range(policy: VLAPolicy) -> None:
+def test_predict_chunk_is_the_decoder_output_un_normalized(policy: VLAPolicy) -> None:
+    """predict_chunk = the raw decoder's normalized actions mapped to [q01, q99] with the manifest's
+    statistics (reference computed by hand in float64); the constant action dim gives its one value."""
     batch = make_batch(policy)
     inputs = PolicyInputs(batch.images, batch.state, batch.instructions)
-    chunk = policy.predict_chunk(inputs)
+    noise = torch.randn(4, policy.chunk_size, ACTION_DIM, generator=torch.Generator().manual_seed(2))
+    chunk = policy.predict_chunk(inputs, noise)
     assert chunk.shape == (4, policy.chunk_size, ACTION_DIM) and chunk.dtype == torch.float32
-    assert ((chunk >= policy.action_low) & (chunk <= policy.action_high)).all()
-    if isinstance(policy, ActionTokenPolicy):  # exactly bin centres, un-normalized
-        assert torch.equal(policy.bins_to_actions(policy.predict_bins(inputs)), chunk)
+    torch.testing.assert_close(chunk.double(), expected_chunk(policy, inputs, noise), rtol=0, atol=1e-6)
+    assert (chunk[..., 5] == synthetic_manifest()["action_stats"]["q01"][5]).all()
+    if isinstance(policy, ActionTokenPolicy):  # every prediction sits on one of the 256 bin centres
+        centres = hand_unnormalize(bin_centres(torch.arange(256))[:, None].expand(256, ACTION_DIM))
+        distance = (chunk.double()[..., None, :] - centres).abs().min(dim=-2).values
+        assert (distance < 1e-6).all()
     log_prob = policy.log_prob(batch)
     assert log_prob.shape == (4,) and torch.isfinite(log_prob).all()
 
@@ -219,8 +265,10 @@ def test_bfloat16_keeps_exact_statistics(policy: VLAPolicy) -> None:
     assert torch.equal(model.action_low, policy.action_low)
     batch = make_batch(model, size=2)
     assert torch.isfinite(model.compute_loss(batch))
-    chunk = model.predict_chunk(batch)
-    assert ((chunk >= model.action_low) & (chunk <= model.action_high)).all()
+    noise = torch.randn(2, model.chunk_size, ACTION_DIM, generator=torch.Generator().manual_seed(4))
+    # un-normalized with the float32 statistics (bf16 ones would be off by ~1e-3 here)
+    torch.testing.assert_close(model.predict_chunk(batch, noise).double(), expected_chunk(model, batch, noise),
+                               rtol=0, atol=1e-6)
 
 
 # pi0: 2 expert layers x 7 projections, backbone layer 0 x 7, the last backbone layer's k/v only
@@ -289,14 +337,31 @@ def test_pi0_reads_only_its_state_inputs(tmp_path: Path) -> None:
         build("pi0", state_inputs=["s7", "gripper"])
 
 
-def test_pi0_log_prob_is_negative_loss_with_shared_draws() -> None:
+def test_pi0_log_prob_is_the_negative_per_sample_flow_loss() -> None:
+    """pi0's log_prob surrogate is minus each sample's flow-matching MSE (over its valid steps and the
+    real action dims), and compute_loss is the same squared error averaged over every valid (step,
+    dim) of the batch: both against the MSE computed here by hand from the model's velocity."""
     model = build("pi0")
-    batch = make_batch(model)
+    assert isinstance(model, PI0Policy)
+    batch = make_batch(model)  # sample 1 is padded from mid-chunk: per-sample weights matter
     fixed = fixed_draws(model, 4)
+    noise, time = fixed["noise"].double(), fixed["timestep"].double()[:, None, None]
+    actions = hand_normalize(batch.actions)
+    noisy = time * noise + (1 - time) * actions  # x_t: t = 1 is pure noise
     with torch.no_grad():
         log_prob = model.log_prob(batch, **fixed)
-        assert torch.equal(log_prob, model.log_prob(batch, **fixed))
-        assert (log_prob < 0).all()
+        loss = model.compute_loss(batch, **fixed)
+        padded = torch.nn.functional.pad(noisy.float(), (0, model.max_action_dim - ACTION_DIM))
+        velocity = model.hf_model(**model.prepare_prefix(batch), noise=padded, timestep=fixed["timestep"]).logits
+    error = (velocity[..., :ACTION_DIM].double() - (noise - actions)) ** 2  # target velocity: noise - actions
+    valid = batch.action_mask[:, :, None].expand_as(error)
+    per_sample = (error * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2))
+    torch.testing.assert_close(log_prob.double(), -per_sample, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), error[valid].mean(), rtol=1e-5, atol=1e-6)
+    steps = batch.action_mask.sum(dim=1).double()  # = -log_prob weighted by valid steps
+    torch.testing.assert_close(loss.double(), -(log_prob.double() * steps).sum() / steps.sum(), rtol=1e-5, atol=1e-6)
+    assert steps.tolist() == [model.chunk_size, model.chunk_size // 2, model.chunk_size, model.chunk_size]
+    assert not torch.allclose(loss.double(), -log_prob.double().mean())  # an unweighted mean would differ
 
 
 # --- action tokens ---------------------------------------------------------------------------
@@ -316,6 +381,34 @@ def test_token_decoding_matches_teacher_forcing(hf: dict[str, Any] | None) -> No
         later = bins.clone()  # change the last action token: earlier logits must not move
         later[:, -1, -1] = (later[:, -1, -1] + 100) % 256
         assert torch.allclose(model.action_logits(batch, later)[:, :-1], logits[:, :-1], atol=1e-5)
+
+
+def test_token_log_prob_and_loss_from_the_target_bins() -> None:
+    """log_prob sums, over valid action tokens, the target bin's log-probability under a softmax over
+    the 256 action tokens (what decoding picks from); compute_loss is the mean cross-entropy over the
+    full vocabulary. So they are not each other's negative: per token, log_prob's term exceeds minus
+    the cross-entropy by log(sum of all exp-logits / sum over action tokens) > 0. All from the
+    teacher-forced logits of bins computed here by hand."""
+    model = build("action_tokens")
+    assert isinstance(model, ActionTokenPolicy)
+    batch = make_batch(model)
+    bins = ((hand_normalize(batch.actions) + 1) / 2 * 256).floor().long().clamp(0, 255)  # [B, chunk, A]
+    assert torch.equal(model.actions_to_bins(batch.actions), bins)
+    assert (bins[..., 5] == 128).all() and bins.min() == 0 and bins.max() == 255  # clipped beyond [q01, q99]
+    with torch.no_grad():
+        log_prob, loss = model.log_prob(batch), model.compute_loss(batch)
+        logits = model.action_logits(batch, bins).double()  # [B, L, V]
+    targets = bins.flatten(1)
+    valid = batch.action_mask.repeat_interleave(ACTION_DIM, dim=1)  # step-major: A tokens per step
+    token_ids = model.action_token_ids[0] + torch.arange(256)
+    chosen = logits.gather(-1, (token_ids[0] + targets)[..., None])[..., 0]
+    restricted = chosen - logits[..., token_ids].logsumexp(-1)
+    full = chosen - logits.logsumexp(-1)
+    torch.testing.assert_close(log_prob.double(), (restricted * valid).sum(dim=1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss.double(), -full[valid].mean(), rtol=1e-5, atol=1e-5)
+    gap = log_prob.double().sum() - (-loss.double() * valid.sum())
+    torch.testing.assert_close(gap, ((restricted - full) * valid).sum(), rtol=1e-4, atol=1e-3)
+    assert gap > 0
 
 
 def test_action_bins() -> None:
@@ -362,6 +455,19 @@ def test_normalization_round_trip() -> None:
     assert unit.abs().max() <= 1 and (unit[:, 5] == 0).all()  # the constant dim maps to 0
     back = processing.unnormalize_actions(unit, t["action_low"], t["action_high"], t["action_scale"])
     assert torch.allclose(back, raw, atol=1e-5)
+    # Known values: q01 -> -1, a quarter of the way -> -0.5, the middle -> 0, q99 -> 1, beyond -> clipped;
+    # the constant dim 5 -> 0 whatever the value, and back to its one value.
+    q01, q99 = (x.float() for x in manifest_action_range())
+    points = torch.stack([q01 - 1, q01, q01 + (q99 - q01) / 4, (q01 + q99) / 2, q99, q99 + 1])
+    want = torch.tensor([-1.0, -1.0, -0.5, 0.0, 1.0, 1.0])[:, None].repeat(1, ACTION_DIM)
+    want[:, 5] = 0.0
+    unit = processing.normalize_actions(points, t["action_low"], t["action_scale"])
+    torch.testing.assert_close(unit, want, rtol=0, atol=1e-6)
+    levels = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])[:, None].repeat(1, ACTION_DIM)
+    raw = processing.unnormalize_actions(levels, t["action_low"], t["action_high"], t["action_scale"])
+    torch.testing.assert_close(raw.double(), hand_unnormalize(levels), rtol=0, atol=1e-6)
+    torch.testing.assert_close(raw[4].double(), q01.double() + 0.75 * (q99 - q01).double(), rtol=0, atol=1e-6)
+    assert (raw[:, 5] == q01[5]).all()
     with pytest.raises(ValueError, match="non-finite"):
         processing.Normalization([float("nan")], [1.0], [0.0], [1.0])
 
