@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vla_dist.spaces import CAMERAS
+
 
 @dataclass
 class RunSection:
@@ -20,10 +22,10 @@ class RunSection:
 
 @dataclass
 class TaskSection:
-    # one of vla_dist.sim.tasks.TASKS, or "all" to spread episodes round-robin over every task
+    # one of vla_dist.spaces.TASK_NAMES, or "all" to spread episodes round-robin over every task
     name: str = "all"
     image_size: int = 64  # square RGB images for every camera, pixels
-    cameras: list[str] = field(default_factory=lambda: ["front", "wrist"])
+    cameras: list[str] = field(default_factory=lambda: list(CAMERAS))
     control_hz: int = 10  # policy/action rate; physics runs at 1/sim.dt
     max_steps: int = 0  # episode step limit at control_hz; 0: the task's own default
 

@@ -19,12 +19,11 @@ from vla_dist.cluster.checks import CLUSTER_CHECKS, RESERVED_RESOURCES
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 from vla_dist.models.files import FAMILIES, PretrainedError, check_pretrained_dir, check_state_inputs
-from vla_dist.sim.task_names import TASK_NAMES
+from vla_dist.spaces import CAMERAS, TASK_NAMES
 
 Check = Callable[[RunConfig], None]
 
 MIB = 1024 * 1024
-CAMERAS = ("front", "wrist")
 SIM_BACKENDS = ("cpu", "gpu")
 IMAGE_CODECS = ("mp4", "npz")
 MODEL_DTYPES = ("float32", "bfloat16")

@@ -36,6 +36,7 @@ from vla_dist.models.files import (
     weights_readable_like,
 )
 from vla_dist.models.processing import Normalization
+from vla_dist.spaces import ACTION_SPACE, CAMERAS, STATE_SPACE
 
 if TYPE_CHECKING:
     from vla_dist.config.schema import ModelSection
@@ -357,15 +358,14 @@ def state_input_dims(names: list[str] | None, manifest: Mapping[str, Any]) -> li
 
 
 def placeholder_manifest() -> dict[str, Any]:
-    """Manifest fields a build needs, for the simulator's action/state spaces with unit statistics
-    (parameter counting, smoke tests; training uses the dataset's manifest)."""
-    from vla_dist.sim.scene import ACTION_SPACE, STATE_SPACE
-
+    """Manifest fields a build needs, for the simulator's action/state spaces and cameras
+    (vla_dist/spaces.py) with unit statistics (parameter counting, smoke tests; training uses the
+    dataset's manifest)."""
     def stats(dim: int) -> dict[str, list[float]]:
         return {"mean": [0.0] * dim, "std": [1.0] * dim, "min": [-1.0] * dim, "max": [1.0] * dim,
                 "q01": [-1.0] * dim, "q99": [1.0] * dim}
 
-    return {"action_space": dict(ACTION_SPACE), "state_space": dict(STATE_SPACE), "cameras": ["front", "wrist"],
+    return {"action_space": dict(ACTION_SPACE), "state_space": dict(STATE_SPACE), "cameras": list(CAMERAS),
             "action_stats": stats(ACTION_SPACE["dim"]), "state_stats": stats(STATE_SPACE["dim"])}
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vla_dist.spaces import TASK_INSTRUCTIONS
+
 NORMALIZATION_FILE = "normalization.json"
 PAD, BOS, EOS, IMAGE = "<pad>", "<bos>", "<eos>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, IMAGE)  # ids 0..3, in this order, in every tokenizer built here
@@ -59,9 +61,7 @@ def preprocess_images(images: torch.Tensor, size: int, dtype: torch.dtype = torc
 
 def instruction_corpus() -> list[str]:
     """Every task instruction as the prompt the model sees, plus a line of extra words."""
-    from vla_dist.sim.tasks import TASKS
-
-    lines = [PROMPT_TEMPLATE.format(instruction=text) for spec in TASKS.values() for text in spec.instructions]
+    lines = [PROMPT_TEMPLATE.format(instruction=text) for texts in TASK_INSTRUCTIONS.values() for text in texts]
     return [*lines, EXTRA_WORDS]
 
 

@@ -29,7 +29,7 @@ from vla_dist.data.video import tile_cameras, write_video
 from vla_dist.errors import ConfigError, VlaDistError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
 from vla_dist.rollout.runner import EpisodeRequest
-from vla_dist.sim.task_names import TASK_NAMES
+from vla_dist.spaces import ACTION_SPACE, STATE_SPACE, TASK_NAMES
 
 log = logging.getLogger("vla_dist.rollout")
 
@@ -237,8 +237,6 @@ def _write_manifest(
     tasks: list[str],
     complete: bool = True,
 ) -> Path:
-    from vla_dist.sim.scene import ACTION_SPACE, STATE_SPACE
-
     return write_manifest(
         data_dir,
         shards=records,

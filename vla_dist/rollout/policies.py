@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vla_dist.rollout.runner import ExpertPolicy, Observation, Policy
+from vla_dist.spaces import CAMERAS
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class PolicySource:
     kind: str = "expert"  # "expert" | "model" | "replay"
     path: str | None = None  # model: directory with the saved policy
     action_horizon: int = 0  # model: actions executed per predicted chunk; 0 = the whole chunk
-    cameras: tuple[str, ...] = ("front", "wrist")
+    cameras: tuple[str, ...] = CAMERAS
     torch_threads: int = 1  # per actor: actors already run in parallel, one per core
     compile: bool = False  # model: decode through the torch.compile'd kernels (model.compile)
     # replay: episode seed -> recorded actions float32 [T, A]; shipped whole to each actor (7 floats

@@ -16,7 +16,6 @@ from vla_dist.data.episode import Episode
 from vla_dist.sim.expert import TCP_OFFSET, ScriptedExpert
 from vla_dist.sim.geometry import quat_rotate
 from vla_dist.sim.scene import STATE_SPACE, TabletopScene
-from vla_dist.sim.task_names import TASK_NAMES
 from vla_dist.sim.tasks import (
     TASKS,
     check_success,
@@ -24,6 +23,7 @@ from vla_dist.sim.tasks import (
     sample_layout,
     stack_layouts,
 )
+from vla_dist.spaces import TASK_NAMES
 
 SUCCESS_HOLD_STEPS = 3  # an episode ends once its success condition has held this many control steps
 

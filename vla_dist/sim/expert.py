@@ -33,8 +33,8 @@ from vla_dist.sim.geometry import (
     top_down_quat,
     wrap_angle,
 )
-from vla_dist.sim.task_names import TASK_NAMES
 from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE
+from vla_dist.spaces import TASK_NAMES
 
 TCP_OFFSET = 0.105  # m from the hand link origin to the point between the finger pads, along hand z
 MAX_STEP = 0.03  # m of hand translation per control step

@@ -2,7 +2,7 @@
 
 One `TabletopScene` is one Genesis scene built with `n_envs` parallel environments; every call takes
 or returns batched tensors with leading dimension `n_envs`. Its action space is the end-effector
-delta pose of the hand plus a gripper command (see `ACTION_SPACE`), applied through batched inverse
+delta pose of the hand plus a gripper command (`vla_dist.spaces.ACTION_SPACE`), applied through batched inverse
 kinematics and joint position control; physics runs `decimation` steps per action.
 
 Deltas move the hand's *commanded* target pose, not its measured pose (ManiSkill calls this
@@ -18,24 +18,7 @@ import torch
 
 from vla_dist.sim.geometry import axis_angle_to_quat, quat_mul, yaw_quat
 from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE, PARKED, TARGET_RADIUS, Layout
-
-ACTION_SPACE = {
-    "type": "ee_delta_pose",
-    "dim": 7,
-    "names": ["dx", "dy", "dz", "drx", "dry", "drz", "gripper"],
-    "description": (
-        "Per control step: translation of the Franka hand link's commanded target in the robot base frame (m), "
-        "rotation of that target as an axis-angle vector in the base frame (rad), gripper command (>0 close, "
-        "<=0 open). The target starts at the measured hand pose and stays within 5 cm of it."
-    ),
-    "frame": "robot_base",
-}
-STATE_SPACE = {
-    "dim": 15,
-    "names": [f"joint{i}" for i in range(1, 8)]
-    + ["gripper_width", "hand_x", "hand_y", "hand_z", "hand_qw", "hand_qx", "hand_qy", "hand_qz"],
-    "description": "Arm joint positions (rad), finger opening (m), hand link position (m) and quaternion (w, x, y, z).",
-}
+from vla_dist.spaces import ACTION_SPACE, CAMERAS, STATE_SPACE  # noqa: F401 (the spaces: still importable here)
 
 HOME_QPOS = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
 FINGER_OPEN = 0.04  # m per finger
@@ -73,7 +56,7 @@ class TabletopScene:
         self,
         n_envs: int,
         image_size: int = 64,
-        cameras: tuple[str, ...] = ("front", "wrist"),
+        cameras: tuple[str, ...] = CAMERAS,
         dt: float = 0.01,
         substeps: int = 2,
         control_hz: int = 10,

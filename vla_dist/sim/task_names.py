@@ -1,3 +1,6 @@
-"""Task names, importable without Genesis (config validation runs before any simulator work)."""
+"""Task names, importable without Genesis: defined in `vla_dist.spaces` (with their instructions);
+this older path stays importable."""
 
-TASK_NAMES: tuple[str, ...] = ("pick_cube", "push_cube", "stack_cube")
+from vla_dist.spaces import TASK_NAMES
+
+__all__ = ["TASK_NAMES"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vla_dist.sim.task_names import TASK_NAMES
+from vla_dist.spaces import TASK_INSTRUCTIONS, TASK_NAMES
 
 CUBE_SIZE = 0.04  # red cube edge, m
 BASE_SIZE = 0.06  # blue cube edge, m
@@ -27,51 +27,21 @@ PARKED = {"base": (0.0, 1.6, BASE_SIZE / 2), "target": (0.0, -1.6, 0.001)}  # ou
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    instructions: tuple[str, ...]  # paraphrases; one is drawn per episode
+    instructions: tuple[str, ...]  # paraphrases (vla_dist/spaces.py); one is drawn per episode
     max_steps: int  # control steps before an episode counts as failed
     uses_base: bool
     uses_target: bool
 
 
 TASKS: dict[str, TaskSpec] = {
-    "pick_cube": TaskSpec(
-        "pick_cube",
-        (
-            "pick up the red cube",
-            "lift the red block off the table",
-            "grab the red cube and raise it",
-            "pick the red block up",
-        ),
-        max_steps=60,
-        uses_base=False,
-        uses_target=False,
-    ),
-    "push_cube": TaskSpec(
-        "push_cube",
-        (
-            "push the red cube onto the green target",
-            "slide the red block to the green circle",
-            "move the red cube to the green mark by pushing it",
-            "shove the red block onto the green disk",
-        ),
-        max_steps=80,
-        uses_base=False,
-        uses_target=True,
-    ),
-    "stack_cube": TaskSpec(
-        "stack_cube",
-        (
-            "stack the red cube on the blue cube",
-            "put the red block on top of the blue block",
-            "place the red cube onto the blue one",
-            "pick up the red block and set it on the blue block",
-        ),
-        max_steps=90,
-        uses_base=True,
-        uses_target=False,
-    ),
+    "pick_cube": TaskSpec("pick_cube", TASK_INSTRUCTIONS["pick_cube"], max_steps=60, uses_base=False,
+                          uses_target=False),
+    "push_cube": TaskSpec("push_cube", TASK_INSTRUCTIONS["push_cube"], max_steps=80, uses_base=False,
+                          uses_target=True),
+    "stack_cube": TaskSpec("stack_cube", TASK_INSTRUCTIONS["stack_cube"], max_steps=90, uses_base=True,
+                           uses_target=False),
 }
-assert tuple(TASKS) == TASK_NAMES, "task_names.py must list the tasks defined here"
+assert tuple(TASKS) == TASK_NAMES, "vla_dist/spaces.py must list the tasks defined here, in this order"
 
 # Success thresholds.
 LIFT_HEIGHT = 0.10  # pick: red cube centre above this height (it rests at CUBE_SIZE / 2)
