@@ -1,4 +1,5 @@
 """Layout and bookkeeping of training checkpoints (no torch, no DeepSpeed: the driver uses it).
+The read side (names, `latest_checkpoint`) is `vla_dist/checkpoint_layout.py`.
 
     run.dir/checkpoints/step_N/      DeepSpeed's files (tag = step_N), written by every rank
     run.dir/checkpoints/step_N/train_meta.json   what export needs (model section, manifest, seed, lora)
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterable
@@ -26,26 +26,28 @@ from pathlib import Path
 from typing import Any
 
 from vla_dist import atomic
+from vla_dist.checkpoint_layout import (
+    COMPLETE,
+    LATEST,
+    checkpoints_dir,
+    is_complete,
+    latest_checkpoint,
+    step_dir,
+    step_dirs,
+    step_of,
+)
 from vla_dist.errors import ConfigError
 
-COMPLETE = "COMPLETE"
-LATEST = "latest"
+# The read side of the layout is vla_dist/checkpoint_layout.py (config validation reads it too); its
+# names stay importable from here, where the driver, export and tests use them (ckpt.step_dir, ...).
+__all__ = [
+    "BEST", "COMPLETE", "LATEST", "META", "TRAIN_STATE", "best_checkpoint", "checkpoints_dir", "is_complete",
+    "latest_checkpoint", "mark_best", "mark_complete", "prune", "resolve_resume", "step_dir", "step_dirs", "step_of",
+]
+
 BEST = "best"
 META = "train_meta.json"
 TRAIN_STATE = "train_state.json"  # step, LR schedule and data position as JSON (rank 0, written at save)
-_STEP = re.compile(r"^step_(\d+)$")
-
-
-def checkpoints_dir(run_dir: str | os.PathLike[str]) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"step_{step}"
-
-
-def is_complete(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / COMPLETE).is_file()
 
 
 def mark_complete(path: str | os.PathLike[str], step: int, info: dict[str, Any]) -> None:
@@ -54,18 +56,6 @@ def mark_complete(path: str | os.PathLike[str], step: int, info: dict[str, Any])
     atomic.write_text(path / COMPLETE, json.dumps({"step": step, "time": time.time(), **info}, indent=2) + "\n",
                       fsync=True)
     atomic.write_text(path.parent / LATEST, path.name + "\n", fsync=True)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The step dir `latest` names if complete; else the newest complete step dir; else None."""
-    root = checkpoints_dir(run_dir)
-    pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if is_complete(candidate):
-            return candidate
-    complete = sorted((p for p in _step_dirs(root) if is_complete(p)), key=_step_of)
-    return complete[-1] if complete else None
 
 
 def mark_best(path: str | os.PathLike[str]) -> None:
@@ -102,8 +92,8 @@ def prune(run_dir: str | os.PathLike[str], keep_last: int, keep: Iterable[Path] 
     root = checkpoints_dir(run_dir)
     latest = latest_checkpoint(run_dir)
     kept = {p.name for p in (*keep, latest, best_checkpoint(run_dir)) if p is not None}
-    complete = sorted((p for p in _step_dirs(root) if is_complete(p)), key=_step_of)
-    doomed = [p for p in _step_dirs(root) if not is_complete(p) and (latest is None or _step_of(p) < _step_of(latest))]
+    complete = sorted((p for p in step_dirs(root) if is_complete(p)), key=step_of)
+    doomed = [p for p in step_dirs(root) if not is_complete(p) and (latest is None or step_of(p) < step_of(latest))]
     doomed += [p for p in complete[:-keep_last] if p.name not in kept]
     for path in doomed:
         # unmark first: a prune killed half-way (large checkpoints take a while to delete) leaves an
@@ -115,16 +105,3 @@ def prune(run_dir: str | os.PathLike[str], keep_last: int, keep: Iterable[Path] 
         if not is_complete(root / path.name[: -len("_universal")]):
             shutil.rmtree(path, ignore_errors=True)
     return doomed
-
-
-def step_of(path: str | os.PathLike[str]) -> int:
-    return _step_of(Path(path))
-
-
-def _step_of(path: Path) -> int:
-    match = _STEP.match(path.name)
-    return int(match.group(1)) if match else -1
-
-
-def _step_dirs(root: Path) -> list[Path]:
-    return [p for p in root.glob("step_*") if p.is_dir() and _STEP.match(p.name)] if root.is_dir() else []

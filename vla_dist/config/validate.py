@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vla_dist.cluster.checks import CLUSTER_CHECKS, RESERVED_RESOURCES
+from vla_dist.checkpoint_layout import is_complete, latest_checkpoint
+from vla_dist.config.cluster_checks import CLUSTER_CHECKS, RESERVED_RESOURCES
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 from vla_dist.models.files import FAMILIES, PretrainedError, check_pretrained_dir, check_state_inputs
@@ -197,8 +198,6 @@ def _model_state_inputs(cfg: RunConfig) -> None:
 
 
 def _eval_checkpoint(cfg: RunConfig) -> None:
-    from vla_dist.checkpoint.manager import latest_checkpoint
-
     path = cfg.eval.checkpoint
     if path is None:
         return
@@ -210,7 +209,7 @@ def _eval_checkpoint(cfg: RunConfig) -> None:
         return
     # A training run, its checkpoints/ or a step dir: eval exports its latest complete checkpoint.
     run_dir = Path(path).parent if Path(path).name == "checkpoints" else Path(path)
-    if (Path(path) / "COMPLETE").is_file() or latest_checkpoint(run_dir) is not None:
+    if is_complete(path) or latest_checkpoint(run_dir) is not None:
         return
     raise ConfigError("eval.checkpoint", f"{path} is neither a saved policy directory (vla_dist.json) nor a training "
                       "run or checkpoint with a complete checkpoint; give an export, a run.dir of `vla-dist train`, "
@@ -221,7 +220,7 @@ def _train_resume(cfg: RunConfig) -> None:
     resume = cfg.train.resume
     if resume in ("auto", "never"):
         return
-    if not (Path(resume) / "COMPLETE").is_file():
+    if not is_complete(resume):
         raise ConfigError("train.resume", f"must be auto, never or a complete checkpoint directory "
                           f"(run.dir/checkpoints/step_N with a COMPLETE marker); got {resume!r}")
 
@@ -363,7 +362,7 @@ CHECKS: list[Check] = [
     at_least("cluster.num_cpus", 1, optional=True),
     output_dir("cluster.cache_dir", optional=True, expanduser=True),  # (shared_dir: a path on the cluster's nodes)
     _cluster_address,
-    *CLUSTER_CHECKS,  # collect placement keys and cluster.slurm/kuberay/cloud (vla_dist/cluster/checks.py)
+    *CLUSTER_CHECKS,  # collect placement keys and cluster.slurm/kuberay/cloud (config/cluster_checks.py)
     # bench
     at_least("bench.rollout_actors", 1),
     at_least("bench.rollout_steps", 1),

@@ -1,5 +1,6 @@
 """Value rules for `collect` placement keys and the `cluster` section (appended to
-`vla_dist.config.validate.CHECKS`). Plain functions on the RunConfig; no Ray, no I/O."""
+`vla_dist.config.validate.CHECKS`). Plain functions on the RunConfig; no Ray, no I/O. What they
+check is rendered and placed by `vla_dist/cluster/`; the rules live with the other config rules."""
 
 from __future__ import annotations
 
