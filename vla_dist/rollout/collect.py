@@ -16,31 +16,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from vla_dist.atomic import write_json
 from vla_dist.config.schema import RunConfig
-from vla_dist.data.codec import decode_frames
 from vla_dist.data.manifest import write_manifest
 from vla_dist.data.reader import list_shards
 from vla_dist.data.shards import EpisodeShardWriter, ShardRecord, clear_shards
 from vla_dist.data.stats import StatsAccumulator
-from vla_dist.data.video import tile_cameras, write_video
 from vla_dist.errors import ConfigError, VlaDistError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
+from vla_dist.rollout.episodes import episode_seed, selected_tasks
+from vla_dist.rollout.output import write_videos
 from vla_dist.rollout.runner import EpisodeRequest
-from vla_dist.spaces import ACTION_SPACE, STATE_SPACE, TASK_NAMES
+from vla_dist.spaces import ACTION_SPACE, STATE_SPACE
 
 log = logging.getLogger("vla_dist.rollout")
-
-
-def selected_tasks(name: str) -> list[str]:
-    return list(TASK_NAMES) if name == "all" else [name]
-
-
-def episode_seed(run_seed: int, index: int) -> int:
-    """Independent, reproducible seed per episode (not run_seed + index, which would overlap runs)."""
-    return int(np.random.SeedSequence([run_seed, index]).generate_state(1)[0])
 
 
 @dataclass
@@ -276,24 +265,3 @@ def _write_partial_manifest(cfg: RunConfig, data_dir: Path, records: list[ShardR
         "note": "collection stopped early; these shards are complete and readable",
     }
     write_json(data_dir / "manifest.partial.json", payload)
-
-
-def write_videos(
-    video_dir: Path, samples: list[dict[str, object]], cfg: RunConfig, label_outcome: bool = False
-) -> list[Path]:
-    """Cameras side by side, upscaled to ~256 px; `label_outcome` appends -success/-failure to names."""
-    paths = []
-    for sample in samples:
-        frames = {
-            cam: decode_frames(sample[f"{cam}.{cfg.data.image_codec}"], cfg.data.image_codec)
-            for cam in cfg.task.cameras
-        }
-        suffix = ""
-        if label_outcome:
-            suffix = "-success" if json.loads(sample["meta.json"])["success"] else "-failure"
-        path = video_dir / f"{sample['__key__']}{suffix}.mp4"
-        write_video(path, tile_cameras(frames), fps=float(cfg.task.control_hz),
-                    scale=max(1, 256 // cfg.task.image_size))
-        paths.append(path)
-    return paths
-

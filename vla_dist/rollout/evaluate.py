@@ -23,18 +23,13 @@ from vla_dist.atomic import write_json
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
-from vla_dist.rollout.collect import episode_seed, selected_tasks, write_videos
+from vla_dist.rollout.episodes import episode_seed, eval_seed, selected_tasks
+from vla_dist.rollout.output import write_videos
 from vla_dist.rollout.policies import PolicySource
 from vla_dist.rollout.runner import EpisodeRequest
 
 if TYPE_CHECKING:  # the pool imports ray: loaded by the functions that start one
     from vla_dist.rollout.pool import PoolStats, SimActorPool
-
-EVAL_SEED_STREAM = 1  # collection uses stream 0 (see collect.episode_seed)
-
-
-def eval_seed(run_seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([run_seed, index, EVAL_SEED_STREAM]).generate_state(1)[0])
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

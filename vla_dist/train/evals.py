@@ -63,7 +63,6 @@ class EvalRunner:
     def evaluate(self, step: int, weights: str, meta: dict[str, Any]) -> dict[str, Any]:
         from vla_dist.data.codec import decode_frames
         from vla_dist.data.video import tile_cameras
-        from vla_dist.rollout.collect import write_videos
         from vla_dist.rollout.evaluate import (
             decode_summary,
             eval_requests,
@@ -71,6 +70,7 @@ class EvalRunner:
             run_requests,
             success_summary,
         )
+        from vla_dist.rollout.output import write_videos
 
         cfg, started = self.cfg, time.perf_counter()
         _install_policy(Path(weights), meta, self.root / CURRENT)

@@ -1,0 +1,29 @@
+"""Which task and seed episode i of a run gets: shared by collection, evaluation and training-time evals.
+
+Episode i runs tasks[i % len(tasks)]. Its seed (the layout, the instruction paraphrase, a policy's
+noise) comes from (run.seed, i) and a stream: collection uses stream 0, held-out evaluation stream 1,
+so the same run.seed gives evaluation layouts no demonstration had.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vla_dist.spaces import TASK_NAMES
+
+EVAL_SEED_STREAM = 1  # collection uses stream 0 (episode_seed)
+
+
+def selected_tasks(name: str) -> list[str]:
+    """task.name -> the tasks a run spreads its episodes over ("all": every task)."""
+    return list(TASK_NAMES) if name == "all" else [name]
+
+
+def episode_seed(run_seed: int, index: int) -> int:
+    """Independent, reproducible seed per episode (not run_seed + index, which would overlap runs)."""
+    return int(np.random.SeedSequence([run_seed, index]).generate_state(1)[0])
+
+
+def eval_seed(run_seed: int, index: int) -> int:
+    """Held-out episode seed: episode_seed's scheme on another stream."""
+    return int(np.random.SeedSequence([run_seed, index, EVAL_SEED_STREAM]).generate_state(1)[0])
