@@ -1,0 +1,156 @@
+"""RL building blocks against independent references: GAE and GRPO advantages computed by hand,
+PPO's clipped surrogate and its gradient, and pi0's Flow-SDE sampler (marginals of the SDE step on
+an exactly known flow, log-probabilities recomputed under the same and under changed weights)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.test_models import build, make_batch
+from vla_dist.models.pi0 import PI0Policy
+from vla_dist.rl.advantages import gae, group_relative_advantages
+from vla_dist.rl.flow_sde import chunk_log_prob, sample_chunk, sde_transition
+from vla_dist.rl.losses import ppo_policy_loss, value_loss
+
+
+def test_gae_matches_a_hand_computation() -> None:
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.5, 0.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6, 0.1, 0.3]])
+    dones = torch.tensor([[False, False, True, False, False]])  # episode 1 ends at t=2, episode 2 is cut at t=4
+    last_value = torch.tensor([0.7])
+    gamma, lam = 0.9, 0.8
+    # By hand: deltas, then A_t = delta_t + gamma*lam*A_{t+1} within an episode.
+    d4 = 0.0 + gamma * 0.7 - 0.3
+    d3 = 0.5 + gamma * 0.3 - 0.1
+    d2 = 1.0 - 0.6  # done: no bootstrap
+    d1 = 0.0 + gamma * 0.6 - 0.4
+    d0 = 0.0 + gamma * 0.4 - 0.2
+    a4 = d4
+    a3 = d3 + gamma * lam * a4
+    a2 = d2
+    a1 = d1 + gamma * lam * a2
+    a0 = d0 + gamma * lam * a1
+    advantages, returns = gae(rewards, values, dones, last_value, gamma, lam)
+    assert advantages[0].tolist() == pytest.approx([a0, a1, a2, a3, a4], abs=1e-6)
+    assert returns[0].tolist() == pytest.approx([a0 + 0.2, a1 + 0.4, a2 + 0.6, a3 + 0.1, a4 + 0.3], abs=1e-6)
+    # lam = gamma = 1 without dones: advantages are the reward-to-go plus the bootstrap, minus V.
+    advantages, _ = gae(rewards, values, torch.zeros_like(dones), last_value, 1.0, 1.0)
+    to_go = torch.flip(torch.cumsum(torch.flip(rewards, [1]), 1), [1]) + 0.7
+    torch.testing.assert_close(advantages, to_go - values)
+
+
+def test_group_relative_advantages() -> None:
+    returns = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    advantages = group_relative_advantages(returns, groups)
+    # group 0: mean 0.5, population std 0.5 -> +-1; group 1 all succeeded: no signal; group 2: -1, +1
+    assert advantages.tolist() == pytest.approx([1, -1, -1, 1, 0, 0, -1, 1], abs=1e-4)
+    with pytest.raises(ValueError, match="group 3 has one rollout"):
+        group_relative_advantages(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 3]))
+
+
+def test_ppo_clipped_surrogate_and_its_gradient() -> None:
+    old = torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5]))
+    new = torch.log(torch.tensor([0.5, 0.8, 0.8, 0.2])).requires_grad_()  # ratios 1, 1.6, 1.6, 0.4
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, stats = ppo_policy_loss(new, old, advantages, clip=0.2)
+    # min(r A, clip(r) A): 1*1, min(1.6, 1.2) = 1.2, min(-1.6, -1.2) = -1.6, min(-0.4, -0.8) = -0.8
+    assert float(loss) == pytest.approx(-(1.0 + 1.2 - 1.6 - 0.8) / 4, abs=1e-6)
+    assert stats["clip_fraction"] == pytest.approx(0.75)
+    ratios = torch.tensor([1.0, 1.6, 1.6, 0.4])
+    assert stats["approx_kl"] == pytest.approx(float(((ratios - 1) - ratios.log()).mean()), abs=1e-6)
+    loss.backward()
+    # Clipped samples (2nd: r A above the band, 4th: below) pass no gradient; d(-rA/4)/dlogp = -rA/4.
+    assert new.grad.tolist() == pytest.approx([-0.25, 0.0, 1.6 / 4, 0.0], abs=1e-6)
+
+
+def test_value_loss_clipping() -> None:
+    values = torch.tensor([1.0, 3.0])
+    returns = torch.tensor([0.0, 0.0])
+    assert float(value_loss(values, returns)) == pytest.approx(0.5 * (1 + 9) / 2)
+    # clipped to old +- 0.5: sample 2 moved from 2.0 to 3.0, clipped 2.5 -> max(9, 6.25) = 9; sample 1 unchanged
+    old = torch.tensor([1.0, 2.0])
+    assert float(value_loss(values, returns, old, clip=0.5)) == pytest.approx(0.5 * (1 + 9) / 2)
+    # a value moved towards the target beyond the band is penalized as if clipped: max(0.25, 2.25)
+    assert float(value_loss(torch.tensor([0.5]), torch.tensor([0.0]), torch.tensor([2.0]), clip=0.5)) \
+        == pytest.approx(0.5 * 2.25)
+
+
+def test_sde_step_keeps_the_flow_marginals() -> None:
+    """For data that is one point a, the exact velocity at x_t = (1-t) a + t z is z - a and x_t is
+    N((1-t) a, t^2). One reverse-SDE step must land on N((1-t-|dt|) a, (t-|dt|)^2) up to O(dt^2)."""
+    gen = torch.Generator().manual_seed(0)
+    a, t, dt, noise_level, n = 0.7, 0.6, -0.05, 0.5, 400_000
+    z = torch.randn(n, generator=gen, dtype=torch.float64)
+    x = (1 - t) * a + t * z
+    mean, std = sde_transition(x, z - a, t, dt, noise_level)
+    x_next = mean + std * torch.randn(n, generator=gen, dtype=torch.float64)
+    sigma2 = noise_level**2 * t / (1 - t)
+    assert float(x_next.mean()) == pytest.approx((1 - (t + dt)) * a, abs=4e-3)
+    assert float(x_next.std()) == pytest.approx(t + dt, abs=sigma2 * dt**2 / t + 4e-3)
+    # Without the drift correction (the ODE step plus noise) the spread grows: the check can fail.
+    naive = x + (z - a) * dt + std * torch.randn(n, generator=gen, dtype=torch.float64)
+    assert float(naive.std()) > t + dt + 0.01  # sqrt((t+dt)^2 + sigma^2 |dt|) = 0.567
+    with pytest.raises(ValueError, match="0 < t < 1"):
+        sde_transition(x, z - a, 1.0, dt, noise_level)
+
+
+@pytest.fixture(scope="module")
+def pi0() -> PI0Policy:
+    policy = build("pi0")
+    assert isinstance(policy, PI0Policy)
+    return policy
+
+
+def test_flow_sde_log_prob_is_recomputed_exactly_and_tracks_the_weights(pi0: PI0Policy) -> None:
+    batch = make_batch(pi0, size=3)
+    sample = sample_chunk(pi0, batch, step=4, noise_level=0.5, generator=torch.Generator().manual_seed(3))
+    # Reproducible from the seed, finite, and zero in the padded action dims.
+    again = sample_chunk(pi0, batch, step=4, noise_level=0.5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sample.actions, again.actions)
+    assert torch.isfinite(sample.log_prob).all() and not sample.actions[..., pi0.action_dim :].any()
+    # The same weights give the sampling-time log-probability back (PPO's ratio starts at 1).
+    recomputed = chunk_log_prob(pi0, batch, sample, noise_level=0.5)
+    torch.testing.assert_close(recomputed, sample.log_prob, rtol=1e-5, atol=1e-3)
+    # ... with a gradient, and a changed policy changes it.
+    recomputed.sum().backward()
+    assert pi0.hf_model.action_out_proj.weight.grad is not None
+    assert pi0.hf_model.action_out_proj.weight.grad[: pi0.action_dim].abs().sum() > 0
+    pi0.hf_model.zero_grad()
+    with torch.no_grad():
+        saved = pi0.hf_model.action_out_proj.bias.clone()
+        pi0.hf_model.action_out_proj.bias[: pi0.action_dim] += 0.05
+        moved = chunk_log_prob(pi0, batch, sample, noise_level=0.5)
+        pi0.hf_model.action_out_proj.bias.copy_(saved)
+    assert (moved - sample.log_prob).abs().min() > 1e-3
+
+
+def test_flow_sde_with_vanishing_noise_is_the_ode_sampler(pi0: PI0Policy) -> None:
+    """noise_level -> 0 turns the stochastic step back into an Euler step: pi0's own sample_actions."""
+    batch = make_batch(pi0, size=2)
+    noise = torch.randn(2, pi0.chunk_size, pi0.action_dim, generator=torch.Generator().manual_seed(5))
+    sample = sample_chunk(pi0, batch, step=3, noise_level=1e-6, noise=noise)
+    with torch.no_grad():
+        ode = pi0.hf_model.sample_actions(**pi0.prepare_prefix(batch), noise=pi0.full_noise(noise, 2),
+                                          num_steps=pi0.spec.num_inference_steps)
+    torch.testing.assert_close(sample.actions, ode.float(), rtol=1e-4, atol=1e-4)
+    # A real noise level moves it: the sampler explores.
+    noisy = sample_chunk(pi0, batch, step=3, noise_level=0.5, noise=noise,
+                         generator=torch.Generator().manual_seed(0))
+    assert (noisy.actions - ode).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="stochastic step"):
+        sample_chunk(pi0, batch, step=0, noise_level=0.5)
+
+
+def test_gaussian_log_prob_matches_torch_distributions(pi0: PI0Policy) -> None:
+    from vla_dist.rl.flow_sde import gaussian_log_prob
+
+    gen = torch.Generator().manual_seed(1)
+    mean = torch.randn(2, 4, 6, generator=gen)
+    value = mean + 0.3 * torch.randn(2, 4, 6, generator=gen)
+    expected = torch.distributions.Normal(mean[..., :5], 0.3).log_prob(value[..., :5]).sum(dim=(1, 2))
+    torch.testing.assert_close(gaussian_log_prob(value, mean, 0.3, dims=5), expected)
+    assert math.isfinite(float(expected.sum()))

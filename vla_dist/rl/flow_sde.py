@@ -1,0 +1,114 @@
+"""Flow-SDE: log-probabilities for pi0's flow-matching sampler (after pi-RL / Flow-GRPO).
+
+pi0 samples actions by integrating an ODE from noise (t=1) to actions (t=0) with Euler steps
+x <- x + dt * v(x, t), dt = -1/N: deterministic, so a sampled chunk has no likelihood to take a
+ratio of. Flow-SDE replaces ONE denoising step k (1 <= k < N) by the Euler-Maruyama step of the
+reverse SDE that has the same marginals as the ODE (Liu et al. 2025, Flow-GRPO, eq. 9; pi-RL's
+"Flow-SDE"), with x_t = t * noise + (1 - t) * actions and v = noise - actions (transformers' PI0):
+
+    mean = x_t + [v + sigma_t^2 / (2 t) * (x_t + (1 - t) v)] * dt,   std = sigma_t * sqrt(-dt),
+    sigma_t = noise_level * sqrt(t / (1 - t)).
+
+Given x_t the step is Gaussian: the log-probability PPO/GRPO take ratios of is that of the
+stochastic transition, log N(x_{t+dt}; mean, std^2), with x_t (reached deterministically from the
+initial noise) treated as part of the state, as pi-RL does when it casts denoising as an MDP.
+Why one stochastic step and not all N: one model forward per sample recomputes the log-probability
+(the cost of an SFT step), where N would multiply the update cost by N on a CPU.
+Why Flow-SDE and not Flow-Noise (a learned noise head): it adds no parameters, so an SFT checkpoint
+starts RL unchanged and an exported policy stays a plain PI0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from vla_dist.models.pi0 import PI0Policy
+    from vla_dist.models.policy import PolicyInputs
+
+
+def step_time(step: int, num_steps: int) -> float:
+    """t at the start of Euler step `step` (0-based) of `num_steps`, as PI0 counts: 1 - step / N."""
+    return 1.0 - step / num_steps
+
+
+def sde_transition(x: torch.Tensor, velocity: torch.Tensor, t: float, dt: float,
+                   noise_level: float) -> tuple[torch.Tensor, float]:
+    """(mean, std) of the reverse-SDE Euler-Maruyama step from time t to t + dt (dt < 0, 0 < t < 1)."""
+    if not 0.0 < t < 1.0 or dt >= 0:
+        raise ValueError(f"a stochastic step needs 0 < t < 1 and dt < 0, got t={t}, dt={dt}")
+    sigma = noise_level * math.sqrt(t / (1.0 - t))
+    mean = x + (velocity + sigma**2 / (2.0 * t) * (x + (1.0 - t) * velocity)) * dt
+    return mean, sigma * math.sqrt(-dt)
+
+
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float, dims: int) -> torch.Tensor:
+    """[B] log N(value; mean, std^2 I) over the first `dims` action dims of every chunk step
+    (the padded dims are exact zeros on both sides and carry no probability mass)."""
+    diff = (value[..., :dims] - mean[..., :dims]).float()
+    count = diff[0].numel()
+    squares = (diff / std).pow(2).sum(dim=tuple(range(1, diff.ndim)))
+    return -0.5 * squares - count * (math.log(std) + 0.5 * math.log(2 * math.pi))
+
+
+@dataclass
+class SDESample:
+    """One stochastic chunk per batch row: the normalized, padded actions [B, chunk, max_action_dim]
+    and what recomputing its log-probability needs (the step, x before and after it)."""
+
+    actions: torch.Tensor
+    step: int
+    x_before: torch.Tensor
+    x_after: torch.Tensor
+    log_prob: torch.Tensor  # [B] float32, under the sampling weights
+
+
+def _velocity(policy: PI0Policy, prefix: dict[str, torch.Tensor], x: torch.Tensor, t: float) -> torch.Tensor:
+    time = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+    return policy.hf_model(**prefix, noise=x.to(policy.dtype), timestep=time).logits.float()
+
+
+@torch.no_grad()
+def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int, noise_level: float,
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> SDESample:
+    """pi0's Euler sampler with denoising step `step` made stochastic (module docstring).
+    `noise` (the initial x, [B, chunk, A or max_action_dim]) and the SDE's noise come from
+    `generator` when not given, so a seeded generator reproduces the sample."""
+    num_steps = policy.spec.num_inference_steps
+    if not 1 <= step < num_steps:
+        raise ValueError(f"the stochastic step must lie in [1, {num_steps - 1}] (t=1 has infinite sigma), got {step}")
+    batch = policy.check_inputs(inputs)
+    prefix = policy.prepare_prefix(inputs)
+    if noise is None:
+        noise = policy.make_noise(batch, generator)
+    x = policy.full_noise(noise, batch).float()
+    dt = -1.0 / num_steps
+    for k in range(num_steps):
+        t = step_time(k, num_steps)
+        velocity = _velocity(policy, prefix, x, t)
+        if k != step:
+            x = x + dt * velocity
+            continue
+        mean, std = sde_transition(x, velocity, t, dt, noise_level)
+        eps = torch.randn(x.shape, generator=generator).to(x.device)
+        eps[..., policy.action_dim :] = 0
+        x_before, x = x, mean + std * eps
+        x_after = x
+        log_prob = gaussian_log_prob(x_after, mean, std, policy.action_dim)
+    return SDESample(actions=x, step=step, x_before=x_before, x_after=x_after, log_prob=log_prob)
+
+
+def chunk_log_prob(policy: PI0Policy, inputs: PolicyInputs, sample: SDESample, noise_level: float) -> torch.Tensor:
+    """[B] log-probability of `sample`'s stochastic step under the policy's current weights, with
+    gradients: one forward of the model per row (the cost of a flow-matching loss)."""
+    prefix = policy.prepare_prefix(inputs)
+    num_steps = policy.spec.num_inference_steps
+    t, dt = step_time(sample.step, num_steps), -1.0 / num_steps
+    x_before = sample.x_before.to(policy.device)
+    velocity = _velocity(policy, prefix, x_before, t)
+    mean, std = sde_transition(x_before, velocity, t, dt, noise_level)
+    return gaussian_log_prob(sample.x_after.to(policy.device), mean, std, policy.action_dim)

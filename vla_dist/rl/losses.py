@@ -1,0 +1,47 @@
+"""Policy-gradient losses on per-sample log-probabilities (either family; see vla_dist/rl/flow_sde.py
+for pi0's). Every function returns the scalar to minimize and float statistics for metrics.jsonl."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ppo_policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate (Schulman et al. 2017), averaged over samples:
+    -mean(min(r A, clip(r, 1-clip, 1+clip) A)), r = exp(log_prob - old_log_prob).
+    Stats: clip_fraction (samples whose ratio left the band) and approx_kl (the k3 estimator,
+    mean((r - 1) - log r), non-negative and unbiased for KL(old || new))."""
+    if not (log_probs.shape == old_log_probs.shape == advantages.shape):
+        raise ValueError(f"shapes differ: {log_probs.shape} {old_log_probs.shape} {advantages.shape}")
+    if clip <= 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    log_ratio = log_probs - old_log_probs.detach()
+    ratio = log_ratio.exp()
+    advantages = advantages.detach()
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    with torch.no_grad():
+        stats = {
+            "clip_fraction": float(((ratio - 1).abs() > clip).float().mean()),
+            "approx_kl": float(((ratio - 1) - log_ratio).mean()),
+        }
+    return -surrogate.mean(), stats
+
+
+def value_loss(values: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor | None = None,
+               clip: float | None = None) -> torch.Tensor:
+    """0.5 * mean squared error of the value head against the GAE returns; with `clip`, PPO's clipped
+    value loss (the larger of the clipped and unclipped errors)."""
+    returns = returns.detach()
+    error = (values - returns) ** 2
+    if clip is not None:
+        if old_values is None:
+            raise ValueError("a clipped value loss needs old_values")
+        old_values = old_values.detach()
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        error = torch.maximum(error, (clipped - returns) ** 2)
+    return 0.5 * error.mean()
