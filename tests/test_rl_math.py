@@ -154,3 +154,25 @@ def test_gaussian_log_prob_matches_torch_distributions(pi0: PI0Policy) -> None:
     expected = torch.distributions.Normal(mean[..., :5], 0.3).log_prob(value[..., :5]).sum(dim=(1, 2))
     torch.testing.assert_close(gaussian_log_prob(value, mean, 0.3, dims=5), expected)
     assert math.isfinite(float(expected.sum()))
+
+
+def test_token_sampling_log_prob_is_recomputed_and_follows_the_temperature() -> None:
+    from vla_dist.models.action_tokens import ActionTokenPolicy
+    from vla_dist.rl.token_sampling import bins_log_prob, sample_bins
+
+    policy = build("action_tokens")
+    assert isinstance(policy, ActionTokenPolicy)
+    batch = make_batch(policy, size=3)
+    bins, log_prob = sample_bins(policy, batch, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert bins.shape == (3, policy.chunk_size, policy.action_dim) and bins.min() >= 0 and bins.max() < 256
+    # Recomputed teacher-forced (no KV cache, one forward) it is the sampling-time log-probability ...
+    torch.testing.assert_close(bins_log_prob(policy, batch, bins, temperature=1.0), log_prob, rtol=1e-4, atol=1e-3)
+    # A higher temperature spreads the tokens: sampled chunks differ more from the greedy one.
+    greedy = policy.predict_bins(batch)
+    hot, _ = sample_bins(policy, batch, temperature=5.0, generator=torch.Generator().manual_seed(0))
+    cold, _ = sample_bins(policy, batch, temperature=0.05, generator=torch.Generator().manual_seed(0))
+    assert (cold != greedy).float().mean() < (hot != greedy).float().mean()
+    # Steps never executed carry no probability.
+    half = torch.ones(3, policy.chunk_size, dtype=torch.bool)
+    half[:, policy.chunk_size // 2 :] = False
+    assert (bins_log_prob(policy, batch, bins, temperature=1.0, valid_steps=half) > log_prob).all()
