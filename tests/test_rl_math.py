@@ -176,3 +176,30 @@ def test_token_sampling_log_prob_is_recomputed_and_follows_the_temperature() -> 
     half = torch.ones(3, policy.chunk_size, dtype=torch.bool)
     half[:, policy.chunk_size // 2 :] = False
     assert (bins_log_prob(policy, batch, bins, temperature=1.0, valid_steps=half) > log_prob).all()
+
+
+@pytest.mark.parametrize("family", ["pi0", "action_tokens"])
+def test_value_head_on_policy_features_learns_returns(family: str) -> None:
+    """Features depend on what the policy sees (images, instruction), and a value head on them fits
+    per-observation returns, with gradients reaching the backbone it shares with the policy."""
+    from vla_dist.rl.value import ValueHead, feature_size, policy_features
+
+    policy = build(family)
+    batch = make_batch(policy, size=4)
+    features = policy_features(policy, batch)
+    assert features.shape == (4, feature_size(policy)) and torch.isfinite(features).all()
+    other = make_batch(policy, size=4, seed=2)
+    assert (policy_features(policy, other) - features).abs().max() > 1e-4
+    head = ValueHead(feature_size(policy))
+    assert float(head(features).abs().max()) == 0.0  # zero-initialized output
+    returns = torch.tensor([1.0, 0.0, 0.5, -0.5])
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss = value_loss(head(features.detach()), returns)
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < 1e-3
+    value_loss(head(policy_features(policy, batch)), returns).backward()
+    grads = [p.grad for p in policy.hf_model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
