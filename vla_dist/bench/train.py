@@ -48,7 +48,7 @@ class PlainTrainer:
     def setup(self, cfg: RunConfig, manifest: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        from vla_dist.distributed.ds_config import global_batch_size
+        from vla_dist.config.validate import global_batch_size
         from vla_dist.models.policy import build_policy
         from vla_dist.train.batches import EpisodeWindows
         from vla_dist.train.lora import apply_lora
@@ -163,8 +163,8 @@ def release_ray(started_here: bool) -> None:
 
 
 def run_train_bench(cfg: RunConfig) -> dict[str, object]:
+    from vla_dist.config.validate import global_batch_size
     from vla_dist.data.manifest import read_manifest
-    from vla_dist.distributed.ds_config import global_batch_size
     from vla_dist.runtime import init_ray
 
     cfg = bench_config(cfg)

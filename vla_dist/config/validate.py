@@ -17,7 +17,7 @@ from typing import Any
 
 from vla_dist.checkpoint_layout import is_complete, latest_checkpoint
 from vla_dist.config.cluster_checks import CLUSTER_CHECKS, RESERVED_RESOURCES
-from vla_dist.config.schema import RunConfig
+from vla_dist.config.schema import RunConfig, TrainSection
 from vla_dist.errors import ConfigError
 from vla_dist.models.files import FAMILIES, PretrainedError, check_pretrained_dir, check_state_inputs
 from vla_dist.spaces import CAMERAS, TASK_NAMES
@@ -225,13 +225,21 @@ def _train_resume(cfg: RunConfig) -> None:
                           f"(run.dir/checkpoints/step_N with a COMPLETE marker); got {resume!r}")
 
 
-def _train_batch(cfg: RunConfig) -> None:
-    t = cfg.train
+def global_batch_size(train: TrainSection) -> int:
+    """Windows per optimizer step over all ranks: micro_batch_size * grad_accum * world_size; a set
+    `train.global_batch_size` (0: derive it) must agree. The one place the rule lives: validation,
+    the DeepSpeed config and the reports all call this."""
+    t = train
     derived = t.micro_batch_size * t.grad_accum * t.world_size
     if t.global_batch_size and t.global_batch_size != derived:
         raise ConfigError("train.global_batch_size", f"must equal train.micro_batch_size * train.grad_accum * "
                           f"train.world_size = {t.micro_batch_size} * {t.grad_accum} * {t.world_size} = {derived} "
                           f"(or 0 to derive it); got {t.global_batch_size}")
+    return derived
+
+
+def _train_batch(cfg: RunConfig) -> None:
+    global_batch_size(cfg.train)
 
 
 def _train_rank_resources(cfg: RunConfig) -> None:

@@ -10,16 +10,7 @@ from typing import Any
 import torch
 
 from vla_dist.config.schema import TrainSection
-from vla_dist.errors import ConfigError
-
-
-def global_batch_size(train: TrainSection) -> int:
-    """Windows per optimizer step over all ranks; a set `train.global_batch_size` must agree."""
-    derived = train.micro_batch_size * train.grad_accum * train.world_size
-    if train.global_batch_size and train.global_batch_size != derived:
-        raise ConfigError("train.global_batch_size", f"must equal micro_batch_size * grad_accum * world_size = "
-                          f"{derived} (or 0); got {train.global_batch_size}")
-    return derived
+from vla_dist.config.validate import global_batch_size
 
 
 def build_ds_config(train: TrainSection, *, on_gpu: bool) -> dict[str, Any]:

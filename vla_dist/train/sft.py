@@ -28,9 +28,8 @@ from vla_dist.checkpoint import manager as ckpt
 from vla_dist.cluster.placement import TrainerPlacement
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
-from vla_dist.config.validate import eval_fit_message
+from vla_dist.config.validate import eval_fit_message, global_batch_size
 from vla_dist.data.manifest import ManifestError, read_manifest
-from vla_dist.distributed.ds_config import global_batch_size
 from vla_dist.errors import ConfigError, VlaDistError
 from vla_dist.train.evals import TrainingEvals, train_meta
 from vla_dist.train.loggers import RunLoggers, check_loggers
