@@ -20,8 +20,8 @@ from vla_dist.launch import job_entrypoint, submit
 from .conftest import REPO_ROOT
 from .test_multinode import needs_private_net, run_in_private_net
 
-# Multi-node clusters, a Ray Jobs head and SLURM daemons: minutes of set-up, run after the main suite.
-pytestmark = pytest.mark.heavy
+# The Ray Jobs head test is marked heavy (minutes of set-up: run after the main suite); the
+# validation and entrypoint tests need no cluster and run in the main suite.
 
 DASHBOARD = "http://127.0.0.1:8265"
 JOB_EPISODES = 4
@@ -91,6 +91,7 @@ def jobs_on_a_real_head(out_dir: str) -> None:
         stop_head(head)
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(600)
 @needs_private_net
 def test_submit_collect_job_follow_it_and_read_outputs(tmp_path: Path, genesis_kernels: None) -> None:

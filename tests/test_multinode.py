@@ -21,8 +21,8 @@ import pytest
 
 from .conftest import REPO_ROOT
 
-# Multi-node clusters, a Ray Jobs head and SLURM daemons: minutes of set-up, run after the main suite.
-pytestmark = pytest.mark.heavy
+# The multi-node cluster test is marked heavy (minutes of set-up: run after the main suite); the
+# placement and rendered-manifest tests below need no cluster and run in the main suite.
 
 PRIVATE_NET = REPO_ROOT / "cluster" / "local" / "private-net.sh"
 EPISODES = 8  # four chunks of two: each actor gets two chunks in flight from the start
@@ -114,6 +114,7 @@ def collect_on_two_nodes(out_dir: str) -> None:
         cluster.shutdown()
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(900)
 @needs_private_net
 def test_collection_spreads_over_nodes_and_survives_losing_one(tmp_path: Path, genesis_kernels: None) -> None:
@@ -141,7 +142,7 @@ def test_collection_spreads_over_nodes_and_survives_losing_one(tmp_path: Path, g
         np.testing.assert_allclose(ep["actions"], want[ep["id"]]["actions"], atol=1e-5)
 
 
-# --- placement and rendered manifests (no cluster needed) --------------------------------------
+# --- placement and rendered manifests (no cluster needed: the main suite) ----------------------
 
 def test_sim_actor_placement_from_config() -> None:
     from vla_dist.cluster.placement import GIB, ActorPlacement, TrainerPlacement, check_fits, trainer_bundles

@@ -23,8 +23,8 @@ from vla_dist.config import load_config, validate
 from .conftest import REPO_ROOT
 from .test_multinode import needs_private_net, run_in_private_net
 
-# Multi-node clusters, a Ray Jobs head and SLURM daemons: minutes of set-up, run after the main suite.
-pytestmark = pytest.mark.heavy
+# Tests with SLURM daemons are marked heavy (slurm_test: minutes of set-up, run after the main suite);
+# the rendered script's test needs no daemon and runs in the main suite.
 
 LOCAL_SLURM = REPO_ROOT / "cluster" / "slurm" / "local-cluster.sh"
 EPISODES = 4
@@ -144,6 +144,7 @@ def requeue_job(out_dir: str) -> None:
 def slurm_test(test):
     """Real daemons, real jobs: root, a private network namespace, and slurm-wlm (or apt-get)."""
     for mark in (
+        pytest.mark.heavy,
         pytest.mark.timeout(900),
         needs_root,
         needs_private_net,

@@ -29,8 +29,9 @@ from vla_dist.train import run_train
 from vla_dist.train.metrics import read_metrics
 
 # Eighteen DeepSpeed runs (six uninterrupted base runs, twelve elastic resumes): about 6 minutes on 2
-# cores, plus the quickstart dataset; run after the main suite.
-pytestmark = pytest.mark.heavy
+# cores, plus the quickstart dataset: those tests are marked heavy (run after the main suite). The
+# checkpoint-directory tests at the end need no training and run in the main suite.
+heavy = pytest.mark.heavy
 
 STEPS, SAVE = 8, 4
 # measured: 2 -> 1 rank and ZeRO-2 -> ZeRO-3 differ from the uninterrupted run only by float summation
@@ -97,6 +98,7 @@ def assert_continues(rows, again, label):
     assert [r["loss"] for r in again[:SAVE]] == [r["loss"] for r in rows[:SAVE]]
 
 
+@heavy
 def test_two_ranks_to_one_rank_continues_the_loss(base_run, tmp_path):
     cfg, rows = base_run
     run_dir = crashed_copy(cfg, tmp_path / "to1")
@@ -117,6 +119,7 @@ def test_two_ranks_to_one_rank_continues_the_loss(base_run, tmp_path):
     assert universal.ensure_universal(source) == conv and (conv / "SOURCE").stat().st_mtime_ns == stamp
 
 
+@heavy
 @pytest.mark.parametrize("offload", [False, True], ids=["zero3", "zero3_offload_optimizer"])
 def test_zero2_to_zero3_continues_the_loss(base_run, tmp_path, offload):
     cfg, rows = base_run
@@ -153,6 +156,7 @@ ELASTIC = [
 ]
 
 
+@heavy
 @pytest.mark.parametrize(("name", "base", "resumed", "route"), [pytest.param(*c[1:], id=c[0]) for c in ELASTIC])
 def test_elastic_resume_continues_the_loss(base_runs: BaseRun, tmp_path, request, name, base, resumed, route):
     label = request.node.callspec.id
@@ -180,6 +184,7 @@ def test_elastic_resume_continues_the_loss(base_runs: BaseRun, tmp_path, request
         assert adapter and all(t.numel() > 0 for t in adapter.values())
 
 
+@heavy
 def test_failed_conversion_keeps_the_checkpoint_and_says_so(base_run, tmp_path, monkeypatch):
     cfg, _ = base_run
     run_dir = crashed_copy(cfg, tmp_path / "fails")
