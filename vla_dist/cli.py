@@ -23,6 +23,7 @@ from vla_dist.config import (
     validate,
 )
 from vla_dist.errors import VlaDistError
+from vla_dist.runtime import start_command, stop_command_ray  # stdlib only at import
 
 Report = dict[str, Any]
 
@@ -217,6 +218,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    start_command()  # quiet the libraries' noise before any of them is imported
     cfg = validate(load_config(args.config, args.overrides))
     if args.command == "quickstart":
         from vla_dist.quickstart import run_quickstart
@@ -261,11 +263,13 @@ def _run(args: argparse.Namespace) -> int:
         return run_cluster_command(args, cfg)
     elif args.command == "bench":
         report = BENCHES[args.name](cfg)
+        stop_command_ray()  # no actor line after the JSON line
         print(json.dumps(report, default=str), flush=True)
     return 0
 
 
 def _print_summary(command: str, report: Report, where: str, outcome: str = "done") -> None:
+    stop_command_ray()  # the summary is the last thing printed: no actor log line after it
     scalars = [f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in report.items()
                if isinstance(v, (str, int, float, bool))]
     print(f"{command} {outcome}: {', '.join(scalars)}")

@@ -175,9 +175,10 @@ def bench_decode(families: list[DecodeFamily], batch_sizes: tuple[int, ...], pri
 
 
 def run_decode_bench(cfg: RunConfig) -> dict[str, Any]:
-    from vla_dist.runtime import apply_cache_env
+    from vla_dist.runtime import announce_decoder_compile, apply_cache_env
 
     apply_cache_env(cfg.cluster.cache_dir)  # inductor's cache: a warm machine compiles in seconds
+    announce_decoder_compile("compiling both families' action decoders at two batch sizes")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # A large batch, as an inference server for a fleet of robots would see.
     large = int(getattr(cfg.bench, "decode_batch", 0) or (64 if device.type == "cuda" else 32))

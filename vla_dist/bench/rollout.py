@@ -19,9 +19,10 @@ def run_rollout_bench(cfg: RunConfig) -> dict[str, object]:
     import ray
 
     from vla_dist.rollout.actor import SimActor
-    from vla_dist.runtime import init_ray
+    from vla_dist.runtime import announce_sim_build, init_ray
 
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
+    announce_sim_build()
     n, steps = cfg.bench.rollout_actors, cfg.bench.rollout_steps
     remote_cls = ray.remote(SimActor)
     kwargs = {

@@ -84,7 +84,10 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
                 get_fp32_state_dict_from_zero_checkpoint,
             )
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+            from vla_dist.runtime import captured_output
+
+            with captured_output():  # its prints and progress bars ("Processing zero checkpoint ...")
+                state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
         missing, unexpected = policy.load_state_dict(state, strict=False)
         # zero_to_fp32 leaves frozen parameters out at ZeRO-1 (its stage-1 checkpoints do not record
         # them); they never change in training, so the rebuilt policy (same init, same seed) holds them

@@ -49,6 +49,9 @@ class SimActorPool:
         resources: dict[str, float] | None = None,
         memory_bytes: int = 0,
     ) -> None:
+        from vla_dist.runtime import announce_sim_build
+
+        announce_sim_build(compile_decoder=bool(getattr(actor_kwargs.get("policy"), "compile", False)))
         remote_cls = ray.remote(SimActor)
         self.max_restarts = max_restarts
         placement = ActorPlacement(cpus_per_actor, memory_bytes, dict(resources or {}))

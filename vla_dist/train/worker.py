@@ -36,7 +36,10 @@ class SFTWorker:
 
         self.cfg, self.manifest = cfg, manifest
         self.on_gpu = cfg.train.gpus_per_rank > 0
-        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False)
+        from vla_dist.runtime import captured_output
+
+        with captured_output():  # "DeepSpeed ...shm_comm_op built successfully" on every start, cached or not
+            deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False)
         self.rank, self.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         if not self.on_gpu:
             self._unlink_shm_buffer(env)
