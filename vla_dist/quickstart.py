@@ -70,14 +70,22 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
     started = time.perf_counter()
     reports: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
+    kept: list[str] = []
     for number, stage in enumerate(stages, 1):
         cfg = stage_config(stage)
         command = _command_line(config, overrides, stage, root)
         log(f"[{number}/{len(stages)}] {stage.name}: {command}")
         stage_started = time.perf_counter()
-        reports[stage.name] = _run_stage(stage, cfg, log)
-        seconds[stage.name] = round(time.perf_counter() - stage_started, 1)
-    summary = _summarize(stages, reports, seconds, time.perf_counter() - started, _dataset_episodes(base))
+        reports[stage.name], kept_seconds = _run_stage(stage, cfg, log)
+        if kept_seconds is None:
+            seconds[stage.name] = round(time.perf_counter() - stage_started, 1)
+        else:  # not run now: the time the run that made it took, from its own report
+            seconds[stage.name] = round(kept_seconds, 1)
+            kept.append(stage.name)
+    from vla_dist.runtime import stop_command_ray
+
+    stop_command_ray()  # the CLI's Ray: its actors' last log lines now, not amid the summary
+    summary = _summarize(stages, reports, seconds, time.perf_counter() - started, _dataset_episodes(base), kept)
     _write_summary(root, summary)
     log(_markdown(summary))
     return {"command": "quickstart", "run_dir": str(root), "wall_s": summary["wall_s"],
@@ -85,33 +93,49 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
             "summary": str(root / "summary.md"), "summary_png": str(root / "summary.png")}
 
 
-def _run_stage(stage: Stage, cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
+def _run_stage(stage: Stage, cfg: RunConfig, log: Callable[[str], None]) -> tuple[dict[str, Any], float | None]:
+    """(the stage's report, None) after running it; (its report, the seconds it took then) when an
+    earlier run's result is kept (collect: a reused dataset this stage collected before; one collected
+    elsewhere is timed like a run stage, the check that it holds enough episodes)."""
     report_path = Path(cfg.run.dir) / REPORT
     if stage.command == "collect":
         reused = _existing_dataset(cfg)
         if reused is not None:
             log(f"    {cfg.data.dir} already holds {reused['episodes']} episodes: reusing it")
-            return {"command": "collect", "reused": True, "episodes": reused["episodes"]}
-    if report_path.is_file() and stage.command != "collect":  # a finished stage (collect: the dataset decides)
-        report = json.loads(report_path.read_text(encoding="utf-8"))
+            earlier = _read_report(report_path)  # this stage's own collection of that dataset, if it was one
+            same = earlier is not None and Path(str(earlier.get("data_dir"))).resolve() == Path(cfg.data.dir).resolve()
+            return ({"command": "collect", "reused": True, "episodes": reused["episodes"]},
+                    _report_seconds(earlier) if same else None)
+    report = _read_report(report_path) if stage.command != "collect" else None  # collect: the dataset decides
+    if report is not None:  # a finished stage
         # a train stopped early (a signal, for a requeue) reports its own last_step: resume it
         finished = report.get("last_step", report.get("steps")) == cfg.train.steps and not report.get("stopped_by")
         if stage.command != "train" or finished:
             log(f"    {report_path} exists: keeping it (delete {cfg.run.dir} to redo this stage)")
-            return report
+            return report, _report_seconds(report)
     if stage.command == "collect":
         from vla_dist.rollout.collect import run_collect
 
         save_resolved(cfg, cfg.run.dir)
-        return run_collect(cfg)
+        return run_collect(cfg), None
     if stage.command == "train":
         from vla_dist.train import run_train
 
-        return run_train(cfg)
+        return run_train(cfg), None
     from vla_dist.rollout.evaluate import run_eval
 
     save_resolved(cfg, cfg.run.dir)
-    return run_eval(cfg)
+    return run_eval(cfg), None
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _report_seconds(report: dict[str, Any] | None) -> float:
+    """A stage's wall time as its command reported it (train: wall_s; collect, eval: wall_seconds)."""
+    report = report or {}
+    return float(report.get("wall_s", report.get("wall_seconds")) or 0.0)
 
 
 def _dataset_episodes(cfg: RunConfig) -> int:
@@ -140,7 +164,7 @@ def _command_line(config: str | None, overrides: Sequence[str], stage: Stage, ro
 
 
 def _summarize(stages: list[Stage], reports: dict[str, dict[str, Any]], seconds: dict[str, float],
-               wall_s: float, dataset_episodes: int) -> dict[str, Any]:
+               wall_s: float, dataset_episodes: int, kept: Sequence[str] = ()) -> dict[str, Any]:
     rows = []
     for stage in stages:
         if stage.command != "eval":
@@ -159,8 +183,10 @@ def _summarize(stages: list[Stage], reports: dict[str, dict[str, Any]], seconds:
             key: report.get(key) for key in ("steps", "first_loss", "final_loss", "trainable_parameters",
                                              "parameters", "world_size", "zero_stage", "checkpoint", "loss_png")
         }
-    return {"policies": rows, "training": training, "stage_seconds": seconds, "wall_s": round(wall_s, 1),
-            "dataset_episodes": dataset_episodes}
+    # stage_seconds: the stages kept from an earlier run (kept_stages) count the time they took then;
+    # wall_s is this run's
+    return {"policies": rows, "training": training, "stage_seconds": seconds, "kept_stages": list(kept),
+            "wall_s": round(wall_s, 1), "dataset_episodes": dataset_episodes}
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -173,10 +199,20 @@ def _markdown(summary: dict[str, Any]) -> str:
                      f"{low:.0%}-{high:.0%} | {closest} | {per_task} |")
     lines += ["", "| training | steps | loss first -> last | trainable / all parameters |", "|---|---|---|---|"]
     for name, t in summary["training"].items():
+        share = t["trainable_parameters"] / t["parameters"] if t["parameters"] else 0.0
         lines.append(f"| {name} | {t['steps']} | {t['first_loss']:.3f} -> {t['final_loss']:.3f} | "
-                     f"{t['trainable_parameters']:,} / {t['parameters']:,} |")
+                     f"{t['trainable_parameters']:,} / {t['parameters']:,} ({share:.0%}) |")
+    full = summary["training"].get("full")
+    if full and full["parameters"] and full["trainable_parameters"] < full["parameters"]:
+        frozen = full["parameters"] - full["trainable_parameters"]
+        lines.append(f"\nThe full fine-tune leaves {frozen:,} parameters ({frozen / full['parameters']:.0%}) frozen on "
+                     "purpose: weights the model never reads or whose outputs it discards (pi0: the action expert's "
+                     "copy of the vocabulary embedding, the backbone's last layer past its K/V); LoRA trains only "
+                     "its adapters.")
+    kept = set(summary.get("kept_stages", ()))
     lines.append(f"\nwall time {summary['wall_s']:.0f} s; per stage (s): "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
+                 + ", ".join(f"{k} {v:.0f}" + (" (kept from an earlier run)" if k in kept else "")
+                             for k, v in summary["stage_seconds"].items()))
     return "\n".join(lines)
 
 

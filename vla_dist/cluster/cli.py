@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vla_dist.cluster.jobspec import JOB_COMMANDS
 from vla_dist.config import load_config, validate
-from vla_dist.config.schema import RunConfig
+from vla_dist.config.schema import RunConfig, RunSection
 from vla_dist.errors import ConfigError, VlaDistError
 
 TARGETS = ("slurm", "kuberay", "autoscaler")
@@ -120,6 +120,11 @@ def default_out(cfg: RunConfig, target: str) -> Path:
 def _render(cfg: RunConfig, target: str, out: str | None, job: str) -> int:
     out_dir = Path(out) if out else default_out(cfg, target)
     files, notes = rendered(cfg, target, out_dir, job)
+    if target == "slurm" and cfg.run.dir == RunSection().dir:
+        shared = (f"run.dir is the quickstart's default ({cfg.run.dir}): this job writes its outputs there, beside "
+                  "any quickstart run (and its script there too unless --out); give the job its own run.dir=... "
+                  "(cluster/two-node.yaml shows a cluster config)")
+        notes = [*notes, shared]
     paths = write_files(files, out_dir)
     for path in paths:
         print(f"wrote {path}")
