@@ -14,11 +14,21 @@ import torch
 from vla_dist.cli import main
 from vla_dist.config import load_config
 from vla_dist.data import iter_episodes, read_manifest
-from vla_dist.models import PolicyBatch, build_policy
-from vla_dist.rollout.evaluate import wilson_interval
+from vla_dist.models import PI0Policy, PolicyBatch, build_policy
+from vla_dist.rollout.collect import episode_seed
+from vla_dist.rollout.evaluate import eval_requests, wilson_interval
 from vla_dist.rollout.runner import EpisodeRequest
 
 Quickstart = tuple[Path, Path, subprocess.CompletedProcess]
+
+
+def wilson_reference(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval from its definition, not the closed form the code uses: the rates p
+    whose normal test does not reject, |successes/n - p| = z * sqrt(p(1 - p)/n), the two roots of
+    (1 + z^2/n) p^2 - (2 successes/n + z^2/n) p + (successes/n)^2 = 0."""
+    rate = successes / n
+    roots = np.roots([1 + z * z / n, -(2 * rate + z * z / n), rate * rate]).real
+    return float(roots.min()), float(roots.max())
 
 
 def test_expert_eval_matches_its_collection_success(tmp_path: Path, local_ray: None) -> None:
@@ -27,8 +37,11 @@ def test_expert_eval_matches_its_collection_success(tmp_path: Path, local_ray: N
     assert report["policy"] == "expert" and report["episodes"] == 6
     assert report["success_rate"] >= 5 / 6  # the expert collects at 98-100% per task
     for task, stats in report["per_task"].items():
-        low, high = stats["ci95"]
-        assert stats["episodes"] == 2 and low <= stats["success_rate"] <= high, task
+        assert stats["episodes"] == 2 and stats["success_rate"] == stats["successes"] / 2, task
+        assert stats["ci95"] == [round(bound, 4) for bound in wilson_reference(stats["successes"], 2)], task
+    assert report["successes"] == sum(stats["successes"] for stats in report["per_task"].values())
+    assert report["success_rate"] == report["successes"] / 6
+    assert report["ci95"] == [round(bound, 4) for bound in wilson_reference(report["successes"], 6)]
     videos = sorted(p.name for p in (tmp_path / "videos").glob("*.mp4"))
     assert len(videos) == 2 and all(name.endswith(("-success.mp4", "-failure.mp4")) for name in videos)
 
@@ -74,19 +87,55 @@ def test_policy_trains_on_windows_from_real_shards(preset: str, quickstart_run: 
     assert torch.isfinite(loss)
     grads = [p.grad for p in policy.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    # Predictions are the decoder's normalized output mapped back with the dataset's own q01/q99, by
+    # hand here: [-1, 1] -> [q01, q99] linearly, clipped (a constant dim gives its one value).
+    noise = torch.randn(4, chunk, 7, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        predicted = policy.predict_chunk(batch)
-    low = torch.tensor(manifest["action_stats"]["q01"]) - 1e-5
-    high = torch.tensor(manifest["action_stats"]["q99"]) + 1e-5
+        predicted = policy.predict_chunk(batch, noise)
+        if isinstance(policy, PI0Policy):
+            prefix = policy.prepare_prefix(batch)
+            padded = torch.nn.functional.pad(noise, (0, policy.max_action_dim - 7))
+            norm = policy.hf_model.sample_actions(**prefix, noise=padded, num_steps=policy.spec.num_inference_steps)
+            norm = norm[..., :7].float()
+        else:  # bin b of 256 over [-1, 1] has its centre at -1 + (2b + 1) / 256
+            norm = -1 + (2 * policy.predict_bins(batch).double() + 1) / 256
+    q01 = torch.tensor(manifest["action_stats"]["q01"], dtype=torch.float64)
+    q99 = torch.tensor(manifest["action_stats"]["q99"], dtype=torch.float64)
+    expected = q01 + (norm.double().clamp(-1, 1) + 1) / 2 * (q99 - q01)
     assert predicted.shape == (4, chunk, 7)
-    assert bool(((predicted >= low) & (predicted <= high)).all())
+    torch.testing.assert_close(predicted.double(), expected, rtol=0, atol=1e-6)
 
 
 def test_wilson_interval() -> None:
-    assert wilson_interval(0, 10)[0] == 0.0 and 0.2 < wilson_interval(0, 10)[1] < 0.35
-    low, high = wilson_interval(5, 10)
-    assert low < 0.5 < high and high - low < 0.6
-    assert wilson_interval(10, 10)[1] == 1.0
+    # Published values (z = 1.96), to 4 decimals: 0/n has upper bound z^2 / (n + z^2), n/n lower n / (n + z^2).
+    known = {(35, 50): (0.5625, 0.8090), (0, 20): (0.0, 0.1611), (0, 10): (0.0, 0.2775), (10, 10): (0.7225, 1.0),
+             (5, 10): (0.2366, 0.7634), (1, 3): (0.0615, 0.7923)}
+    for (successes, n), interval in known.items():
+        assert wilson_interval(successes, n) == pytest.approx(interval, abs=5e-5), (successes, n)
+    for successes, n in [(0, 1), (1, 2), (3, 7), (17, 40), (99, 100), (250, 1000)]:
+        assert wilson_interval(successes, n) == pytest.approx(wilson_reference(successes, n), abs=1e-9)
+    assert wilson_interval(0, 0) == (0.0, 1.0)  # no episode: nothing known
+
+
+def test_eval_seeds_are_never_collection_seeds() -> None:
+    """Held-out evaluation never scores a layout collection drew: for run seeds 0-2, 6000 collection
+    attempts (2000 episodes at the default max_attempts_factor 3) and 500 eval episodes per task.
+    The collection side is taken from eval.seeds=collection, which must reproduce collect's seeds."""
+    collected, held_out = set(), set()
+    for run_seed in range(3):
+        base = [f"run.seed={run_seed}", "task.name=all"]
+        _, replayed = eval_requests(load_config(None, [*base, "eval.seeds=collection"]), 2000)
+        assert [r.seed for r in replayed] == [episode_seed(run_seed, i) for i in range(6000)]
+        tasks, requests = eval_requests(load_config(None, base), 500)
+        assert tasks == ["pick_cube", "push_cube", "stack_cube"] and len(requests) == 1500
+        assert [r.task for r in requests[:4]] == ["pick_cube", "push_cube", "stack_cube", "pick_cube"]
+        seeds = [r.seed for r in requests]
+        assert len(set(seeds)) == len(seeds)  # no layout twice within one eval either
+        assert seeds == [r.seed for r in eval_requests(load_config(None, base), 500)[1]]  # the same every time
+        collected.update(r.seed for r in replayed)
+        held_out.update(seeds)
+    assert len(collected) == 18000 and len(held_out) == 4500
+    assert not collected & held_out  # across run seeds too: data collected under one, evaluated under another
 
 
 @pytest.mark.heavy  # a cold inductor compile inside a Genesis actor: minutes on 2 cores
