@@ -188,6 +188,9 @@ class EvalSection:
     policy: str = "model"  # "model": a VLA (eval.checkpoint or the untrained model.preset); "expert": scripted
     checkpoint: str | None = None  # a saved/exported policy directory; null: untrained model.preset (smoke run)
     action_horizon: int = 0  # actions executed per predicted chunk before re-planning; 0: the whole chunk
+    # > 0: temporal ensembling (ACT, Zhao et al. 2023): predict a chunk every step and execute the
+    # average of every prediction made for this step, weighted exp(-k * age rank), oldest first; 0: off
+    temporal_ensemble: float = 0.0
     num_videos: int = 4  # episodes written as mp4 under run.dir/videos/ (successes and failures alternate)
     # "heldout": layouts never collected (a seed stream disjoint from collection's); "collection": the
     # layouts `vla-dist collect` draws under the same run.seed and task.name (episode i = collected

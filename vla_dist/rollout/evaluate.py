@@ -71,7 +71,8 @@ def resolve_policy(cfg: RunConfig) -> PolicySource:
         exported = export_checkpoint(step_dir, Path(cfg.run.dir) / "policy", merge_lora=lora)
         path = str(exported["out"])
     return PolicySource(
-        kind="model", path=str(path), action_horizon=cfg.eval.action_horizon, cameras=cameras, compile=cfg.model.compile
+        kind="model", path=str(path), action_horizon=cfg.eval.action_horizon,
+        temporal_ensemble=cfg.eval.temporal_ensemble, cameras=cameras, compile=cfg.model.compile
     )
 
 

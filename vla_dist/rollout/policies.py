@@ -29,6 +29,7 @@ class PolicySource:
     kind: str = "expert"  # "expert" | "model" | "replay"
     path: str | None = None  # model: directory with the saved policy
     action_horizon: int = 0  # model: actions executed per predicted chunk; 0 = the whole chunk
+    temporal_ensemble: float = 0.0  # model: > 0 re-plans every step and averages overlapping chunks (ACT)
     cameras: tuple[str, ...] = CAMERAS
     torch_threads: int = 1  # per actor: actors already run in parallel, one per core
     compile: bool = False  # model: decode through the torch.compile'd kernels (model.compile)
@@ -51,6 +52,9 @@ class ModelPolicy:
         self.horizon = source.action_horizon or self.model.chunk_size
         if not 1 <= self.horizon <= self.model.chunk_size:
             raise ValueError(f"action_horizon {self.horizon} must be in 1..{self.model.chunk_size}")
+        self.ensemble = source.temporal_ensemble
+        if self.ensemble > 0:
+            self.horizon = 1  # a prediction every step; the executed action averages the overlapping ones
         self.decode_seconds = 0.0  # inside predict_chunk, compilation excluded
         self.decode_calls = 0
         self.compile_seconds = 0.0  # first call per batch bucket of a compiled decoder
@@ -61,6 +65,7 @@ class ModelPolicy:
         # closed-loop episode) are reproducible and independent of batching and of compiled vs eager.
         self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         self.queue: torch.Tensor | None = None
+        self.history: list[tuple[int, torch.Tensor]] = []  # temporal ensembling: (step made, chunk)
         self.step = 0
 
     @torch.no_grad()
@@ -79,10 +84,22 @@ class ModelPolicy:
             self.decode_seconds += time.perf_counter() - started - compiled
             self.decode_calls += 1
             self.queue = chunk[:, : self.horizon].to(torch.float32)
+            if self.ensemble > 0:
+                return self._ensembled(chunk.to(torch.float32))
         action = self.queue[:, self.step % self.horizon]
         self.step += 1
         return action
 
+
+    def _ensembled(self, chunk: torch.Tensor) -> torch.Tensor:
+        """ACT's temporal ensemble: every chunk predicted in the last chunk_size steps proposes an
+        action for this step; they are averaged with weights exp(-k * i), i = 0 for the oldest."""
+        size = self.model.chunk_size
+        self.history = [(made, c) for made, c in self.history if self.step - made < size] + [(self.step, chunk)]
+        proposals = torch.stack([c[:, self.step - made] for made, c in self.history])  # [n, B, A], oldest first
+        weights = torch.exp(-self.ensemble * torch.arange(len(self.history), dtype=torch.float32))
+        self.step += 1
+        return (weights[:, None, None] * proposals).sum(dim=0) / weights.sum()
 
     def _noise(self) -> torch.Tensor | None:
         make_noise = getattr(self.model, "make_noise", None)  # flow matching only; token decoding is greedy

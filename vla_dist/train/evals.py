@@ -104,7 +104,8 @@ class EvalRunner:
         cfg = self.cfg
         if self.pool is None:
             source = PolicySource(kind="model", path=str(self.root / CURRENT), action_horizon=cfg.eval.action_horizon,
-                                  cameras=tuple(cfg.task.cameras), compile=cfg.model.compile)
+                                  temporal_ensemble=cfg.eval.temporal_ensemble, cameras=tuple(cfg.task.cameras),
+                                  compile=cfg.model.compile)
             kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": cfg.collect.envs_per_actor,
                       "image_codec": cfg.data.image_codec, "policy": source}
             placement = ActorPlacement.from_collect(cfg.collect)
