@@ -359,6 +359,7 @@ CHECKS: list[Check] = [
     one_of("eval.policy", ("model", "expert")),
     one_of("eval.seeds", ("heldout", "collection")),
     at_least("eval.action_horizon", 0),
+    at_least("eval.temporal_ensemble", 0.0),
     at_least("eval.num_videos", 0),
     _eval_checkpoint,
     _model_lora_targets,
