@@ -19,7 +19,13 @@ from vla_dist.checkpoint_layout import is_complete, latest_checkpoint
 from vla_dist.config.cluster_checks import CLUSTER_CHECKS, RESERVED_RESOURCES
 from vla_dist.config.schema import RunConfig, TrainSection
 from vla_dist.errors import ConfigError
-from vla_dist.models.files import FAMILIES, PretrainedError, check_pretrained_dir, check_state_inputs
+from vla_dist.models.files import (
+    FAMILIES,
+    FAMILY_MODEL_TYPES,
+    PretrainedError,
+    check_pretrained_dir,
+    check_state_inputs,
+)
 from vla_dist.spaces import CAMERAS, TASK_NAMES
 
 Check = Callable[[RunConfig], None]
@@ -28,7 +34,7 @@ MIB = 1024 * 1024
 SIM_BACKENDS = ("cpu", "gpu")
 IMAGE_CODECS = ("mp4", "npz")
 MODEL_DTYPES = ("float32", "bfloat16")
-TOKEN_MODEL_TYPES = ("paligemma", "llava")
+TOKEN_MODEL_TYPES = FAMILY_MODEL_TYPES["action_tokens"]
 
 
 def value_at(cfg: RunConfig, key: str) -> Any:

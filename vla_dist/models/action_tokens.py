@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from vla_dist.errors import ConfigError
 from vla_dist.models import processing
+from vla_dist.models.files import FAMILY_MODEL_TYPES
 from vla_dist.models.policy import PolicyBatch, PolicyInputs, PolicySpec, VLAPolicy
 from vla_dist.models.processing import NUM_ACTION_BINS, Normalization
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 # The language model's attention and MLP projections only (the vision tower has q/k/v too).
 LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-HF_MODEL_TYPES = ("paligemma", "llava")
+HF_MODEL_TYPES = FAMILY_MODEL_TYPES["action_tokens"]
 
 
 class ActionTokenPolicy(VLAPolicy):

@@ -32,14 +32,16 @@ SPEC_FILE = "vla_dist.json"
 ADAPTER_DIR = "adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SPEC_VERSION = 1
-FAMILIES = ("pi0", "action_tokens")
+# The model families, each with the config.json model_types its policies hold: the one list (config
+# validation, policy-directory checks, models/policy.py's family classes and action_tokens.py read it).
+FAMILY_MODEL_TYPES: dict[str, tuple[str, ...]] = {"pi0": ("pi0",), "action_tokens": ("paligemma", "llava")}
+FAMILIES = tuple(FAMILY_MODEL_TYPES)
 # config.json model_type -> the transformers class that holds it (explicit: no lookup by convention)
 HF_CLASSES = {
     "pi0": "PI0ForConditionalGeneration",
     "paligemma": "PaliGemmaForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
 }
-FAMILY_MODEL_TYPES = {"pi0": ("pi0",), "action_tokens": ("paligemma", "llava")}
 _SPEC_FIELDS = ("family", "chunk_size", "action_dim", "state_dim", "cameras", "image_size", "max_text_tokens")
 _REQUIRED_FILES = ("config.json", SPEC_FILE, "normalization.json", "tokenizer.json")
 

@@ -27,6 +27,7 @@ from torch import nn
 from vla_dist.errors import ConfigError
 from vla_dist.models import processing
 from vla_dist.models.files import (
+    FAMILIES,
     SPEC_FILE,
     SPEC_VERSION,
     PretrainedError,
@@ -374,10 +375,9 @@ def _family_class(family: str) -> type[VLAPolicy]:
     from vla_dist.models.action_tokens import ActionTokenPolicy
     from vla_dist.models.pi0 import PI0Policy
 
-    families: dict[str, type[VLAPolicy]] = {"pi0": PI0Policy, "action_tokens": ActionTokenPolicy}
-    if family not in families:
-        raise ConfigError("model.family", f"must be one of {', '.join(families)}; got {family!r}")
-    return families[family]
+    if family not in FAMILIES:
+        raise ConfigError("model.family", f"must be one of {', '.join(FAMILIES)}; got {family!r}")
+    return {cls.family: cls for cls in (PI0Policy, ActionTokenPolicy)}[family]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
