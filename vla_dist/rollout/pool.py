@@ -44,17 +44,16 @@ class SimActorPool:
         self,
         num_actors: int,
         actor_kwargs: dict[str, object],
-        cpus_per_actor: float = 1.0,
+        placement: ActorPlacement | None = None,
         max_restarts: int = 3,
-        resources: dict[str, float] | None = None,
-        memory_bytes: int = 0,
     ) -> None:
+        """`placement`: what each actor reserves (cluster/placement.py), used as given; None: one CPU."""
         from vla_dist.runtime import announce_sim_build
 
         announce_sim_build(compile_decoder=bool(getattr(actor_kwargs.get("policy"), "compile", False)))
         remote_cls = ray.remote(SimActor)
         self.max_restarts = max_restarts
-        placement = ActorPlacement(cpus_per_actor, memory_bytes, dict(resources or {}))
+        placement = placement or ActorPlacement()
         check_fits(placement, num_actors, ray.cluster_resources())  # a missing "sim" resource would hang
         self.actors = [
             remote_cls.options(**placement.ray_options(), max_restarts=max_restarts, max_task_retries=0)
@@ -70,9 +69,7 @@ class SimActorPool:
     @classmethod
     def from_config(cls, collect: CollectSection, actor_kwargs: dict[str, object]) -> SimActorPool:
         """A pool sized and placed by the `collect` section (actors, CPUs, memory, custom resources)."""
-        placement = ActorPlacement.from_collect(collect)
-        return cls(collect.num_actors, actor_kwargs, placement.num_cpus, collect.max_actor_restarts,
-                   placement.resources, placement.memory_bytes)
+        return cls(collect.num_actors, actor_kwargs, ActorPlacement.from_collect(collect), collect.max_actor_restarts)
 
     def run(
         self,

@@ -22,7 +22,7 @@ import contextlib
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +108,10 @@ class EvalRunner:
                                   compile=cfg.model.compile)
             kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": cfg.collect.envs_per_actor,
                       "image_codec": cfg.data.image_codec, "policy": source}
-            placement = ActorPlacement.from_collect(cfg.collect)
-            self.pool = SimActorPool(cfg.train.eval_actors, kwargs, cfg.train.eval_cpus_per_actor,
-                                     cfg.collect.max_actor_restarts, placement.resources, placement.memory_bytes)
+            # the collect pool's placement (memory, custom resources), with the eval actors' own CPUs
+            placement = replace(ActorPlacement.from_collect(cfg.collect),
+                                num_cpus=cfg.train.eval_cpus_per_actor)
+            self.pool = SimActorPool(cfg.train.eval_actors, kwargs, placement, cfg.collect.max_actor_restarts)
             return
         for actor in self.pool.actors:
             try:
