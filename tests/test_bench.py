@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -15,10 +16,14 @@ def test_bench_rollout_prints_scaling_json(capsys: pytest.CaptureFixture[str], l
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"name", "value", "unit", "baseline", "ratio", "device"} <= set(report)
     assert report["name"] == "rollout" and report["num_actors"] == 2
-    assert report["value"] > 0 and report["baseline"] > 0
+    assert report["steps_measured"] == 4 and report["envs_per_actor"] == 2 and report["image_size"] == 32
+    # Figures only: which path is faster is the bench's claim to print, not a test's (4 steps on
+    # shared cores time the neighbours as much as the sim).
+    figures = ("value", "baseline", "ratio", "env_steps_per_s_no_render", "render_ms_per_frame", "render_share")
+    for key in figures:
+        assert isinstance(report[key], (int, float)) and math.isfinite(report[key]) and report[key] > 0, (key, report)
     assert report["ratio"] == pytest.approx(report["value"] / (2 * report["baseline"]), rel=1e-2)
-    assert report["env_steps_per_s_no_render"] > report["baseline"]  # rendering costs time
-    assert report["render_ms_per_frame"] > 0
+    assert report["render_share"] <= 1  # the rendering part of the rendered steps' time
 
 
 def test_bench_report_puts_the_contract_keys_first() -> None:

