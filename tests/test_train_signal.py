@@ -1,13 +1,15 @@
 """`vla-dist train` stops on SIGUSR1 (SLURM's time-limit signal) and SIGTERM (Kubernetes, docker stop)
 with a complete checkpoint at the step it reached, and `train.resume=auto` continues from there.
 
-Real DeepSpeed on 2 gloo ranks in Ray actors, tiny-pi0 on the quickstart dataset; the SIGUSR1 run is
-`vla-dist train` in its own process (its own in-process Ray), signalled as the SLURM script does."""
+Real DeepSpeed on 2 gloo ranks in Ray actors, tiny-pi0 on the quickstart dataset. Each stopped run is
+`vla-dist train` in its own process (its own in-process Ray), signalled as the SLURM script or a
+supervisor does; the test process itself is never signalled (the StopRequest unit test aside, which
+signals itself with its handlers installed). No timing is asserted: the tests wait for the run's own
+files (its first metrics row, its exit) with generous timeouts."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from vla_dist.config.load import load_config
 from vla_dist.config.validate import validate
 from vla_dist.train import run_train
 from vla_dist.train.metrics import read_metrics
-from vla_dist.train.stop import StoppedBySignal, StopRequest
+from vla_dist.train.stop import StopRequest
 
 from .conftest import REPO_ROOT
 
@@ -63,9 +65,10 @@ def test_stop_request_records_the_first_signal_and_restores_handlers(capfd) -> N
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     with StopRequest() as stop:
         assert not stop.requested
-        os.kill(os.getpid(), signal.SIGUSR1)
-        os.kill(os.getpid(), signal.SIGTERM)  # a second signal while stopping: reported, not acted on
-        time.sleep(0.1)  # Python runs the handlers between bytecodes of the main thread
+        # raise_signal delivers to this (the main) thread and runs the Python handler before it returns
+        signal.raise_signal(signal.SIGUSR1)
+        assert stop.signal_name == "SIGUSR1"
+        signal.raise_signal(signal.SIGTERM)  # a second signal while stopping: reported, not acted on
         assert stop.signal_name == "SIGUSR1"
     assert {sig: signal.getsignal(sig) for sig in before} == before
     err = capfd.readouterr().err
@@ -81,38 +84,35 @@ def test_stop_request_records_the_first_signal_and_restores_handlers(capfd) -> N
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_sigusr1_saves_and_stops_then_resume_auto_continues(quickstart_run, local_ray, tmp_path) -> None:
-    _, data_dir, _ = quickstart_run
-    run_dir = tmp_path / "run"
+def train_and_signal(run_dir: Path, data_dir: Path, tmp_path: Path,
+                     *signals: signal.Signals) -> tuple[subprocess.Popen, str]:
+    """`vla-dist train` (200 steps) in its own process; once it steps, `signals` in order; then its
+    exit (a generous bound: a stop is one chunk of steps, a save and Ray's shutdown). -> (the
+    finished process, its stdout + stderr)."""
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "vla_dist", "train", *overrides(run_dir, data_dir, STEPS)],
                                 cwd=REPO_ROOT, stdout=stdout, stderr=stderr, text=True)
     try:
-        wait_until_stepping(run_dir, lambda: proc.poll() is None, timeout_s=300)
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGUSR1)  # what the sbatch script does when the time limit nears
-        proc.send_signal(signal.SIGTERM)  # a second signal while it stops must not abort the save
-        proc.wait(timeout=120)
-        stop_s = time.monotonic() - signalled
+        wait_until_stepping(run_dir, lambda: proc.poll() is None, timeout_s=600)
+        for sig in signals:
+            proc.send_signal(sig)
+        proc.wait(timeout=600)
     finally:
         kill_tree(proc)
-    log = out.read_text() + err.read_text()
-    assert proc.returncode == 0, log[-3000:]  # documented: a stop on SIGUSR1 is not a failure
+    return proc, out.read_text() + err.read_text()
 
-    report = json.loads((run_dir / "report.json").read_text())
+
+def check_kept_and_resume(run_dir: Path, data_dir: Path, report: dict, signal_name: str) -> None:
+    """The run stopped early by `signal_name` with a complete checkpoint at its last step, `latest`
+    pointing to it, one metrics row per step; `train.resume=auto` continues from exactly there."""
     stop = report["last_step"]
-    assert report["stopped_by"] == "SIGUSR1" and 1 <= stop < STEPS, report
+    assert report["stopped_by"] == signal_name and 1 <= stop < STEPS, report
     kept = ckpt.step_dir(run_dir, stop)
     assert ckpt.is_complete(kept) and ckpt.latest_checkpoint(run_dir) == kept
     assert (ckpt.checkpoints_dir(run_dir) / ckpt.LATEST).read_text().strip() == kept.name
     assert report["checkpoint"] == str(kept)
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, stop + 1))
-    assert f"stopped by SIGUSR1 at step {stop} of {STEPS}; checkpoint kept: {kept}" in log, log[-3000:]
-    assert "SIGTERM ignored" in log
-    assert "train stopped by SIGUSR1: " in log and "train done" not in log  # the CLI's summary line says so
-    print(f"SIGUSR1 -> stopped at step {stop}, saved and exited in {stop_s:.1f} s")
-    assert stop_s < 90  # one step, a save of a tiny model, Ray's shutdown: seconds, not the 200 steps
 
     resumed = run_train(validate(load_config(None, [*overrides(run_dir, data_dir, stop + 2), "train.resume=auto"])))
     assert resumed["first_step"] == stop and resumed["resumed_from"] == str(kept)
@@ -121,29 +121,37 @@ def test_sigusr1_saves_and_stops_then_resume_auto_continues(quickstart_run, loca
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, stop + 3))
 
 
-def test_sigterm_saves_and_raises_so_the_cli_exits_1(quickstart_run, local_ray, tmp_path) -> None:
-    """SIGTERM (in this process, as Kubernetes or docker stop would send it): the same save, but the
-    run ends with StoppedBySignal (a VlaDistError: exit 1), so a supervisor does not count it as done."""
+@pytest.mark.timeout(1800)  # the run's own waits (600 s each) report first
+def test_sigusr1_saves_and_stops_then_resume_auto_continues(quickstart_run, local_ray, tmp_path) -> None:
     _, data_dir, _ = quickstart_run
     run_dir = tmp_path / "run"
-    cfg = validate(load_config(None, overrides(run_dir, data_dir, STEPS)))
-    finished = threading.Event()
+    # SIGUSR1: what the sbatch script sends when the time limit nears; then a SIGTERM while the
+    # driver stops, which must not abort the save
+    proc, log = train_and_signal(run_dir, data_dir, tmp_path, signal.SIGUSR1, signal.SIGTERM)
+    assert proc.returncode == 0, log[-3000:]  # documented: a stop on SIGUSR1 is not a failure
 
-    def terminate_once_stepping() -> None:
-        wait_until_stepping(run_dir, lambda: not finished.is_set(), timeout_s=300)
-        os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, inside run_train
+    report = json.loads((run_dir / "report.json").read_text())
+    stop, kept = report["last_step"], ckpt.step_dir(run_dir, report["last_step"])
+    assert f"stopped by SIGUSR1 at step {stop} of {STEPS}; checkpoint kept: {kept}" in log, log[-3000:]
+    assert "SIGTERM ignored" in log
+    assert "train stopped by SIGUSR1: " in log and "train done" not in log  # the CLI's summary line says so
+    check_kept_and_resume(run_dir, data_dir, report, "SIGUSR1")
 
-    sender = threading.Thread(target=terminate_once_stepping, daemon=True)
-    sender.start()
-    try:
-        stopped_message = r"stopped by SIGTERM at step \d+ of 200; checkpoint kept: "
-        with pytest.raises(StoppedBySignal, match=stopped_message) as stopped:
-            run_train(cfg)
-    finally:
-        finished.set()
-        sender.join(timeout=10)
-    report = stopped.value.report
-    assert report == json.loads((run_dir / "report.json").read_text())
-    assert report["stopped_by"] == "SIGTERM" and report["last_step"] < STEPS
-    assert ckpt.latest_checkpoint(run_dir) == ckpt.step_dir(run_dir, report["last_step"])
-    assert ckpt.is_complete(ckpt.step_dir(run_dir, report["last_step"]))
+
+@pytest.mark.timeout(1800)  # the run's own waits (600 s each) report first
+def test_sigterm_saves_and_exits_1_then_resume_auto_continues(quickstart_run, local_ray, tmp_path) -> None:
+    """SIGTERM (as Kubernetes, docker stop or ray job stop send it) to `vla-dist train`: the same save,
+    but exit code 1 with `error: stopped by SIGTERM ...` (docs/multinode.md, "Stopping a training
+    run"), so a supervisor does not count the run as done; the checkpoint resumes."""
+    _, data_dir, _ = quickstart_run
+    run_dir = tmp_path / "run"
+    proc, log = train_and_signal(run_dir, data_dir, tmp_path, signal.SIGTERM)
+    assert proc.returncode == 1, log[-3000:]
+
+    report = json.loads((run_dir / "report.json").read_text())
+    stop, kept = report["last_step"], ckpt.step_dir(run_dir, report["last_step"])
+    assert (f"error: stopped by SIGTERM at step {stop} of {STEPS}; checkpoint kept: {kept}; "
+            "restart with train.resume=auto") in log, log[-3000:]
+    assert "vla-dist train: SIGTERM received: saving a checkpoint" in log
+    assert "hint: rerun with --debug" not in log and "train done" not in log  # a VlaDistError, not a crash
+    check_kept_and_resume(run_dir, data_dir, report, "SIGTERM")
