@@ -116,6 +116,88 @@ def check_export_against_saved_module(step_dir: Path, out: Path, data_dir: Path,
     return batch, noise, actions
 
 
+def live_weights_worker() -> type:
+    """An SFTWorker whose ranks, at each save, also gather every parameter they hold in memory (ZeRO-3
+    partitions them) and rank 0 writes them to run.dir/live_step_N.pt: the weights training produced,
+    taken from the live engine, independently of the checkpoint's files and of export. Made inside a
+    function so Ray ships the class to the actors by value (as tests/faults.py's)."""
+    from vla_dist.train.worker import SFTWorker
+
+    class SFTWorkerKeepingLiveWeights(SFTWorker):
+        def _save_engine(self, path: Path) -> None:
+            super()._save_engine(path)
+            import deepspeed
+
+            module = self.engine.module
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if self.rank == 0:
+                    live = {name: param.detach().clone() for name, param in module.named_parameters()}
+                    torch.save(live, path.parent.parent / f"live_{path.name}.pt")
+
+    return SFTWorkerKeepingLiveWeights
+
+
+@pytest.fixture(scope="module")
+def zero3_run(quickstart_run, local_ray, tmp_path_factory):
+    """A full fine-tune under ZeRO-3 (every parameter partitioned over the 2 ranks), 4 steps, one
+    checkpoint at step 4, with the live weights at that save beside it (live_weights_worker)."""
+    _, data_dir, _ = quickstart_run
+    cfg = train_cfg(tmp_path_factory.mktemp("train") / "zero3", data_dir, "train.steps=4", "train.save_every=4",
+                    "train.zero_stage=3")
+    return cfg, run_train(cfg, worker_cls=live_weights_worker())
+
+
+def plain_hf_model(policy_dir: Path) -> torch.nn.Module:
+    """The model of a policy directory as plain transformers loads it, nothing of vla-dist involved:
+    the class its config.json declares, from_pretrained."""
+    import transformers
+
+    (architecture,) = json.loads((policy_dir / "config.json").read_text())["architectures"]
+    return getattr(transformers, architecture).from_pretrained(str(policy_dir), local_files_only=True).eval()
+
+
+def plain_and_ours(model: torch.nn.Module, policy, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`model.sample_actions` on the policy's own prefix and noise, un-normalized as the policy does;
+    the policy's predict_chunk) on the same fixed windows."""
+    batch, noise = fixed_inputs(policy, data_dir)
+    with torch.no_grad():
+        norm = model.sample_actions(**policy.prepare_prefix(batch), noise=policy.full_noise(noise, 3),
+                                    num_steps=policy.spec.num_inference_steps)
+    return policy.unnormalize_actions(norm), policy.predict_chunk(batch, noise=noise)
+
+
+def test_cli_export_of_a_zero3_run_is_the_trained_weights_in_plain_transformers(zero3_run, tmp_path, capsys):
+    """`vla-dist export` of a ZeRO-3 full fine-tune (shards consolidated by zero_to_fp32), loaded by
+    plain transformers: exactly the weights the ranks held when they saved; vla-dist's loader gives
+    the same weights and the same actions."""
+    cfg, report = zero3_run
+    assert (report["zero_stage"], report["lora"], report["last_step"]) == (3, False, 4)
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", cfg.run.dir, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "export done: " in printed and "step=4" in printed and "kind=full" in printed, printed
+    live = torch.load(Path(cfg.run.dir) / "live_step_4.pt", map_location="cpu", weights_only=True)
+    trained = {name.removeprefix("hf_model."): tensor for name, tensor in live.items()}
+    assert len(trained) == len(live) > 0  # all of them the transformers model's
+
+    plain = plain_hf_model(out)
+    assert type(plain).__name__ == "PI0ForConditionalGeneration"
+    params = dict(plain.named_parameters())
+    assert params.keys() == trained.keys()
+    differ = [name for name, tensor in trained.items() if not torch.equal(params[name], tensor)]
+    assert not differ, differ[:5]
+    # ... and those are trained weights, not the init the export rebuilds its policy from
+    untrained = rebuild_policy(json.loads((ckpt.step_dir(cfg.run.dir, 4) / ckpt.META).read_text())).hf_model
+    moved = [name for name, param in untrained.named_parameters()
+             if param.requires_grad and not torch.equal(param, trained[name])]
+    assert len(moved) > 0.5 * sum(param.requires_grad for param in untrained.parameters()), len(moved)
+
+    ours = load_policy(out).eval()
+    assert all(torch.equal(param, params[name]) for name, param in ours.hf_model.named_parameters())
+    theirs, predicted = plain_and_ours(plain, ours, Path(cfg.data.dir))
+    torch.testing.assert_close(theirs, predicted, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def lora_run(quickstart_run, local_ray, tmp_path_factory):
     """LoRA under ZeRO-3, 4 steps, one injected non-finite loss (skipped, training goes on)."""
@@ -162,6 +244,42 @@ def test_unmerged_lora_export_loads_with_its_adapter(lora_run, tmp_path):
     with pytest.raises(ConfigError, match="adapter_model.safetensors is missing") as error:  # before any actor starts
         validate(load_config(None, [f"eval.checkpoint={tmp_path / 'adapter_export'}"]))
     assert error.value.key == "eval.checkpoint"
+
+
+def test_cli_unmerged_lora_export_loads_in_plain_transformers_and_peft(lora_run, tmp_path, capsys):
+    """`vla-dist export` of the LoRA ZeRO-3 run without --merge-lora: the base by plain transformers,
+    the adapter by plain peft (`PeftModel.from_pretrained(base, OUT/adapter)`, as export.py documents)
+    hold the trained adapter and act as vla-dist's loader (which merges it) does; with the adapter
+    disabled they act otherwise. The --merge-lora export, loaded by plain transformers, is peft's merge."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    cfg, _ = lora_run
+    data_dir = Path(cfg.data.dir)
+    out, merged_out = tmp_path / "export", tmp_path / "merged"
+    assert main(["export", "--checkpoint", cfg.run.dir, "--out", str(out)]) == 0
+    assert "kind=adapter" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", cfg.run.dir, "--out", str(merged_out), "--merge-lora"]) == 0
+    assert "kind=merged" in capsys.readouterr().out
+
+    peft_model = PeftModel.from_pretrained(plain_hf_model(out), str(out / "adapter")).eval()
+    saved = load_file(ckpt.latest_checkpoint(cfg.run.dir) / "adapter" / "adapter_model.safetensors")
+    loaded = get_peft_model_state_dict(peft_model)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[key], saved[key]) for key in saved)
+
+    ours = load_policy(out).eval()
+    theirs, predicted = plain_and_ours(peft_model, ours, data_dir)  # unmerged LoRA vs merged: float rounding
+    torch.testing.assert_close(theirs, predicted, rtol=1e-5, atol=1e-5)
+    with peft_model.disable_adapter():
+        base_only, _ = plain_and_ours(peft_model, ours, data_dir)
+    assert (base_only - predicted).abs().max() > 1e-4
+
+    merged = plain_hf_model(merged_out)
+    peft_merged = dict(peft_model.merge_and_unload().named_parameters())
+    for name, param in merged.named_parameters():
+        torch.testing.assert_close(param, peft_merged[name], rtol=0, atol=0, msg=name)
+    for name, param in ours.hf_model.named_parameters():
+        torch.testing.assert_close(param, peft_merged[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
 @pytest.mark.heavy  # ~85 s of sim actors; the fast test above checks the same loading in-process
