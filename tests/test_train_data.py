@@ -22,8 +22,9 @@ from vla_dist.train import run_train
 from vla_dist.train.batches import LoaderBatches, batch_digest
 from vla_dist.train.metrics import read_metrics
 
-# Several 2-rank DeepSpeed runs on real windows plus the train/checkpoint benches: minutes; run after the main suite.
-pytestmark = pytest.mark.heavy
+# Several 2-rank DeepSpeed runs on real windows plus the train/checkpoint benches: minutes, marked heavy
+# (run after the main suite); the threads-as-ranks test needs only the quickstart dataset: main suite.
+heavy = pytest.mark.heavy
 
 STEPS, SAVE = 10, 5
 MICRO = 8
@@ -47,6 +48,7 @@ def loader_run(quickstart_run, local_ray, tmp_path_factory):
     return cfg, report, read_metrics(run_dir / "metrics.jsonl")
 
 
+@heavy
 def test_two_ranks_train_on_real_windows_over_epochs(loader_run):
     cfg, report, rows = loader_run
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
@@ -60,6 +62,7 @@ def test_two_ranks_train_on_real_windows_over_epochs(loader_run):
     assert ckpt.is_complete(ckpt.step_dir(cfg.run.dir, SAVE)) and ckpt.is_complete(ckpt.step_dir(cfg.run.dir, STEPS))
 
 
+@heavy
 def test_loader_state_is_in_the_checkpoint_and_resume_continues_the_data(loader_run, tmp_path):
     cfg, _, rows = loader_run
     train_state = json.loads((ckpt.step_dir(cfg.run.dir, SAVE) / ckpt.TRAIN_STATE).read_text())
@@ -143,6 +146,7 @@ def _bench_json(capsys: pytest.CaptureFixture[str]) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@heavy
 def test_bench_train_prints_json(quickstart_run, local_ray, tmp_path, capsys):
     _, data_dir, _ = quickstart_run
     assert main(["bench", "train", f"data.dir={data_dir}", f"run.dir={tmp_path}", "cluster.num_cpus=2",
@@ -156,6 +160,7 @@ def test_bench_train_prints_json(quickstart_run, local_ray, tmp_path, capsys):
     assert report["model_flops_per_sample"] > 0
 
 
+@heavy
 def test_bench_checkpoint_prints_json(quickstart_run, local_ray, tmp_path, capsys):
     _, data_dir, _ = quickstart_run
     assert main(["bench", "checkpoint", f"data.dir={data_dir}", f"run.dir={tmp_path}", "cluster.num_cpus=2",
