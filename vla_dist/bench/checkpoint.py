@@ -79,8 +79,10 @@ class CheckpointWorker(SFTWorker):
 
 
 def run_checkpoint_bench(cfg: RunConfig) -> dict[str, object]:
-    from vla_dist.bench.train import bench_config, release_ray, start_group
+    from vla_dist.bench.train import bench_config, release_ray
     from vla_dist.data.manifest import read_manifest
+    from vla_dist.runtime import init_ray
+    from vla_dist.train.sft import start_ranks
 
     cfg = bench_config(cfg)
     t = cfg.train
@@ -91,7 +93,8 @@ def run_checkpoint_bench(cfg: RunConfig) -> dict[str, object]:
     import ray
 
     started_ray = not ray.is_initialized()
-    group, info = start_group(cfg, manifest, CheckpointWorker)
+    env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
+    group, info = start_ranks(cfg, manifest, env, CheckpointWorker)
     try:
         group.run(lambda a, r: a.train.remote(1))  # optimizer state exists: a real checkpoint's size
         saves = []

@@ -132,26 +132,6 @@ def run_baseline(cfg: RunConfig, manifest: dict[str, Any], steps: int) -> dict[s
     return {**info, "flops_per_sample": flops, "median_step_s": statistics.median(times)}
 
 
-def start_group(cfg: RunConfig, manifest: dict[str, Any], worker_cls: type | None = None) -> tuple[Any, dict[str, Any]]:
-    """The ranks as `vla-dist train` starts them (SFTWorker, or a subclass, in a TrainerGroup), set up."""
-    from vla_dist.cluster.placement import TrainerPlacement
-    from vla_dist.distributed.group import TrainerGroup
-    from vla_dist.runtime import init_ray
-    from vla_dist.train.worker import SFTWorker
-
-    t = cfg.train
-    env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
-    env = {**env, "DS_ACCELERATOR": "cuda" if t.gpus_per_rank else "cpu"}
-    placement = TrainerPlacement.from_train(t)
-    group = TrainerGroup(worker_cls or SFTWorker, placement, env=env)
-    try:
-        info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, None))[0]
-    except BaseException:
-        group.shutdown()
-        raise
-    return group, info
-
-
 def release_ray(started_here: bool) -> None:
     """Ray's driver holds repeated worker log lines (deduplication) and prints them when it shuts
     down: a bench that started Ray shuts it down before returning, so the JSON report printed after
@@ -166,6 +146,7 @@ def run_train_bench(cfg: RunConfig) -> dict[str, object]:
     from vla_dist.config.validate import global_batch_size
     from vla_dist.data.manifest import read_manifest
     from vla_dist.runtime import init_ray
+    from vla_dist.train.sft import start_ranks
 
     cfg = bench_config(cfg)
     t = cfg.train
@@ -175,10 +156,10 @@ def run_train_bench(cfg: RunConfig) -> dict[str, object]:
     import ray
 
     started_ray = not ray.is_initialized()
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
+    env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
 
     base = run_baseline(cfg, manifest, steps)  # first: the group would hold the CPUs/GPUs
-    group, info = start_group(cfg, manifest)
+    group, info = start_ranks(cfg, manifest, env)
     try:
         group.run(lambda a, r: a.train.remote(WARMUP))
         rows = group.run(lambda a, r: a.train.remote(steps))[0]

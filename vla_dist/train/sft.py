@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from vla_dist.train.metrics import plot_loss
 from vla_dist.train.stop import StoppedBySignal, StopRequest
 
 if TYPE_CHECKING:
+    from vla_dist.distributed.group import TrainerGroup
     from vla_dist.train.worker import SFTWorker
 
 # Longest a chunk of steps asked of the ranks should last: the driver sees a stop request (SIGTERM:
@@ -47,9 +49,7 @@ STOP_CHECK_S = 2.0
 def run_train(cfg: RunConfig, worker_cls: type[SFTWorker] | None = None) -> dict[str, Any]:
     """Train as `cfg` says; the report `vla-dist train` prints. `worker_cls`: the rank actor,
     SFTWorker or a subclass of it (as bench/train.py's ranks take one)."""
-    from vla_dist.distributed.group import TrainerGroup
     from vla_dist.runtime import init_ray
-    from vla_dist.train.worker import SFTWorker
 
     t, run_dir = cfg.train, Path(cfg.run.dir)
     check_loggers(cfg)
@@ -64,20 +64,17 @@ def run_train(cfg: RunConfig, worker_cls: type[SFTWorker] | None = None) -> dict
             ensure_universal(resume)
     save_resolved(cfg, run_dir)
     env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
-    env = {**env, "DS_ACCELERATOR": "cuda" if t.gpus_per_rank else "cpu"}
-    placement = TrainerPlacement.from_train(t)
     _check_fits(cfg)
     started = time.perf_counter()
     # SIGUSR1/SIGTERM (SLURM time limit, preemption, docker stop) only set stop.requested; the loop then
     # saves and returns. Installed after init_ray: ray.init sets its own SIGTERM handler (sys.exit).
     with StopRequest() as stop:
         # a lost rank's message names the checkpoint that is latest when the loss is found, not at start
-        group = TrainerGroup(worker_cls or SFTWorker, placement, env=env, on_lost=lambda: _kept(run_dir))
+        group, info = start_ranks(cfg, manifest, env, worker_cls, resume=resume, resume_mode=resume_mode,
+                                  on_lost=lambda: _kept(run_dir))
         loggers = evals = None
         finished = False
         try:
-            info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume),
-                                                          resume_mode))[0]
             setup_s = time.perf_counter() - started
             step = first_step = info["step"]
             loggers = RunLoggers(cfg, resumed_step=step)  # metrics.jsonl (+ TensorBoard, W&B)
@@ -148,6 +145,27 @@ def run_train(cfg: RunConfig, worker_cls: type[SFTWorker] | None = None) -> dict
             raise StoppedBySignal(message, report)
         print(message, flush=True)  # SIGUSR1: the SLURM script asked, and requeues the job itself: exit 0
     return report
+
+
+def start_ranks(cfg: RunConfig, manifest: dict[str, Any], env: dict[str, str], worker_cls: type | None = None, *,
+                resume: Path | None = None, resume_mode: str = "same",
+                on_lost: Callable[[], str] | None = None) -> tuple[TrainerGroup, dict[str, Any]]:
+    """The ranks of `vla-dist train`, set up: `train.world_size` actors of `worker_cls` (SFTWorker or a
+    subclass, as the benches use) in a TrainerGroup placed by `TrainerPlacement.from_train`, each given
+    its rendezvous env on top of `env` (init_ray's, Ray being up) and DS_ACCELERATOR. Returns the group
+    and rank 0's setup info (step, parameters, trainable); a failed setup shuts the group down."""
+    from vla_dist.distributed.group import TrainerGroup
+    from vla_dist.train.worker import SFTWorker
+
+    env = {**env, "DS_ACCELERATOR": "cuda" if cfg.train.gpus_per_rank else "cpu"}
+    group = TrainerGroup(worker_cls or SFTWorker, TrainerPlacement.from_train(cfg.train), env=env, on_lost=on_lost)
+    try:
+        info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume),
+                                                      resume_mode))[0]
+    except BaseException:
+        group.shutdown()
+        raise
+    return group, info
 
 
 def _steps_within(seconds: float, rows: list[dict[str, Any]]) -> int:
