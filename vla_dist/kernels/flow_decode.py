@@ -171,7 +171,7 @@ class FlowDecoder:
     ) -> torch.Tensor:
         batch = state.shape[0]
         size = bucket_batch(batch) if self.bucketed else batch
-        args = (
+        inputs = (  # _decode's order
             state.to(self.device, self.dtype),
             input_ids.to(self.device),
             pixel_values.to(self.device, self.dtype),
@@ -179,19 +179,13 @@ class FlowDecoder:
             attention_mask.to(self.device),
             noise.to(self.device, self.dtype),
         )
-        actions = self._decode_fn(*(pad_batch(t, size) for t in args))
+        actions = self._decode_fn(*(pad_batch(t, size) for t in inputs))
         # Clone: with CUDA graphs the output lives in the graph's memory pool, reused by the next call.
         return actions[:batch].clone() if self._decode_fn.cuda_graphs else actions[:batch]
 
-    def _decode(
-        self,
-        state: torch.Tensor,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        pixel_attention_mask: torch.Tensor,
-        attention_mask: torch.Tensor,
-        noise: torch.Tensor,
-    ) -> torch.Tensor:
+    def _decode(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The compiled graph: `__call__`'s arguments, in its order, cast and batch-padded."""
+        state, input_ids, pixel_values, pixel_attention_mask, attention_mask, noise = inputs
         model = self.model
         inner, dit = model.model, model.model.dit
         layers = dit.layers[: dit.config.num_hidden_layers]
