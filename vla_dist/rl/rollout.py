@@ -1,0 +1,153 @@
+"""Policy rollouts for RL: the current policy acts with exploration in a Genesis scene, and every
+decision it takes is kept with what a policy-gradient update needs.
+
+A decision is one sampled chunk executed for `horizon` control steps (the unit PPO/GRPO take ratios
+of, as in pi-RL and RL4VLA). `ExplorationPolicy` sits behind the runner's `Policy` interface, so
+rollouts use the same loop as collection and evaluation (`run_batch`); it records the raw uint8
+frames it decided from (never a decoded mp4: RL must not learn from codec noise), the sampler's
+record (pi0: the stochastic step's x before and after; action tokens: the sampled bins) and the
+log-probability under the weights that sampled it, tagged with their version. `RolloutBatch` then
+joins those decisions with the episodes' outcomes: reward, done and which steps of each chunk ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vla_dist.data.episode import Episode
+from vla_dist.models.policy import PolicyInputs, VLAPolicy
+from vla_dist.rl.flow_sde import SDESample, sample_chunk
+from vla_dist.rl.token_sampling import sample_bins
+from vla_dist.rollout.runner import Observation
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """How the policy explores: pi0 through Flow-SDE (`sde_step`, `noise_level`), action tokens by
+    sampling at `temperature`. `horizon`: control steps each sampled chunk is executed for."""
+
+    horizon: int = 4
+    noise_level: float = 0.5
+    sde_step: int = 5
+    temperature: float = 1.0
+
+
+class ExplorationPolicy:
+    """A VLAPolicy sampling with exploration behind the runner's Policy interface (see module docstring)."""
+
+    def __init__(self, model: VLAPolicy, exploration: Exploration, version: int, cameras: tuple[str, ...]) -> None:
+        if not 1 <= exploration.horizon <= model.chunk_size:
+            raise ValueError(f"horizon {exploration.horizon} must be in 1..{model.chunk_size}")
+        self.model, self.exploration, self.version, self.cameras = model.eval(), exploration, version, cameras
+
+    def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None:
+        self.instructions = instructions
+        # One stream per env, seeded by its episode seed and the weight version: a rollout is
+        # reproducible, and the next version explores differently on the same seed.
+        self.generators = [torch.Generator().manual_seed(int(seed) * 1_000_003 + self.version) for seed in seeds]
+        self.step = 0
+        self.images: list[torch.Tensor] = []  # per decision: uint8 [B, n_cam, H, W, 3]
+        self.states: list[torch.Tensor] = []
+        self.log_probs: list[torch.Tensor] = []
+        self.records: list[torch.Tensor | SDESample] = []
+        self.queue = torch.zeros(0)
+
+    @torch.no_grad()
+    def act(self, obs: Observation) -> torch.Tensor:
+        horizon = self.exploration.horizon
+        if self.step % horizon == 0:
+            images = torch.from_numpy(np.stack([obs.images[cam] for cam in self.cameras], axis=1))
+            inputs = PolicyInputs(images=images, state=obs.proprio.to(torch.float32), instructions=self.instructions)
+            chunk, log_prob, record = self._sample(inputs)
+            self.images.append(images)
+            self.states.append(inputs.state)
+            self.log_probs.append(log_prob)
+            self.records.append(record)
+            self.queue = chunk[:, :horizon].to(torch.float32)
+        action = self.queue[:, self.step % horizon]
+        self.step += 1
+        return action
+
+    def _sample(self, inputs: PolicyInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | SDESample]:
+        """(raw actions [B, chunk, A], log_prob [B], the sampler's record), one stream per env."""
+        model, exploration = self.model, self.exploration
+        rows = []
+        for i, generator in enumerate(self.generators):  # per env: batching never changes a sample
+            row = PolicyInputs(inputs.images[i : i + 1], inputs.state[i : i + 1], inputs.instructions[i : i + 1])
+            if model.family == "pi0":
+                sample = sample_chunk(model, row, step=exploration.sde_step,  # type: ignore[arg-type]
+                                      noise_level=exploration.noise_level, generator=generator)
+                actions = model.unnormalize_actions(sample.actions[..., : model.action_dim])
+                rows.append((actions, sample.log_prob, sample))
+            else:
+                bins, log_prob = sample_bins(model, row, temperature=exploration.temperature,  # type: ignore[arg-type]
+                                             generator=generator)
+                rows.append((model.bins_to_actions(bins), log_prob, bins))  # type: ignore[attr-defined]
+        actions = torch.cat([r[0] for r in rows])
+        log_prob = torch.cat([r[1] for r in rows])
+        if model.family == "pi0":
+            samples = [r[2] for r in rows]
+            record: torch.Tensor | SDESample = SDESample(
+                actions=torch.cat([s.actions for s in samples]), step=samples[0].step,
+                x_before=torch.cat([s.x_before for s in samples]), x_after=torch.cat([s.x_after for s in samples]),
+                log_prob=log_prob)
+        else:
+            record = torch.cat([r[2] for r in rows])
+        return actions, log_prob, record
+
+
+@dataclass
+class RolloutBatch:
+    """B envs x D decisions. `valid` [B, D]: the env was still running when decision d was taken;
+    `executed` [B, D, chunk]: chunk steps that ran; `rewards`/`dones` [B, D]: sparse success reward
+    on the decision during which the episode succeeded, done on the one during which it ended."""
+
+    images: torch.Tensor  # uint8 [B, D, n_cam, H, W, 3]
+    states: torch.Tensor  # float32 [B, D, S]
+    instructions: list[str]  # [B]
+    log_probs: torch.Tensor  # float32 [B, D], under weights `version`
+    records: list[torch.Tensor | SDESample]  # per decision, batched over B
+    valid: torch.Tensor
+    executed: torch.Tensor
+    rewards: torch.Tensor
+    dones: torch.Tensor
+    success: torch.Tensor  # bool [B]
+    version: int
+
+    def inputs(self, decision: int) -> PolicyInputs:
+        return PolicyInputs(self.images[:, decision], self.states[:, decision], self.instructions)
+
+
+def rollout_batch(policy: ExplorationPolicy, episodes: list[Episode], chunk_size: int) -> RolloutBatch:
+    """Join the decisions `policy` recorded during run_batch with the episodes it ran (request order)."""
+    horizon = policy.exploration.horizon
+    count = len(policy.records)
+    batch = len(episodes)
+    lengths = torch.tensor([ep.num_frames for ep in episodes])
+    success = torch.tensor([ep.success for ep in episodes])
+    first_step = torch.arange(count) * horizon  # [D]
+    valid = first_step[None, :] < lengths[:, None]
+    steps = first_step[:, None] + torch.arange(chunk_size)[None, :]  # [D, chunk]
+    executed = (steps[None] < lengths[:, None, None]) & (torch.arange(chunk_size) < horizon)[None, None, :]
+    last = (lengths - 1).clamp(min=0) // horizon  # the decision during which each episode ended
+    dones = torch.zeros(batch, count, dtype=torch.bool)
+    dones[torch.arange(batch), last] = True
+    rewards = (dones & success[:, None]).float()
+    return RolloutBatch(
+        images=torch.stack(policy.images, dim=1)[:batch], states=torch.stack(policy.states, dim=1)[:batch],
+        instructions=policy.instructions[:batch], log_probs=torch.stack(policy.log_probs, dim=1)[:batch],
+        records=[_rows(record, batch) for record in policy.records], valid=valid, executed=executed,
+        rewards=rewards, dones=dones & valid,
+        success=success, version=policy.version,
+    )
+
+
+def _rows(record: torch.Tensor | SDESample, count: int) -> torch.Tensor | SDESample:
+    """The first `count` rows of a decision's record (a scene pads short batches with extra envs)."""
+    if isinstance(record, torch.Tensor):
+        return record[:count]
+    return SDESample(actions=record.actions[:count], step=record.step, x_before=record.x_before[:count],
+                     x_after=record.x_after[:count], log_prob=record.log_prob[:count])
