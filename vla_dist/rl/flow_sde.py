@@ -66,6 +66,18 @@ class SDESample:
     x_after: torch.Tensor
     log_prob: torch.Tensor  # [B] float32, under the sampling weights
 
+    @classmethod
+    def cat(cls, samples: list[SDESample]) -> SDESample:
+        """Samples of the same step, their rows concatenated."""
+        return cls(actions=torch.cat([s.actions for s in samples]), step=samples[0].step,
+                   x_before=torch.cat([s.x_before for s in samples]), x_after=torch.cat([s.x_after for s in samples]),
+                   log_prob=torch.cat([s.log_prob for s in samples]))
+
+    def rows(self, count: int) -> SDESample:
+        """The first `count` rows."""
+        return SDESample(actions=self.actions[:count], step=self.step, x_before=self.x_before[:count],
+                         x_after=self.x_after[:count], log_prob=self.log_prob[:count])
+
 
 def _velocity(policy: PI0Policy, prefix: dict[str, torch.Tensor], x: torch.Tensor, t: float) -> torch.Tensor:
     time = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)

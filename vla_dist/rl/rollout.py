@@ -88,14 +88,8 @@ class ExplorationPolicy:
                 rows.append((model.bins_to_actions(bins), log_prob, bins))  # type: ignore[attr-defined]
         actions = torch.cat([r[0] for r in rows])
         log_prob = torch.cat([r[1] for r in rows])
-        if model.family == "pi0":
-            samples = [r[2] for r in rows]
-            record: torch.Tensor | SDESample = SDESample(
-                actions=torch.cat([s.actions for s in samples]), step=samples[0].step,
-                x_before=torch.cat([s.x_before for s in samples]), x_after=torch.cat([s.x_after for s in samples]),
-                log_prob=log_prob)
-        else:
-            record = torch.cat([r[2] for r in rows])
+        records = [r[2] for r in rows]
+        record = SDESample.cat(records) if model.family == "pi0" else torch.cat(records)  # type: ignore[arg-type]
         return actions, log_prob, record
 
 
@@ -139,15 +133,9 @@ def rollout_batch(policy: ExplorationPolicy, episodes: list[Episode], chunk_size
     return RolloutBatch(
         images=torch.stack(policy.images, dim=1)[:batch], states=torch.stack(policy.states, dim=1)[:batch],
         instructions=policy.instructions[:batch], log_probs=torch.stack(policy.log_probs, dim=1)[:batch],
-        records=[_rows(record, batch) for record in policy.records], valid=valid, executed=executed,
+        records=[record[:batch] if isinstance(record, torch.Tensor) else record.rows(batch)
+                 for record in policy.records], valid=valid, executed=executed,
         rewards=rewards, dones=dones & valid,
         success=success, version=policy.version,
     )
 
-
-def _rows(record: torch.Tensor | SDESample, count: int) -> torch.Tensor | SDESample:
-    """The first `count` rows of a decision's record (a scene pads short batches with extra envs)."""
-    if isinstance(record, torch.Tensor):
-        return record[:count]
-    return SDESample(actions=record.actions[:count], step=record.step, x_before=record.x_before[:count],
-                     x_after=record.x_after[:count], log_prob=record.log_prob[:count])

@@ -83,22 +83,21 @@ class ModelPolicy:
             self.compile_seconds += compiled
             self.decode_seconds += time.perf_counter() - started - compiled
             self.decode_calls += 1
-            self.queue = chunk[:, : self.horizon].to(torch.float32)
             if self.ensemble > 0:
-                return self._ensembled(chunk.to(torch.float32))
-        action = self.queue[:, self.step % self.horizon]
+                self.history.append((self.step, chunk.to(torch.float32)))
+            else:
+                self.queue = chunk[:, : self.horizon].to(torch.float32)
+        action = self._ensembled() if self.ensemble > 0 else self.queue[:, self.step % self.horizon]
         self.step += 1
         return action
 
 
-    def _ensembled(self, chunk: torch.Tensor) -> torch.Tensor:
+    def _ensembled(self) -> torch.Tensor:
         """ACT's temporal ensemble: every chunk predicted in the last chunk_size steps proposes an
         action for this step; they are averaged with weights exp(-k * i), i = 0 for the oldest."""
-        size = self.model.chunk_size
-        self.history = [(made, c) for made, c in self.history if self.step - made < size] + [(self.step, chunk)]
+        self.history = [(made, c) for made, c in self.history if self.step - made < self.model.chunk_size]
         proposals = torch.stack([c[:, self.step - made] for made, c in self.history])  # [n, B, A], oldest first
         weights = torch.exp(-self.ensemble * torch.arange(len(self.history), dtype=torch.float32))
-        self.step += 1
         return (weights[:, None, None] * proposals).sum(dim=0) / weights.sum()
 
     def _noise(self) -> torch.Tensor | None:
