@@ -105,7 +105,6 @@ def test_save_resolved_round_trips(tmp_path: Path) -> None:
 
 # Every config key /work/shared/design.md lists ("Config keys (contract)"), with a value to set it to
 # on the command line: renaming one, or breaking its override, breaks users' files and scripts.
-RL_KEYS_LATER = pytest.mark.skip(reason="rl.* keys arrive with the RL issue (vla-dist rl does not exist yet)")
 CONTRACT_KEYS = [
     pytest.param("run.dir", "/tmp/vla-dist-contract/run", "/tmp/vla-dist-contract/run", id="run.dir"),
     pytest.param("run.seed", "7", 7, id="run.seed"),
@@ -131,8 +130,9 @@ CONTRACT_KEYS = [
     pytest.param("eval.checkpoint", "/runs/a/checkpoints", "/runs/a/checkpoints", id="eval.checkpoint"),
     pytest.param("cluster.address", "auto", "auto", id="cluster.address"),
     pytest.param("cluster.address", "null", None, id="cluster.address=null"),
-    pytest.param("rl.iterations", "3", 3, id="rl.iterations", marks=RL_KEYS_LATER),
-    pytest.param("rl.algorithm", "grpo", "grpo", id="rl.algorithm", marks=RL_KEYS_LATER),
+    pytest.param("rl.iterations", "3", 3, id="rl.iterations"),
+    pytest.param("rl.algorithm", "grpo", "grpo", id="rl.algorithm=grpo"),
+    pytest.param("rl.algorithm", "ppo", "ppo", id="rl.algorithm=ppo"),
 ]
 
 
@@ -303,7 +303,7 @@ def test_help_exits_0(args: list[str], words: tuple[str, ...], capsys: pytest.Ca
 
 def test_submit_offers_only_commands_that_exist(capsys: pytest.CaptureFixture[str]) -> None:
     """`vla-dist submit --help` lists the commands a job can run; each must be a vla-dist command
-    (rl is not one yet), and one that is not is refused (exit 2) before any connection is tried."""
+    and one that is not is refused (exit 2) before any connection is tried."""
     import argparse
 
     from vla_dist.cli import build_parser
@@ -313,11 +313,11 @@ def test_submit_offers_only_commands_that_exist(capsys: pytest.CaptureFixture[st
     assert main(["submit", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     offered = help_text.split("COMMAND ", 2)[2].split(" or 'bench NAME'")[0].strip(" ,").split(", ")
-    assert offered == ["collect", "train", "eval"] and all(name in commands for name in [*offered, "bench"])
-    err = _config_error(["submit", "rl", "cluster.dashboard_address=http://127.0.0.1:9"], capsys)
-    assert "cannot submit 'rl'; one of: collect, train, eval, bench" in err
-    err = _config_error(["cluster", "render", "slurm", "--job", "rl", "--out", "/nonexistent/out"], capsys)
-    assert "cannot run 'rl' as a cluster job" in err
+    assert offered == ["collect", "train", "eval", "rl"] and all(name in commands for name in [*offered, "bench"])
+    err = _config_error(["submit", "quickstart", "cluster.dashboard_address=http://127.0.0.1:9"], capsys)
+    assert "cannot submit 'quickstart'; one of: collect, train, eval, rl, bench" in err
+    err = _config_error(["cluster", "render", "slurm", "--job", "replay", "--out", "/nonexistent/out"], capsys)
+    assert "cannot run 'replay' as a cluster job" in err
 
 
 def test_render_slurm_without_out_writes_under_the_configs_run_dir(

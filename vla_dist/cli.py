@@ -58,6 +58,12 @@ def _bench_checkpoint(cfg: RunConfig) -> Report:
     return run_checkpoint_bench(cfg)
 
 
+def _bench_rl(cfg: RunConfig) -> Report:
+    from vla_dist.bench.rl import run_rl_bench
+
+    return run_rl_bench(cfg)
+
+
 def _bench_data(cfg: RunConfig) -> Report:
     from vla_dist.bench.data import run_data_bench
 
@@ -72,6 +78,7 @@ BENCHES: dict[str, Callable[[RunConfig], Report]] = {
     "codec": _bench_codec,
     "train": _bench_train,
     "checkpoint": _bench_checkpoint,
+    "rl": _bench_rl,
 }
 
 EXAMPLES = """examples:
@@ -155,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(train)
 
+    rl = commands.add_parser(
+        "rl",
+        help="RL post-training (PPO or GRPO) from simulated rollouts, starting from model.pretrained",
+        description="Start from the policy at model.pretrained; each of rl.iterations iterations the sim-actor pool "
+        "(collect.num_actors x collect.envs_per_actor) runs rl.episodes_per_iteration rollouts of the current weights "
+        "with exploration (pi0: Flow-SDE; action tokens: sampled tokens), the train.world_size DeepSpeed ranks "
+        "(train.zero_stage, train.lora.enabled) update the policy with rl.algorithm (ppo: clipped ratio, GAE, value "
+        "head; grpo: group-relative advantages), and the new weights are synced to every actor, versioned. Writes "
+        "run.dir/metrics.jsonl (a row per iteration; held-out eval rows every rl.eval_every), success.png, "
+        "report.json and checkpoints/step_N (with policy/: eval.checkpoint reads it). Re-running with a larger "
+        "rl.iterations continues from the last complete checkpoint.",
+    )
+    _add_config_arguments(rl)
+
     export = commands.add_parser(
         "export",
         help="checkpoint -> HF-format policy directory, peft adapter, or merged model",
@@ -178,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         "codec: episode image encoding, speed and size per codec; "
         "train: samples/s of train.world_size DeepSpeed ZeRO ranks vs one plain PyTorch AdamW process, same model "
         "and global batch (train.steps timed steps; MFU on GPU); "
-        "checkpoint: DeepSpeed save GB/s vs a plain fsync'd torch.save of the same bytes on the same disk (run.dir). "
+        "checkpoint: DeepSpeed save GB/s vs a plain fsync'd torch.save of the same bytes on the same disk (run.dir); "
+        "rl: env-steps/s of policy rollouts with exploration vs the expert on the same sim actors, and weight-sync "
+        "GB/s vs a plain ray.put/ray.get of the same bytes. "
         "The last line of stdout is one JSON object.",
     )
     bench.add_argument("name", metavar="NAME", choices=list(BENCHES), help=f"one of: {', '.join(BENCHES)}")
@@ -251,6 +274,12 @@ def _run(args: argparse.Namespace) -> int:
 
         report = run_train(cfg)
         _print_summary("train", report, f"run: {cfg.run.dir}   checkpoints: {cfg.run.dir}/checkpoints",
+                       outcome=f"stopped by {report['stopped_by']}" if report.get("stopped_by") else "done")
+    elif args.command == "rl":
+        from vla_dist.rl.loop import run_rl
+
+        report = run_rl(cfg)
+        _print_summary("rl", report, f"run: {cfg.run.dir}   policy: {report['policy']}   plot: {report['success_png']}",
                        outcome=f"stopped by {report['stopped_by']}" if report.get("stopped_by") else "done")
     elif args.command == "export":
         from vla_dist.checkpoint.export import export_checkpoint

@@ -56,6 +56,8 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
     step_dir = resolve_checkpoint(checkpoint)
     meta = json.loads((step_dir / ckpt.META).read_text(encoding="utf-8"))
     out = Path(out)
+    if meta.get("kind") == "rl":  # `vla-dist rl` saves its policy directory in every checkpoint
+        return _export_rl(step_dir, meta, out, merge_lora)
     policy = rebuild_policy(meta)
     lora = bool(meta["lora"]["enabled"])
     if lora:
@@ -100,3 +102,22 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
         kind = "full"
     return {"command": "export", "checkpoint": str(step_dir), "step": meta["step"], "out": str(out), "kind": kind}
 
+
+
+def _export_rl(step_dir: Path, meta: dict[str, Any], out: Path, merge_lora: bool) -> dict[str, Any]:
+    """An rl checkpoint's policy/ (base + adapter/ for LoRA runs), copied, or with --merge-lora loaded
+    (load_policy merges the adapter) and written whole."""
+    source = step_dir / "policy"
+    lora = bool(meta["lora"]["enabled"])
+    if merge_lora and not lora:
+        raise ConfigError("--merge-lora", f"{step_dir} is a full fine-tune (train.lora.enabled=false): "
+                          "nothing to merge")
+    if merge_lora:
+        from vla_dist.models.policy import load_policy
+
+        load_policy(source).save_pretrained(out)
+        kind = "merged"
+    else:
+        shutil.copytree(source, out, dirs_exist_ok=True)
+        kind = "adapter" if lora else "full"
+    return {"command": "export", "checkpoint": str(step_dir), "step": meta["step"], "out": str(out), "kind": kind}

@@ -15,11 +15,10 @@ import shlex
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 
-# Commands that can continue from their last checkpoint: a requeued/restarted job adds
-# train.resume=auto to them (the trainer's contract, shared/design.md). Others start over.
-# (`rl` joins both lists when the command exists.)
-RESUMABLE_COMMANDS = ("train",)
-JOB_COMMANDS = ("collect", "train", "eval", "bench")
+# Commands that can continue from their last checkpoint: a requeued/restarted job adds their
+# resume=auto override (the trainer's contract, shared/design.md). Others start over.
+RESUMABLE_COMMANDS = {"train": "train.resume=auto", "rl": "rl.resume=auto"}
+JOB_COMMANDS = ("collect", "train", "eval", "rl", "bench")
 
 
 def cluster_job_config(cfg: RunConfig, shared_dir: str | None = None, require_shared: bool = False) -> RunConfig:
@@ -56,7 +55,7 @@ def driver_argv(command: str, config_path: str, extra_overrides: list[str] | Non
 
 def resume_override(command: str) -> str:
     """The override a restarted job adds, or "" when the command cannot resume."""
-    return "train.resume=auto" if command.split()[0] in RESUMABLE_COMMANDS else ""
+    return RESUMABLE_COMMANDS.get(command.split()[0], "")
 
 
 def shell_join(argv: list[str]) -> str:

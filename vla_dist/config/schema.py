@@ -254,6 +254,37 @@ class TrainSection:
 
 
 @dataclass
+class RLSection:
+    """`vla-dist rl`: PPO/GRPO from policy rollouts on the sim-actor pool (vla_dist/rl/). The trainer
+    ranks are `train.*` (world_size, zero_stage, lora, cpus/gpus per rank); the rollout pool is
+    `collect.*` (num_actors, envs_per_actor, placement). The start is `model.pretrained`."""
+
+    iterations: int = 2  # rollout -> update -> weight sync rounds (total, counting those before a resume)
+    algorithm: str = "ppo"  # "ppo" (clipped ratio, GAE, value head on the policy's features) or "grpo"
+    episodes_per_iteration: int = 8  # rollouts per iteration (GRPO: groups of group_size on one seed)
+    group_size: int = 4  # GRPO: rollouts of the same layout whose returns are compared
+    horizon: int = 4  # control steps each sampled chunk is executed for (one PPO decision)
+    noise_level: float = 0.5  # pi0 Flow-SDE: exploration noise scale of the stochastic denoising step
+    sde_step: int = 5  # pi0: which Euler step (1..model.num_inference_steps-1) is stochastic
+    temperature: float = 1.0  # action tokens: sampling temperature
+    lr: float = 1.0e-5  # constant, AdamW (train.weight_decay, train.grad_clip apply)
+    epochs: int = 2  # passes over each iteration's decisions
+    minibatch_size: int = 8  # decisions per rank per optimizer step
+    clip: float = 0.2  # PPO ratio clip
+    value_coef: float = 0.5  # PPO: weight of the value loss
+    value_trains_backbone: bool = False  # PPO: the value loss also trains the shared backbone (else the head only)
+    gamma: float = 0.99  # per decision
+    gae_lambda: float = 0.95
+    shaped_reward: float = 0.0  # > 0: add this times the decrease of the grasp point's distance to the cube (m)
+    save_every: int = 1  # iterations; 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # "auto" | "never" | a checkpoint dir (rl runs' own checkpoints)
+    eval_every: int = 0  # iterations; held-out greedy eval at iteration 0, every N, and the last; 0: off
+    eval_episodes: int = 0  # per task per eval; 0: eval.episodes
+    sync_timeout_s: float = 300.0  # a weight sync not acknowledged by every sim actor within this fails
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     task: TaskSection = field(default_factory=TaskSection)
@@ -263,5 +294,6 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     eval: EvalSection = field(default_factory=EvalSection)
     train: TrainSection = field(default_factory=TrainSection)
+    rl: RLSection = field(default_factory=RLSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     bench: BenchSection = field(default_factory=BenchSection)

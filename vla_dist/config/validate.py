@@ -319,6 +319,56 @@ TRAIN_CHECKS: list[Check] = [
 ]
 
 
+def _rl_resume(cfg: RunConfig) -> None:
+    resume = cfg.rl.resume
+    if resume not in ("auto", "never") and not is_complete(resume):
+        raise ConfigError("rl.resume", f"must be auto, never or a complete checkpoint directory "
+                          f"(run.dir/checkpoints/step_N with a COMPLETE marker); got {resume!r}")
+
+
+def _rl_sampling(cfg: RunConfig) -> None:
+    rl = cfg.rl
+    if rl.algorithm == "grpo":
+        if rl.group_size < 2:
+            raise ConfigError("rl.group_size", f"GRPO compares rollouts of one layout: needs >= 2, got {rl.group_size}")
+        if rl.episodes_per_iteration % rl.group_size:
+            raise ConfigError("rl.episodes_per_iteration", f"GRPO: must be a multiple of rl.group_size "
+                              f"({rl.group_size}), got {rl.episodes_per_iteration}")
+    if rl.horizon > cfg.model.chunk_size:
+        raise ConfigError("rl.horizon", f"a decision executes at most one chunk: must be <= model.chunk_size "
+                          f"({cfg.model.chunk_size}), got {rl.horizon}")
+    steps = cfg.model.num_inference_steps
+    if cfg.model.family == "pi0" and not 1 <= rl.sde_step < steps:
+        raise ConfigError("rl.sde_step", f"must lie in 1..model.num_inference_steps-1 = 1..{steps - 1} "
+                          f"(t=1 has infinite noise), got {rl.sde_step}")
+
+
+RL_CHECKS: list[Check] = [
+    at_least("rl.iterations", 1),
+    one_of("rl.algorithm", ("ppo", "grpo")),
+    at_least("rl.episodes_per_iteration", 1),
+    at_least("rl.group_size", 1),
+    at_least("rl.horizon", 1),
+    greater_than("rl.noise_level", 0),
+    greater_than("rl.temperature", 0),
+    greater_than("rl.lr", 0),
+    at_least("rl.epochs", 1),
+    at_least("rl.minibatch_size", 1),
+    greater_than("rl.clip", 0),
+    at_least("rl.value_coef", 0),
+    in_range("rl.gamma", 0, 1),
+    in_range("rl.gae_lambda", 0, 1),
+    at_least("rl.shaped_reward", 0),
+    at_least("rl.save_every", 0),
+    at_least("rl.keep_last", 1),
+    at_least("rl.eval_every", 0),
+    at_least("rl.eval_episodes", 0),
+    greater_than("rl.sync_timeout_s", 0),
+    _rl_resume,
+    _rl_sampling,
+]
+
+
 CHECKS: list[Check] = [
     # run
     at_least("run.seed", 0),
@@ -382,6 +432,7 @@ CHECKS: list[Check] = [
     at_least("bench.rollout_actors", 1),
     at_least("bench.rollout_steps", 1),
     *TRAIN_CHECKS,  # train (ranges, then batch consistency and offload rules)
+    *RL_CHECKS,
     # cross-field rules (after the single-key ranges they divide by)
     _control_period_fits_dt,
 ]

@@ -46,13 +46,16 @@ def sde_transition(x: torch.Tensor, velocity: torch.Tensor, t: float, dt: float,
     return mean, sigma * math.sqrt(-dt)
 
 
-def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float, dims: int) -> torch.Tensor:
-    """[B] log N(value; mean, std^2 I) over the first `dims` action dims of every chunk step
+def gaussian_step_log_probs(value: torch.Tensor, mean: torch.Tensor, std: float, dims: int) -> torch.Tensor:
+    """[B, chunk] log N(value; mean, std^2 I) of each chunk step over its first `dims` action dims
     (the padded dims are exact zeros on both sides and carry no probability mass)."""
     diff = (value[..., :dims] - mean[..., :dims]).float()
-    count = diff[0].numel()
-    squares = (diff / std).pow(2).sum(dim=tuple(range(1, diff.ndim)))
-    return -0.5 * squares - count * (math.log(std) + 0.5 * math.log(2 * math.pi))
+    return -0.5 * (diff / std).pow(2).sum(-1) - dims * (math.log(std) + 0.5 * math.log(2 * math.pi))
+
+
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float, dims: int) -> torch.Tensor:
+    """[B]: gaussian_step_log_probs summed over the chunk."""
+    return gaussian_step_log_probs(value, mean, std, dims).sum(-1)
 
 
 @dataclass
@@ -114,13 +117,19 @@ def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int, noise_le
     return SDESample(actions=x, step=step, x_before=x_before, x_after=x_after, log_prob=log_prob)
 
 
-def chunk_log_prob(policy: PI0Policy, inputs: PolicyInputs, sample: SDESample, noise_level: float) -> torch.Tensor:
-    """[B] log-probability of `sample`'s stochastic step under the policy's current weights, with
-    gradients: one forward of the model per row (the cost of a flow-matching loss)."""
+def step_log_probs(policy: PI0Policy, inputs: PolicyInputs, sample: SDESample, noise_level: float) -> torch.Tensor:
+    """[B, chunk] log-probability of `sample`'s stochastic step per chunk step, under the policy's
+    current weights, with gradients: one forward of the model per row (the cost of a flow-matching
+    loss). RL sums it over the steps that ran (rl/objective.py)."""
     prefix = policy.prepare_prefix(inputs)
     num_steps = policy.spec.num_inference_steps
     t, dt = step_time(sample.step, num_steps), -1.0 / num_steps
-    x_before = sample.x_before.to(policy.device)
+    x_before = sample.x_before.to(policy.device).float()
     velocity = _velocity(policy, prefix, x_before, t)
     mean, std = sde_transition(x_before, velocity, t, dt, noise_level)
-    return gaussian_log_prob(sample.x_after.to(policy.device), mean, std, policy.action_dim)
+    return gaussian_step_log_probs(sample.x_after.to(policy.device).float(), mean, std, policy.action_dim)
+
+
+def chunk_log_prob(policy: PI0Policy, inputs: PolicyInputs, sample: SDESample, noise_level: float) -> torch.Tensor:
+    """[B] log-probability of the whole sampled chunk (what sample_chunk returns as log_prob)."""
+    return step_log_probs(policy, inputs, sample, noise_level).sum(-1)

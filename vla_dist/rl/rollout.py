@@ -21,7 +21,11 @@ from vla_dist.data.episode import Episode
 from vla_dist.models.policy import PolicyInputs, VLAPolicy
 from vla_dist.rl.flow_sde import SDESample, sample_chunk
 from vla_dist.rl.token_sampling import sample_bins
-from vla_dist.rollout.runner import Observation
+from vla_dist.rollout.runner import Observation, grasp_point
+
+
+def _stream_seed(seed: int, stream: int, version: int) -> int:
+    return int(np.random.SeedSequence([seed, stream, version, 0x5EED]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)
@@ -38,21 +42,29 @@ class Exploration:
 class ExplorationPolicy:
     """A VLAPolicy sampling with exploration behind the runner's Policy interface (see module docstring)."""
 
-    def __init__(self, model: VLAPolicy, exploration: Exploration, version: int, cameras: tuple[str, ...]) -> None:
+    def __init__(self, model: VLAPolicy, exploration: Exploration, version: int, cameras: tuple[str, ...],
+                 streams: list[int] | None = None) -> None:
+        """`streams`: per request, a number that sets its exploration noise apart from other rollouts
+        of the same seed (GRPO rolls one layout out several times); None: 0 for every request."""
         if not 1 <= exploration.horizon <= model.chunk_size:
             raise ValueError(f"horizon {exploration.horizon} must be in 1..{model.chunk_size}")
         self.model, self.exploration, self.version, self.cameras = model.eval(), exploration, version, cameras
+        self.streams = streams
 
     def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None:
         self.instructions = instructions
-        # One stream per env, seeded by its episode seed and the weight version: a rollout is
-        # reproducible, and the next version explores differently on the same seed.
-        self.generators = [torch.Generator().manual_seed(int(seed) * 1_000_003 + self.version) for seed in seeds]
+        # One stream per env, seeded by its episode seed, its stream and the weight version: a rollout
+        # is reproducible, and the next version explores differently on the same seed.
+        streams = list(self.streams or [0])
+        streams += [streams[-1]] * (len(seeds) - len(streams))  # the runner pads a short batch
+        self.generators = [torch.Generator().manual_seed(_stream_seed(int(seed), stream, self.version))
+                           for seed, stream in zip(seeds, streams, strict=False)]
         self.step = 0
         self.images: list[torch.Tensor] = []  # per decision: uint8 [B, n_cam, H, W, 3]
         self.states: list[torch.Tensor] = []
         self.log_probs: list[torch.Tensor] = []
         self.records: list[torch.Tensor | SDESample] = []
+        self.reach: list[torch.Tensor] = []  # per decision: grasp point to cube (m), for a shaped reward only
         self.queue = torch.zeros(0)
 
     @torch.no_grad()
@@ -66,6 +78,9 @@ class ExplorationPolicy:
             self.states.append(inputs.state)
             self.log_probs.append(log_prob)
             self.records.append(record)
+            if "cube_pos" in obs.privileged:  # the reward's, never the model's input
+                reach = grasp_point(obs.proprio) - obs.privileged["cube_pos"]
+                self.reach.append(torch.linalg.vector_norm(reach, dim=1))
             self.queue = chunk[:, :horizon].to(torch.float32)
         action = self.queue[:, self.step % horizon]
         self.step += 1
@@ -110,6 +125,7 @@ class RolloutBatch:
     dones: torch.Tensor
     success: torch.Tensor  # bool [B]
     version: int
+    reach: torch.Tensor | None = None  # float32 [B, D]: grasp point to cube (m) at each decision (shaped reward)
 
     def inputs(self, decision: int) -> PolicyInputs:
         return PolicyInputs(self.images[:, decision], self.states[:, decision], self.instructions)
@@ -137,5 +153,6 @@ def rollout_batch(policy: ExplorationPolicy, episodes: list[Episode], chunk_size
                  for record in policy.records], valid=valid, executed=executed,
         rewards=rewards, dones=dones & valid,
         success=success, version=policy.version,
+        reach=torch.stack(policy.reach, dim=1)[:batch] if len(policy.reach) == count else None,
     )
 

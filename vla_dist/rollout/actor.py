@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vla_dist.config.schema import SimSection, TaskSection
+from vla_dist.config.schema import LoraSection, SimSection, TaskSection
 from vla_dist.rollout.policies import PolicySource, make_policy
 from vla_dist.rollout.runner import EpisodeRequest, measure_throughput, run_batch
+
+if TYPE_CHECKING:
+    from vla_dist.rl.rollout import Exploration, RolloutBatch
 
 
 @dataclass
@@ -39,6 +43,18 @@ class ChunkResult:
     decode_calls: int = 0
     compile_seconds: float = 0.0  # model policies with model.compile: compiling the decoder
 
+@dataclass
+class RolloutResult:
+    """One chunk of RL rollouts: the decisions (vla_dist/rl/rollout.py) and per-episode outcomes."""
+
+    batch: RolloutBatch
+    tasks: list[str]
+    seeds: list[int]
+    closest_approach_m: list[float]
+    env_steps: int
+    seconds: float
+
+
 class SimActor:
     """Wrapped by `ray.remote` in the pool; plain class so it can also run in-process (benchmarks)."""
 
@@ -61,6 +77,8 @@ class SimActor:
             backend=sim.backend,
         )
         self.build_seconds = time.perf_counter() - started
+        self.rl_model: Any = None  # RL: the policy whose weights set_weights replaces
+        self.version = -1  # RL: the weight version it holds (-1: none sent yet)
 
     def info(self) -> dict[str, object]:
         import ray
@@ -114,6 +132,51 @@ class SimActor:
             decode_calls=getattr(self.policy, "decode_calls", 0) - decode_before[1],
             compile_seconds=getattr(self.policy, "compile_seconds", 0.0) - decode_before[2],
         )
+
+    # ------------------------------------------------------------------ RL (vla_dist/rl/loop.py)
+
+    def set_weights(self, version: int, weights: dict[str, Any], lora: LoraSection | None = None) -> int:
+        """Load the trainer's trainable weights (`weights`: name -> tensor, as the ranks' policy
+        names them; LoRA: the adapter's) as weight version `version`; evals (run_chunk) and
+        rollouts then run them. The first call wraps the loaded policy in LoRA like the ranks'."""
+        import torch
+
+        from vla_dist.rollout.policies import ModelPolicy
+
+        if self.rl_model is None:
+            model = self.policy.model if isinstance(self.policy, ModelPolicy) else None
+            if model is None:
+                raise ValueError("set_weights needs a model policy (PolicySource kind 'model')")
+            if lora is not None:
+                from vla_dist.train.lora import apply_lora
+
+                apply_lora(model, lora)
+            self.rl_model = model.eval()
+        with torch.no_grad():
+            missing = self.rl_model.load_state_dict(weights, strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"weights this policy does not have: {missing.unexpected_keys[:3]}")
+        self.policy = ModelPolicy(self.policy_source, model=self.rl_model)
+        self.version = version
+        return version
+
+    def run_rollouts(self, requests: list[EpisodeRequest], exploration: Exploration, version: int) -> RolloutResult:
+        """Episodes of the current weights with exploration (vla_dist/rl/rollout.py), refusing to run
+        any weights but `version`: a rollout never mixes or mistakes versions."""
+        from vla_dist.rl.rollout import ExplorationPolicy, rollout_batch
+
+        if self.version != version or self.rl_model is None:
+            raise RuntimeError(f"rollout of weight version {version} asked of an actor holding version {self.version}")
+        started = time.perf_counter()
+        policy = ExplorationPolicy(self.rl_model, exploration, version, tuple(self.policy_source.cameras),
+                                   streams=[r.index for r in requests])
+        episodes = run_batch(self.scene, requests, policy, fps=float(self.task.control_hz), render=True,
+                             max_steps=self.task.max_steps)
+        batch = rollout_batch(policy, episodes, self.rl_model.chunk_size)
+        return RolloutResult(batch=batch, tasks=[ep.task for ep in episodes], seeds=[ep.seed for ep in episodes],
+                             closest_approach_m=[ep.closest_approach_m for ep in episodes],
+                             env_steps=max(ep.num_frames for ep in episodes) * self.scene.n_envs,
+                             seconds=time.perf_counter() - started)
 
     def measure(self, steps: int, render: bool) -> dict[str, float]:
         return measure_throughput(self.scene, steps, render)

@@ -27,3 +27,11 @@ def episode_seed(run_seed: int, index: int) -> int:
 def eval_seed(run_seed: int, index: int) -> int:
     """Held-out episode seed: episode_seed's scheme on another stream."""
     return int(np.random.SeedSequence([run_seed, index, EVAL_SEED_STREAM]).generate_state(1)[0])
+
+
+RL_SEED_STREAM = 2  # RL training rollouts: layouts apart from collection's (0) and held-out evaluation's (1)
+
+
+def rl_seed(run_seed: int, iteration: int, index: int) -> int:
+    """Layout seed of RL rollout group `index` of `iteration`."""
+    return int(np.random.SeedSequence([run_seed, iteration, index, RL_SEED_STREAM]).generate_state(1)[0])

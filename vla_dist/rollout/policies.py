@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from vla_dist.rollout.runner import ExpertPolicy, Observation, Policy
 from vla_dist.spaces import CAMERAS
+
+if TYPE_CHECKING:
+    from vla_dist.models import VLAPolicy
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,14 @@ class PolicySource:
 class ModelPolicy:
     """A `VLAPolicy` behind the runner's `Policy` interface, timing every decode."""
 
-    def __init__(self, source: PolicySource) -> None:
+    def __init__(self, source: PolicySource, model: VLAPolicy | None = None) -> None:
+        """`model`: run this already loaded policy (RL's sim actors, whose weights the trainer
+        replaces) instead of loading `source.path`."""
         from vla_dist.models import load_policy
 
         torch.set_num_threads(source.torch_threads)
-        self.model = load_policy(source.path).eval()
-        if source.compile:
+        self.model = (model if model is not None else load_policy(source.path)).eval()
+        if source.compile and model is None:
             self.model.enable_compiled_decoding()
         self.cameras = source.cameras
         self.horizon = source.action_horizon or self.model.chunk_size

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -61,6 +62,9 @@ class SimActorPool:
             for _ in range(num_actors)
         ]
         self.stats = PoolStats()
+        # Called with an actor Ray has restarted, before it gets work again; returns an ObjectRef to
+        # wait for. RL re-sends the current weights this way (a restarted actor holds none).
+        self.restore: Callable[[Any], ray.ObjectRef] | None = None
         try:
             self.infos: list[dict[str, object]] = ray.get([actor.info.remote() for actor in self.actors])
         except (RayActorError, RayTaskError) as error:
@@ -74,10 +78,13 @@ class SimActorPool:
     def run(
         self,
         next_chunk: Callable[[], list[EpisodeRequest] | None],
-        on_result: Callable[[list[EpisodeRequest], ChunkResult], None],
+        on_result: Callable[[list[EpisodeRequest], Any], None],
+        method: str = "run_chunk",
+        args: tuple[Any, ...] = (),
     ) -> PoolStats:
         """Pull chunks from `next_chunk` (None: nothing to hand out now) until it runs dry and nothing
-        is in flight; deliver each finished chunk to `on_result` in completion order.
+        is in flight; deliver each finished chunk to `on_result` in completion order. Each chunk
+        runs as `actor.<method>(chunk, *args)` (SimActor.run_chunk -> ChunkResult by default).
 
         An actor whose call fails with a `RayActorError` is taken out of rotation and probed with a
         cheap `info()` call until Ray has restarted it (calls to a restarting actor fail at once, so
@@ -97,7 +104,7 @@ class SimActorPool:
             if chunk is None:
                 return False
             attempts[chunk[0].index] = attempts.get(chunk[0].index, 0) + 1
-            work[self.actors[actor_idx].run_chunk.remote(chunk)] = (actor_idx, chunk)
+            work[getattr(self.actors[actor_idx], method).remote(chunk, *args)] = (actor_idx, chunk)
             load[actor_idx] += 1
             return True
 
@@ -121,6 +128,8 @@ class SimActorPool:
                     actor_idx = probes.pop(ref)
                     try:
                         self.infos[actor_idx] = ray.get(ref)
+                        if self.restore is not None:
+                            ray.get(self.restore(self.actors[actor_idx]))
                         ready.add(actor_idx)
                     except ActorUnavailableError:  # still restarting
                         next_probe[actor_idx] = time.monotonic() + PROBE_INTERVAL_S
@@ -138,7 +147,8 @@ class SimActorPool:
                     self._on_failure(actor_idx, chunk, error, attempts, ready)
                     self._check_alive(alive, self.stats.failures[-1])
                     continue
-                result.actor["actor_index"] = actor_idx
+                if isinstance(result, ChunkResult):
+                    result.actor["actor_index"] = actor_idx
                 self.stats.chunks_done += 1
                 on_result(chunk, result)
 

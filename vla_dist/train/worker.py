@@ -8,7 +8,6 @@ run's (losses are already averaged over ranks).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,35 +16,21 @@ import torch
 
 from vla_dist.config.schema import RunConfig
 from vla_dist.data.augment import augment_batch
-from vla_dist.distributed.group import node_address_and_free_port
+from vla_dist.distributed.rank import DeepSpeedRank
 
 
-class SFTWorker:
-    def address_and_port(self) -> tuple[str, int, str]:
-        return node_address_and_free_port()
-
+class SFTWorker(DeepSpeedRank):
     def setup(self, env: dict[str, str], cfg: RunConfig, manifest: dict[str, Any], resume: str | None,
               resume_mode: str = "same") -> dict[str, Any]:
-        os.environ.update(env)
-        import deepspeed  # after DS_ACCELERATOR and the rendezvous variables are set
+        self.init_distributed(env, cfg)
+        import deepspeed
 
         from vla_dist.distributed.ds_config import build_ds_config, scheduler_factory
         from vla_dist.models.policy import build_policy
         from vla_dist.train.batches import EpisodeWindows, LoaderBatches
         from vla_dist.train.lora import apply_lora, trainable_count
 
-        self.cfg, self.manifest = cfg, manifest
-        self.on_gpu = cfg.train.gpus_per_rank > 0
-        from vla_dist.runtime import captured_output
-
-        with captured_output():  # "DeepSpeed ...shm_comm_op built successfully" on every start, cached or not
-            deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False)
-        self.rank, self.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        if not self.on_gpu:
-            self._unlink_shm_buffer(env)
-        device = f"cuda:{env['LOCAL_RANK']}" if self.on_gpu else "cpu"
-        if self.on_gpu:
-            torch.cuda.set_device(device)
+        self.manifest = manifest
         torch.manual_seed(cfg.run.seed)  # the same random init on every rank (and in export)
         policy = build_policy(cfg.model, manifest)
         if cfg.train.lora.enabled:
@@ -77,19 +62,6 @@ class SFTWorker:
         return {"step": int(self.engine.global_steps), "trainable": trainable, "parameters": total,
                 "windows": len(self.windows) if self.windows is not None else None}
 
-    def _unlink_shm_buffer(self, env: dict[str, str]) -> None:
-        """DeepSpeed's CPU shared-memory allreduce (ops/csrc/cpu/comm/shm.cpp, used when all ranks
-        share a node) creates one ~66 MB /dev/shm segment per rank and never unlinks it: every run,
-        and every rank killed, left world_size segments in RAM until reboot (hundreds of them on a
-        shared test machine, then Ray's OOM killer). init_distributed returns on a rank only once it
-        has mapped every rank's segment, so after a barrier the names are no longer needed: each rank
-        unlinks its own, and the memory goes with the last process that maps it (exit or kill -9)."""
-        import torch.distributed as dist
-
-        dist.barrier()
-        name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{self.rank}"
-        Path("/dev/shm", name).unlink(missing_ok=True)
-
     def _load_data_state(self, step_dir: str) -> None:
         """Continue the data stream where the checkpoint left it: every rank's loader state is in the
         checkpoint's train_state.json, indexed by rank (see save()): plain JSON, so resuming never
@@ -103,20 +75,6 @@ class SFTWorker:
         states = json.loads(state_file.read_text())["data_loader"] if state_file.is_file() else None
         if states:
             self.data.load_state_dict(states[self.rank] if len(states) == self.world_size else states[0])
-
-    def _all_min(self, value: float) -> float:
-        import torch.distributed as dist
-
-        tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return float(tensor.item())
-
-    def _all_mean(self, value: float) -> float:
-        import torch.distributed as dist
-
-        tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return float(tensor.item()) / self.world_size
 
     def train(self, steps: int) -> list[dict[str, Any]]:
         """Run `steps` optimizer steps; one metrics dict per step. A non-finite loss (on any rank)
@@ -222,15 +180,6 @@ class SFTWorker:
             }
             (path / TRAIN_STATE).write_text(json.dumps(train_state) + "\n", encoding="utf-8")
         dist.barrier()
-
-    def _save_engine(self, path: Path) -> None:
-        """This rank's part of the engine's state in `path`: DeepSpeed's shards and, at ZeRO stage 0
-        (no ZeRO partitions), our own safetensors copy for export and elastic resume."""
-        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
-        if self.cfg.train.zero_stage == 0:
-            from vla_dist.checkpoint.stage0 import save_stage0
-
-            save_stage0(self.engine, path, self.rank)
 
     def export_policy(self, out_dir: str) -> float:
         """Collective: the current weights for a training-time eval (train/evals.py), in seconds of

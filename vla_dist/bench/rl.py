@@ -1,0 +1,101 @@
+"""`vla-dist bench rl`: the two costs an RL iteration adds to plain simulation, measured in one run.
+
+value    = env-steps/s of policy-driven rollouts with exploration (SimActor.run_rollouts: rendering,
+           Flow-SDE or token sampling per decision, the decisions recorded) on the sim-actor pool
+baseline = env-steps/s of expert-driven stepping with rendering on the same actors (SimActor.measure)
+ratio    = value / baseline: the share of simulation speed that rollouts keep
+Also: weight sync (WeightSync's path: one ray.put, every actor fetches and loads the weights as a
+version) in GB/s against a plain ray.put + ray.get of the same bytes by the same number of actors.
+
+The policy is model.pretrained, or the untrained model.preset (the speed does not depend on the
+weights). Collect.* sizes the pool; rl.* sets the exploration.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from vla_dist.bench.common import bench_report
+from vla_dist.config.schema import RunConfig
+
+SYNC_REPEATS = 3
+
+
+class _Receiver:
+    """The sync baseline's other end: takes the weights from the store and touches nothing else."""
+
+    def receive(self, weights: dict[str, Any]) -> int:
+        return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
+    import ray
+    import torch
+
+    from vla_dist.models.policy import build_policy, placeholder_manifest
+    from vla_dist.rl.rollout import Exploration
+    from vla_dist.rollout.actor import SimActor
+    from vla_dist.rollout.policies import PolicySource
+    from vla_dist.rollout.runner import EpisodeRequest
+    from vla_dist.runtime import announce_sim_build, init_ray
+
+    path = cfg.model.pretrained
+    if not path:  # the untrained preset, saved once where the actors can load it
+        path = str(Path(cfg.run.dir) / "bench_policy")
+        torch.manual_seed(cfg.run.seed)
+        build_policy(cfg.model, placeholder_manifest()).save_pretrained(path)
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
+    announce_sim_build()
+    c, rl = cfg.collect, cfg.rl
+    source = PolicySource(kind="model", path=path, cameras=tuple(cfg.task.cameras))
+    kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": c.envs_per_actor, "image_codec": cfg.data.image_codec,
+              "policy": source}
+    actors = [ray.remote(SimActor).options(num_cpus=c.cpus_per_actor).remote(**kwargs) for _ in range(c.num_actors)]
+    receivers = [ray.remote(_Receiver).options(num_cpus=0).remote() for _ in range(c.num_actors)]
+    try:
+        from vla_dist.models import load_policy
+
+        weights = {name: p.detach().clone() for name, p in load_policy(path).named_parameters()}
+        size = sum(t.numel() * t.element_size() for t in weights.values())
+        ray.get([a.set_weights.remote(0, weights) for a in actors])  # warm: loads the model, first sync
+        sync_s, plain_s = [], []
+        for version in range(1, SYNC_REPEATS + 1):
+            started = time.perf_counter()
+            ref = ray.put(weights)
+            ray.get([a.set_weights.remote(version, ref) for a in actors])
+            sync_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            ref = ray.put(weights)
+            ray.get([r.receive.remote(ref) for r in receivers])
+            plain_s.append(time.perf_counter() - started)
+        exploration = Exploration(horizon=rl.horizon, noise_level=rl.noise_level, sde_step=rl.sde_step,
+                                  temperature=rl.temperature)
+        steps = cfg.task.max_steps or cfg.bench.rollout_steps
+
+        def requests(actor: int) -> list[EpisodeRequest]:
+            return [EpisodeRequest(actor * c.envs_per_actor + i, "pick_cube", 1000 + actor * 100 + i, max_steps=steps)
+                    for i in range(c.envs_per_actor)]
+
+        version = SYNC_REPEATS
+        ray.get([a.run_rollouts.remote(requests(i), exploration, version) for i, a in enumerate(actors)])  # warm-up
+        started = time.perf_counter()
+        results = ray.get([a.run_rollouts.remote(requests(i), exploration, version) for i, a in enumerate(actors)])
+        policy_rate = sum(r.env_steps for r in results) / (time.perf_counter() - started)
+        ray.get([a.measure.remote(3, True) for a in actors])
+        started = time.perf_counter()
+        measured = ray.get([a.measure.remote(steps, True) for a in actors])
+        expert_rate = sum(m["env_steps"] for m in measured) / (time.perf_counter() - started)
+    finally:
+        for actor in (*actors, *receivers):
+            ray.kill(actor, no_restart=True)
+    sync_gbps, plain_gbps = size / min(sync_s) / 1e9, size / min(plain_s) / 1e9
+    return bench_report(
+        "rl", round(policy_rate, 2), "env_steps/s (policy rollouts with exploration)", round(expert_rate, 2),
+        round(policy_rate / expert_rate, 3), "policy-driven rollout env-steps/s / expert-driven env-steps/s",
+        family=cfg.model.family, num_actors=c.num_actors, envs_per_actor=c.envs_per_actor, steps_per_episode=steps,
+        horizon=rl.horizon, sync_bytes=size, sync_gb_per_s=round(sync_gbps, 4),
+        plain_put_get_gb_per_s=round(plain_gbps, 4),
+        sync_ratio=round(sync_gbps / plain_gbps, 3), sync_s=round(min(sync_s), 4),
+    )

@@ -1,0 +1,96 @@
+"""What every DeepSpeed rank does, whatever it trains: `DeepSpeedRank`, the base of the SFT rank
+(train/worker.py) and the RL rank (rl/worker.py).
+
+A rank is a Ray actor that looks like a torchrun process (distributed/group.py gives it its
+rendezvous env). The base owns the process group (gloo on CPU, NCCL on GPU), the engine over
+whatever module the subclass builds, the small collectives the drivers' bookkeeping needs, saving
+the engine's state, and gathering the trainable weights (ZeRO-3 partitions them) for a weight sync.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vla_dist.config.schema import RunConfig
+from vla_dist.distributed.group import node_address_and_free_port
+
+
+class DeepSpeedRank:
+    cfg: RunConfig
+    engine: Any
+    rank: int
+    world_size: int
+    on_gpu: bool
+
+    def address_and_port(self) -> tuple[str, int, str]:
+        return node_address_and_free_port()
+
+    def init_distributed(self, env: dict[str, str], cfg: RunConfig) -> str:
+        """Join the process group described by `env` (distributed/group.py's rank_env); -> the device."""
+        os.environ.update(env)
+        import deepspeed  # after DS_ACCELERATOR and the rendezvous variables are set
+
+        from vla_dist.runtime import captured_output
+
+        self.cfg = cfg
+        self.on_gpu = cfg.train.gpus_per_rank > 0
+        with captured_output():  # "DeepSpeed ...shm_comm_op built successfully" on every start, cached or not
+            deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False)
+        self.rank, self.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        if not self.on_gpu:
+            self._unlink_shm_buffer(env)
+        device = f"cuda:{env['LOCAL_RANK']}" if self.on_gpu else "cpu"
+        if self.on_gpu:
+            torch.cuda.set_device(device)
+        return device
+
+    def _unlink_shm_buffer(self, env: dict[str, str]) -> None:
+        """DeepSpeed's CPU shared-memory allreduce (ops/csrc/cpu/comm/shm.cpp, used when all ranks
+        share a node) creates one ~66 MB /dev/shm segment per rank and never unlinks it: every run,
+        and every rank killed, left world_size segments in RAM until reboot (hundreds of them on a
+        shared test machine, then Ray's OOM killer). init_distributed returns on a rank only once it
+        has mapped every rank's segment, so after a barrier the names are no longer needed: each rank
+        unlinks its own, and the memory goes with the last process that maps it (exit or kill -9)."""
+        import torch.distributed as dist
+
+        dist.barrier()
+        name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{self.rank}"
+        Path("/dev/shm", name).unlink(missing_ok=True)
+
+    def _all_min(self, value: float) -> float:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return float(tensor.item())
+
+    def _all_mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return float(tensor.item()) / self.world_size
+
+    def _save_engine(self, path: Path) -> None:
+        """This rank's part of the engine's state in `path`: DeepSpeed's shards and, at ZeRO stage 0
+        (no ZeRO partitions), our own safetensors copy for export and elastic resume."""
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        if self.cfg.train.zero_stage == 0:
+            from vla_dist.checkpoint.stage0 import save_stage0
+
+            save_stage0(self.engine, path, self.rank)
+
+    def gathered_trainable(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Collective: `module`'s trainable parameters, whole (ZeRO-3 gathers them), as float32 CPU
+        copies keyed like module.named_parameters(), on rank 0; {} on the others."""
+        import deepspeed
+
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            if self.rank != 0:
+                return {}
+            return {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in named}

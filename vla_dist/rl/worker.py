@@ -1,0 +1,231 @@
+"""One RL trainer rank: the policy (+LoRA) and, for PPO, its value head under a DeepSpeed engine;
+the PPO/GRPO update of one iteration's `Trajectories`; the trainable weights for the sync; saving.
+
+The driver (rl/loop.py) calls every method on all ranks at once (they are collectives). Each rank
+gets the whole iteration (one object in Ray's store), works on its share of the decisions, and
+the ranks' gradients are averaged by DeepSpeed as in SFT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vla_dist.config.schema import RunConfig, TrainSection
+from vla_dist.distributed.rank import DeepSpeedRank
+from vla_dist.rl.advantages import gae, group_relative_advantages
+from vla_dist.rl.losses import ppo_policy_loss, value_loss
+from vla_dist.rl.trajectories import Trajectories
+
+RL_STATE = "rl_state.json"  # iteration and weight version of a checkpoint (rank 0, plain JSON)
+POLICY = "policy"  # a checkpoint's policy directory: `vla-dist eval eval.checkpoint=...` reads it as it is
+BASE = "base_policy"  # LoRA runs: run.dir/base_policy, the merged starting policy each checkpoint's adapter is on
+
+
+def rl_train_section(cfg: RunConfig) -> TrainSection:
+    """The DeepSpeed settings of the RL ranks: train.* (stage, offload, clipping, placement) with
+    rl's learning rate and one minibatch of rl.minibatch_size decisions per rank per step."""
+    from dataclasses import replace
+
+    return replace(cfg.train, lr=cfg.rl.lr, micro_batch_size=cfg.rl.minibatch_size, grad_accum=1,
+                   global_batch_size=0)
+
+
+class RLWorker(DeepSpeedRank):
+    def setup(self, env: dict[str, str], cfg: RunConfig, manifest: dict[str, Any], resume: str | None,
+              resume_mode: str = "same") -> dict[str, Any]:
+        self.init_distributed(env, cfg)
+        import deepspeed
+
+        from vla_dist.distributed.ds_config import build_ds_config
+        from vla_dist.models.policy import DTYPES, load_policy
+        from vla_dist.rl.objective import ActorCritic, Sampling
+        from vla_dist.rl.value import ValueHead, feature_size
+        from vla_dist.train.lora import apply_lora, trainable_count
+
+        assert cfg.model.pretrained, "validated by the driver"
+        torch.manual_seed(cfg.run.seed)  # the value head's init, the same on every rank
+        policy = load_policy(cfg.model.pretrained)
+        policy.spec.num_inference_steps = cfg.model.num_inference_steps
+        policy.hf_model.to(DTYPES[cfg.model.dtype])
+        self.lora = cfg.train.lora.enabled
+        if self.lora:
+            if self.rank == 0 and not resume:  # the base every checkpoint's adapter applies to
+                _save_base(policy, Path(cfg.run.dir) / BASE)
+            apply_lora(policy, cfg.train.lora)
+        rl = cfg.rl
+        value_head = ValueHead(feature_size(policy)) if rl.algorithm == "ppo" else None
+        module = ActorCritic(policy, value_head, Sampling(rl.noise_level, rl.temperature), rl.value_trains_backbone)
+        ds_config = build_ds_config(rl_train_section(cfg), on_gpu=self.on_gpu)
+        self.engine, *_ = deepspeed.initialize(model=module, config=ds_config,
+                                               model_parameters=[p for p in module.parameters() if p.requires_grad])
+        self.iteration, self.version = 0, 0
+        if resume is not None:
+            from vla_dist.checkpoint.universal import load_resume
+
+            load_resume(self.engine, resume, "same")
+            state = json.loads((Path(resume) / RL_STATE).read_text(encoding="utf-8"))
+            self.iteration, self.version = int(state["iteration"]), int(state["version"])
+        trainable, total = trainable_count(self.engine.module.policy)
+        return {"step": self.iteration, "version": self.version, "trainable": trainable, "parameters": total}
+
+    # ------------------------------------------------------------------ weight sync
+
+    def weights(self) -> dict[str, Any]:
+        """Collective: the policy's trainable weights (LoRA: the adapter only), gathered, put in Ray's
+        object store by rank 0. -> {"ref": [ObjectRef] (rank 0; [] elsewhere), "bytes", "seconds"}."""
+        import ray
+
+        started = time.perf_counter()
+        weights = self.gathered_trainable(self.engine.module.policy)
+        if self.rank != 0:
+            return {"ref": [], "bytes": 0, "seconds": 0.0}
+        ref = ray.put(weights)  # owned by this rank; the actors fetch it from the store
+        size = sum(t.numel() * t.element_size() for t in weights.values())
+        return {"ref": [ref], "bytes": size, "seconds": time.perf_counter() - started}
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, traj: Trajectories, iteration: int) -> dict[str, Any]:
+        """One iteration's policy update: old log-probabilities and values recomputed under the
+        weights that sampled (they are these: the sync happened after the last update), advantages
+        (GAE or group-relative), then rl.epochs passes of clipped-ratio minibatch steps."""
+        rl, seed = self.cfg.rl, self.cfg.run.seed
+        started = time.perf_counter()
+        positions = traj.positions()  # [N, 2]
+        count = positions.shape[0]
+        old_log_probs, whole, values = self._evaluate(traj, positions)
+        drift = float((whole - traj.sample_log_probs[positions[:, 0], positions[:, 1]]).abs().max())
+        rewards = traj.shaped_rewards(rl.shaped_reward)
+        if rl.algorithm == "ppo":
+            grid = torch.zeros_like(rewards)
+            grid[positions[:, 0], positions[:, 1]] = values
+            advantages_grid, returns_grid = gae(rewards, grid, traj.dones | ~traj.valid,
+                                                torch.zeros(traj.episodes), rl.gamma, rl.gae_lambda)
+            advantages = advantages_grid[positions[:, 0], positions[:, 1]]
+            returns = returns_grid[positions[:, 0], positions[:, 1]]
+            advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
+        else:  # GRPO: the episode's group-relative return on each of its decisions
+            episode_adv = group_relative_advantages((rewards * traj.valid).sum(1), traj.groups)
+            advantages, returns = episode_adv[positions[:, 0]], torch.zeros(count)
+        self.engine.train()
+        per_step = rl.minibatch_size * self.world_size
+        steps_per_epoch = max(1, count // per_step)
+        sums: dict[str, float] = {}
+        for epoch in range(rl.epochs):
+            shuffle = torch.Generator().manual_seed(hash((seed, iteration, epoch)) & 0x7FFF_FFFF)
+            order = torch.randperm(count, generator=shuffle)
+            for minibatch in torch.tensor_split(order, steps_per_epoch):
+                mine = torch.tensor_split(minibatch, self.world_size)[self.rank]
+                stats = self._step(traj, positions[mine], old_log_probs[mine], advantages[mine], returns[mine],
+                                   values[mine])
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+        optimizer_steps = rl.epochs * steps_per_epoch
+        out = {key: self._all_mean(value / optimizer_steps) for key, value in sorted(sums.items())}
+        return {**out, "decisions": count, "optimizer_steps": optimizer_steps, "logprob_drift": drift,
+                "update_s": time.perf_counter() - started,
+                "advantage_nonzero": float((advantages.abs() > 1e-6).float().mean())}
+
+    @torch.no_grad()
+    def _evaluate(self, traj: Trajectories, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Collective: (log-probs over executed steps, whole-chunk log-probs, values) of every
+        decision, each rank computing a share and all ranks receiving all."""
+        import torch.distributed as dist
+
+        self.engine.eval()
+        shares = torch.tensor_split(torch.arange(positions.shape[0]), self.world_size)
+        mine = shares[self.rank]
+        rows = []
+        for chunk in torch.split(mine, self.cfg.rl.minibatch_size):
+            at = positions[chunk]
+            log_prob, whole, value, _ = self.engine(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]])
+            value = value if value is not None else torch.zeros_like(log_prob)
+            rows.append(torch.stack([log_prob.float().cpu(), whole.float().cpu(), value.float().cpu()], dim=1))
+        local = torch.cat(rows) if rows else torch.zeros(0, 3)
+        longest = max(len(s) for s in shares)
+        padded = torch.zeros(longest, 3)
+        padded[: len(local)] = local
+        gathered = [torch.zeros(longest, 3) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        out = torch.cat([g[: len(s)] for g, s in zip(gathered, shares, strict=True)])
+        return out[:, 0], out[:, 1], out[:, 2]
+
+    def _step(self, traj: Trajectories, at: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+              returns: torch.Tensor, old_values: torch.Tensor) -> dict[str, float]:
+        rl = self.cfg.rl
+        log_prob, _, value, entropy = self.engine(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]])
+        device = log_prob.device
+        policy_loss, stats = ppo_policy_loss(log_prob.float(), old_log_probs.to(device), advantages.to(device), rl.clip)
+        loss = policy_loss
+        if value is not None:
+            critic = value_loss(value.float(), returns.to(device))
+            loss = loss + rl.value_coef * critic
+            stats["value_loss"] = float(critic.detach())
+        if entropy is not None:
+            stats["entropy"] = float(entropy.detach().mean())
+        self.engine.backward(loss)
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        return {**stats, "policy_loss": float(policy_loss.detach()),
+                **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})}
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step_dir: str, meta: dict[str, Any]) -> None:
+        """Collective: DeepSpeed's shards (policy, value head, optimizer), the policy as a directory
+        `vla-dist eval` reads (full: gathered weights; LoRA: the base's files linked + adapter/),
+        and rl_state.json with the iteration and weight version (rank 0)."""
+        import deepspeed
+        import torch.distributed as dist
+
+        from vla_dist.checkpoint.manager import META
+        from vla_dist.train.lora import save_adapter
+
+        path = Path(step_dir)
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        policy = self.engine.module.policy
+        if self.lora:
+            if self.rank == 0:
+                _link_tree(Path(self.cfg.run.dir) / BASE, path / POLICY)
+            save_adapter(policy, path / POLICY / "adapter", self.rank)
+        else:
+            with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
+                if self.rank == 0:
+                    policy.save_pretrained(path / POLICY)
+        if self.rank == 0:
+            (path / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            state = {"iteration": meta["iteration"], "version": meta["version"]}
+            (path / RL_STATE).write_text(json.dumps(state) + "\n", encoding="utf-8")
+        dist.barrier()
+
+
+def _save_base(policy: Any, out: Path) -> None:
+    """Written once (atomically: a temp dir renamed), before LoRA wraps the model."""
+    if out.is_dir():
+        return
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    os.replace(tmp, out)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard links of `src`'s files under `dst` (a copy where linking is refused): checkpoints share
+    the LoRA base's weights instead of each holding a copy."""
+    for file in src.rglob("*"):
+        target = dst / file.relative_to(src)
+        if file.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, target)
+        except OSError:
+            shutil.copy2(file, target)
