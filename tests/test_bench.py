@@ -1,4 +1,4 @@
-"""`vla-dist bench rollout`: real sim actors, JSON contract on the last line of stdout."""
+"""`vla-dist bench rollout` and `bench rl`: real sim actors, JSON contract on the last line of stdout."""
 
 from __future__ import annotations
 
@@ -24,6 +24,19 @@ def test_bench_rollout_prints_scaling_json(capsys: pytest.CaptureFixture[str], l
         assert isinstance(report[key], (int, float)) and math.isfinite(report[key]) and report[key] > 0, (key, report)
     assert report["ratio"] == pytest.approx(report["value"] / (2 * report["baseline"]), rel=1e-2)
     assert report["render_share"] <= 1  # the rendering part of the rendered steps' time
+
+
+@pytest.mark.heavy  # two actors build a scene and load a policy: about a minute
+def test_bench_rl_prints_rollout_and_sync_json(capsys: pytest.CaptureFixture[str], local_ray: None, tmp_path) -> None:
+    assert main(["bench", "rl", f"run.dir={tmp_path}", "task.image_size=32", "task.max_steps=6", "task.name=pick_cube",
+                 "collect.num_actors=2", "collect.envs_per_actor=1", "collect.cpus_per_actor=1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["name"] == "rl" and report["family"] == "pi0" and report["steps_per_episode"] == 6
+    for key in ("value", "baseline", "ratio", "sync_gb_per_s", "plain_put_get_gb_per_s", "sync_ratio"):
+        assert isinstance(report[key], (int, float)) and math.isfinite(report[key]) and report[key] > 0, (key, report)
+    assert report["ratio"] == pytest.approx(report["value"] / report["baseline"], rel=1e-2)
+    # the bytes synced are the policy's parameters (tiny-pi0: about half a million floats)
+    assert 1e6 < report["sync_bytes"] < 1e7
 
 
 def test_bench_report_puts_the_contract_keys_first() -> None:
