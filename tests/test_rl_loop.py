@@ -46,7 +46,7 @@ def rl_cfg(run_dir: Path, policy: Path, family: str, *overrides: str):
         "cluster.num_cpus=2", "task.name=pick_cube", "task.image_size=32", "task.max_steps=8",
         "collect.num_actors=1", "collect.envs_per_actor=2", "collect.cpus_per_actor=1",
         "train.world_size=2", "train.cpus_per_rank=0.5", "train.zero_stage=2",
-        "rl.episodes_per_iteration=4", "rl.group_size=2", "rl.minibatch_size=2", "rl.epochs=1",
+        "rl.episodes_per_iteration=4", "rl.group_size=2", "rl.minibatch_size=2", "rl.epochs=1", "rl.horizon=4",
         "rl.shaped_reward=10", "rl.lr=1e-3", "rl.iterations=2", "rl.save_every=1", *overrides]))
 
 

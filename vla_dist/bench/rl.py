@@ -19,6 +19,7 @@ from typing import Any
 
 from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
+from vla_dist.config.validate import rl_exploration_steps
 
 SYNC_REPEATS = 3
 
@@ -70,7 +71,8 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
             ref = ray.put(weights)
             ray.get([r.receive.remote(ref) for r in receivers])
             plain_s.append(time.perf_counter() - started)
-        exploration = Exploration(horizon=rl.horizon, noise_level=rl.noise_level, sde_step=rl.sde_step,
+        horizon, sde_step = rl_exploration_steps(cfg)
+        exploration = Exploration(horizon=horizon, noise_level=rl.noise_level, sde_step=sde_step,
                                   temperature=rl.temperature)
         steps = cfg.task.max_steps or cfg.bench.rollout_steps
 
@@ -95,7 +97,7 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
         "rl", round(policy_rate, 2), "env_steps/s (policy rollouts with exploration)", round(expert_rate, 2),
         round(policy_rate / expert_rate, 3), "policy-driven rollout env-steps/s / expert-driven env-steps/s",
         family=cfg.model.family, num_actors=c.num_actors, envs_per_actor=c.envs_per_actor, steps_per_episode=steps,
-        horizon=rl.horizon, sync_bytes=size, sync_gb_per_s=round(sync_gbps, 4),
+        horizon=horizon, sync_bytes=size, sync_gb_per_s=round(sync_gbps, 4),
         plain_put_get_gb_per_s=round(plain_gbps, 4),
         sync_ratio=round(sync_gbps / plain_gbps, 3), sync_s=round(min(sync_s), 4),
     )

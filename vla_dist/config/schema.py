@@ -263,9 +263,9 @@ class RLSection:
     algorithm: str = "ppo"  # "ppo" (clipped ratio, GAE, value head on the policy's features) or "grpo"
     episodes_per_iteration: int = 8  # rollouts per iteration (GRPO: groups of group_size on one seed)
     group_size: int = 4  # GRPO: rollouts of the same layout whose returns are compared
-    horizon: int = 4  # control steps each sampled chunk is executed for (one PPO decision)
+    horizon: int = 0  # control steps each sampled chunk is executed for (one PPO decision); 0: the whole chunk
     noise_level: float = 0.5  # pi0 Flow-SDE: exploration noise scale of the stochastic denoising step
-    sde_step: int = 5  # pi0: which Euler step (1..model.num_inference_steps-1) is stochastic
+    sde_step: int = 0  # pi0: which Euler step (1..model.num_inference_steps-1) is stochastic; 0: the middle one
     temperature: float = 1.0  # action tokens: sampling temperature
     lr: float = 1.0e-5  # constant, AdamW (train.weight_decay, train.grad_clip apply)
     epochs: int = 2  # passes over each iteration's decisions

@@ -326,6 +326,12 @@ def _rl_resume(cfg: RunConfig) -> None:
                           f"(run.dir/checkpoints/step_N with a COMPLETE marker); got {resume!r}")
 
 
+def rl_exploration_steps(cfg: RunConfig) -> tuple[int, int]:
+    """(horizon, sde_step) with rl's 0 defaults resolved: the whole chunk, the middle denoising step."""
+    steps = cfg.model.num_inference_steps
+    return cfg.rl.horizon or cfg.model.chunk_size, cfg.rl.sde_step or max(1, steps // 2)
+
+
 def _rl_sampling(cfg: RunConfig) -> None:
     rl = cfg.rl
     if rl.algorithm == "grpo":
@@ -338,7 +344,7 @@ def _rl_sampling(cfg: RunConfig) -> None:
         raise ConfigError("rl.horizon", f"a decision executes at most one chunk: must be <= model.chunk_size "
                           f"({cfg.model.chunk_size}), got {rl.horizon}")
     steps = cfg.model.num_inference_steps
-    if cfg.model.family == "pi0" and not 1 <= rl.sde_step < steps:
+    if cfg.model.family == "pi0" and rl.sde_step and not 1 <= rl.sde_step < steps:
         raise ConfigError("rl.sde_step", f"must lie in 1..model.num_inference_steps-1 = 1..{steps - 1} "
                           f"(t=1 has infinite noise), got {rl.sde_step}")
 
@@ -348,7 +354,8 @@ RL_CHECKS: list[Check] = [
     one_of("rl.algorithm", ("ppo", "grpo")),
     at_least("rl.episodes_per_iteration", 1),
     at_least("rl.group_size", 1),
-    at_least("rl.horizon", 1),
+    at_least("rl.horizon", 0),
+    at_least("rl.sde_step", 0),
     greater_than("rl.noise_level", 0),
     greater_than("rl.temperature", 0),
     greater_than("rl.lr", 0),

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from vla_dist.checkpoint import manager as ckpt
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
+from vla_dist.config.validate import rl_exploration_steps
 from vla_dist.errors import ConfigError
 from vla_dist.rl.rollout import Exploration
 from vla_dist.rl.trajectories import Trajectories, join_rollouts
@@ -106,7 +107,11 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     _check_fits(cfg)
     started = time.perf_counter()
     tasks = selected_tasks(cfg.task.name)
-    exploration = Exploration(horizon=rl.horizon, noise_level=rl.noise_level, sde_step=rl.sde_step,
+    if cfg.model.family == "pi0" and cfg.model.num_inference_steps < 2:
+        raise ConfigError("model.num_inference_steps", "Flow-SDE makes one of pi0's denoising steps after the "
+                          f"first stochastic: needs >= 2 steps, got {cfg.model.num_inference_steps}")
+    horizon, sde_step = rl_exploration_steps(cfg)
+    exploration = Exploration(horizon=horizon, noise_level=rl.noise_level, sde_step=sde_step,
                               temperature=rl.temperature)
     source = PolicySource(kind="model", path=cfg.model.pretrained, action_horizon=cfg.eval.action_horizon,
                           temporal_ensemble=cfg.eval.temporal_ensemble, cameras=tuple(cfg.task.cameras))
