@@ -13,7 +13,7 @@ import pytest
 
 from vla_dist.cli import main
 from vla_dist.config import ConfigError, RunConfig, load_config, save_resolved, validate
-from vla_dist.config.validate import value_at
+from vla_dist.config.rules import value_at
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HEAVY_MODULES = ("ray", "genesis", "torch", "deepspeed")

@@ -19,7 +19,6 @@ from typing import Any
 
 from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
-from vla_dist.config.validate import rl_exploration_steps
 
 SYNC_REPEATS = 3
 
@@ -36,7 +35,7 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
     import torch
 
     from vla_dist.models.policy import build_policy, placeholder_manifest
-    from vla_dist.rl.rollout import Exploration
+    from vla_dist.rl.rollout import exploration_from
     from vla_dist.rollout.actor import SimActor
     from vla_dist.rollout.policies import PolicySource
     from vla_dist.rollout.runner import EpisodeRequest
@@ -49,7 +48,7 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
         build_policy(cfg.model, placeholder_manifest()).save_pretrained(path)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
     announce_sim_build()
-    c, rl = cfg.collect, cfg.rl
+    c = cfg.collect
     source = PolicySource(kind="model", path=path, cameras=tuple(cfg.task.cameras))
     kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": c.envs_per_actor, "image_codec": cfg.data.image_codec,
               "policy": source}
@@ -71,9 +70,7 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
             ref = ray.put(weights)
             ray.get([r.receive.remote(ref) for r in receivers])
             plain_s.append(time.perf_counter() - started)
-        horizon, sde_step = rl_exploration_steps(cfg)
-        exploration = Exploration(horizon=horizon, noise_level=rl.noise_level, sde_step=sde_step,
-                                  temperature=rl.temperature)
+        exploration = exploration_from(cfg)
         steps = cfg.task.max_steps or cfg.bench.rollout_steps
 
         def requests(actor: int) -> list[EpisodeRequest]:
@@ -97,7 +94,7 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
         "rl", round(policy_rate, 2), "env_steps/s (policy rollouts with exploration)", round(expert_rate, 2),
         round(policy_rate / expert_rate, 3), "policy-driven rollout env-steps/s / expert-driven env-steps/s",
         family=cfg.model.family, num_actors=c.num_actors, envs_per_actor=c.envs_per_actor, steps_per_episode=steps,
-        horizon=horizon, sync_bytes=size, sync_gb_per_s=round(sync_gbps, 4),
+        horizon=exploration.horizon, sync_bytes=size, sync_gb_per_s=round(sync_gbps, 4),
         plain_put_get_gb_per_s=round(plain_gbps, 4),
         sync_ratio=round(sync_gbps / plain_gbps, 3), sync_s=round(min(sync_s), 4),
     )

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ from vla_dist.errors import ConfigError
 # names stay importable from here, where the driver, export and tests use them (ckpt.step_dir, ...).
 __all__ = [
     "BEST", "COMPLETE", "LATEST", "META", "TRAIN_STATE", "best_checkpoint", "checkpoints_dir", "is_complete",
-    "latest_checkpoint", "mark_best", "mark_complete", "prune", "resolve_resume", "step_dir", "step_dirs", "step_of",
+    "kept_message", "latest_checkpoint", "mark_best", "mark_complete", "prune", "resolve_resume", "save_step",
+    "step_dir", "step_dirs", "step_of",
 ]
 
 BEST = "best"
@@ -56,6 +57,30 @@ def mark_complete(path: str | os.PathLike[str], step: int, info: dict[str, Any])
     atomic.write_text(path / COMPLETE, json.dumps({"step": step, "time": time.time(), **info}, indent=2) + "\n",
                       fsync=True)
     atomic.write_text(path.parent / LATEST, path.name + "\n", fsync=True)
+
+
+def save_step(run_dir: str | os.PathLike[str], step: int, save_ranks: Callable[[Path], None],
+              info: dict[str, Any], keep_last: int, keep: Iterable[Path] = ()) -> Path:
+    """The driver's side of a save, for `vla-dist train` and `vla-dist rl` alike: a fresh step dir
+    (a crash leftover, or an earlier run's with resume=never, is removed first), the ranks' files
+    (`save_ranks(path)` returns once every rank saved and raises if one died: then no COMPLETE and
+    `latest` stays), the COMPLETE marker and `latest`, then pruning."""
+    path = step_dir(run_dir, step)
+    if path.exists():
+        shutil.rmtree(path)
+    save_ranks(path)
+    mark_complete(path, step, info)
+    prune(run_dir, keep_last, keep=keep)
+    return path
+
+
+def kept_message(run_dir: str | os.PathLike[str], resume_hint: str, start: str) -> str:
+    """What a failed run tells its user was kept, read at the failure: the latest complete checkpoint
+    and `resume_hint` (how to continue from it), or that a restart begins at `start`."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return f"No complete checkpoint yet: a restart begins at {start}."
+    return f"Last complete checkpoint kept: {latest}; {resume_hint}."
 
 
 def mark_best(path: str | os.PathLike[str]) -> None:

@@ -2,21 +2,20 @@
 
 `CHECKS` is a flat list of small checks run in order; each raises ConfigError naming the full key,
 the bad value and what is allowed. A new section adds its rules by appending to the list (built
-from the helpers below, or a plain function taking the RunConfig). Checks that divide by a value
+from the helpers in rules.py, or a plain function taking the RunConfig; cluster_checks.py and
+rl_checks.py hold the cluster and rl sections' rules). Checks that divide by a value
 come after the check that the value is positive.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import re
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from vla_dist.checkpoint_layout import is_complete, latest_checkpoint
 from vla_dist.config.cluster_checks import CLUSTER_CHECKS, RESERVED_RESOURCES
+from vla_dist.config.rl_checks import RL_CHECKS
+from vla_dist.config.rules import Check, at_least, greater_than, in_range, one_of, output_dir
 from vla_dist.config.schema import RunConfig, TrainSection
 from vla_dist.errors import ConfigError
 from vla_dist.models.files import (
@@ -28,80 +27,11 @@ from vla_dist.models.files import (
 )
 from vla_dist.spaces import CAMERAS, TASK_NAMES
 
-Check = Callable[[RunConfig], None]
-
 MIB = 1024 * 1024
 SIM_BACKENDS = ("cpu", "gpu")
 IMAGE_CODECS = ("mp4", "npz")
 MODEL_DTYPES = ("float32", "bfloat16")
 TOKEN_MODEL_TYPES = FAMILY_MODEL_TYPES["action_tokens"]
-
-
-def value_at(cfg: RunConfig, key: str) -> Any:
-    """`value_at(cfg, "collect.episodes")` is `cfg.collect.episodes`."""
-    return functools.reduce(getattr, key.split("."), cfg)
-
-
-def at_least(key: str, low: float, *, optional: bool = False) -> Check:
-    def check(cfg: RunConfig) -> None:
-        value = value_at(cfg, key)
-        if optional and value is None:
-            return
-        if value < low:
-            allowed = f"null or >= {low}" if optional else f">= {low}"
-            raise ConfigError(key, f"must be {allowed}, got {value!r}")
-
-    return check
-
-
-def greater_than(key: str, low: float) -> Check:
-    def check(cfg: RunConfig) -> None:
-        if not value_at(cfg, key) > low:
-            raise ConfigError(key, f"must be > {low}, got {value_at(cfg, key)!r}")
-
-    return check
-
-
-def in_range(key: str, low: float, high: float) -> Check:
-    def check(cfg: RunConfig) -> None:
-        value = value_at(cfg, key)
-        if not low <= value <= high:
-            raise ConfigError(key, f"must be in {low}..{high}, got {value!r}")
-
-    return check
-
-
-def one_of(key: str, allowed: Sequence[str]) -> Check:
-    def check(cfg: RunConfig) -> None:
-        value = value_at(cfg, key)
-        if value not in allowed:
-            raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
-
-    return check
-
-
-def output_dir(key: str, optional: bool = False, expanduser: bool = False) -> Check:
-    """A directory we will create/write: non-empty, and neither it nor any existing directory above it
-    is a file (`/dev/null/x` cannot be created). Only the filesystem as it is now: a directory we may
-    not create (permissions, a read-only mount) is a runtime failure when it is created."""
-
-    def check(cfg: RunConfig) -> None:
-        value = value_at(cfg, key)
-        if value is None and optional:
-            return
-        if not value.strip():
-            raise ConfigError(key, "must be a directory path, got an empty string")
-        path = Path(value).expanduser() if expanduser else Path(value)
-        if path.is_file():
-            raise ConfigError(key, f"{value!r} is an existing file; expected a directory path")
-        for above in (path, *path.parents):
-            # os.path: False (not an exception) for a path we may not look at; the mkdir then reports it
-            if os.path.isdir(above):
-                return  # the nearest existing directory: everything below it can be created
-            if os.path.lexists(above):
-                raise ConfigError(key, f"{value!r} lies under {str(above)!r}, which is not a directory")
-
-    return check
 
 
 def _image_size_even(cfg: RunConfig) -> None:
@@ -316,63 +246,6 @@ TRAIN_CHECKS: list[Check] = [
     at_least("train.eval_actors", 1),
     greater_than("train.eval_cpus_per_actor", 0),
     _train_eval,
-]
-
-
-def _rl_resume(cfg: RunConfig) -> None:
-    resume = cfg.rl.resume
-    if resume not in ("auto", "never") and not is_complete(resume):
-        raise ConfigError("rl.resume", f"must be auto, never or a complete checkpoint directory "
-                          f"(run.dir/checkpoints/step_N with a COMPLETE marker); got {resume!r}")
-
-
-def rl_exploration_steps(cfg: RunConfig) -> tuple[int, int]:
-    """(horizon, sde_step) with rl's 0 defaults resolved: the whole chunk, the middle denoising step."""
-    steps = cfg.model.num_inference_steps
-    return cfg.rl.horizon or cfg.model.chunk_size, cfg.rl.sde_step or max(1, steps // 2)
-
-
-def _rl_sampling(cfg: RunConfig) -> None:
-    rl = cfg.rl
-    if rl.algorithm == "grpo":
-        if rl.group_size < 2:
-            raise ConfigError("rl.group_size", f"GRPO compares rollouts of one layout: needs >= 2, got {rl.group_size}")
-        if rl.episodes_per_iteration % rl.group_size:
-            raise ConfigError("rl.episodes_per_iteration", f"GRPO: must be a multiple of rl.group_size "
-                              f"({rl.group_size}), got {rl.episodes_per_iteration}")
-    if rl.horizon > cfg.model.chunk_size:
-        raise ConfigError("rl.horizon", f"a decision executes at most one chunk: must be <= model.chunk_size "
-                          f"({cfg.model.chunk_size}), got {rl.horizon}")
-    steps = cfg.model.num_inference_steps
-    if cfg.model.family == "pi0" and rl.sde_step and not 1 <= rl.sde_step < steps:
-        raise ConfigError("rl.sde_step", f"must lie in 1..model.num_inference_steps-1 = 1..{steps - 1} "
-                          f"(t=1 has infinite noise), got {rl.sde_step}")
-
-
-RL_CHECKS: list[Check] = [
-    at_least("rl.iterations", 1),
-    one_of("rl.algorithm", ("ppo", "grpo")),
-    at_least("rl.episodes_per_iteration", 1),
-    at_least("rl.group_size", 1),
-    at_least("rl.horizon", 0),
-    at_least("rl.sde_step", 0),
-    greater_than("rl.noise_level", 0),
-    greater_than("rl.temperature", 0),
-    greater_than("rl.lr", 0),
-    at_least("rl.epochs", 1),
-    at_least("rl.minibatch_size", 1),
-    greater_than("rl.clip", 0),
-    at_least("rl.value_coef", 0),
-    in_range("rl.gamma", 0, 1),
-    in_range("rl.gae_lambda", 0, 1),
-    at_least("rl.shaped_reward", 0),
-    at_least("rl.save_every", 0),
-    at_least("rl.keep_last", 1),
-    at_least("rl.eval_every", 0),
-    at_least("rl.eval_episodes", 0),
-    greater_than("rl.sync_timeout_s", 0),
-    _rl_resume,
-    _rl_sampling,
 ]
 
 

@@ -94,3 +94,12 @@ class DeepSpeedRank:
             if self.rank != 0:
                 return {}
             return {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in named}
+
+    def save_gathered_pretrained(self, module: Any, out_dir: str | Path) -> None:
+        """Collective: `module.save_pretrained(out_dir)` on rank 0 with every parameter gathered
+        (ZeRO-3 partitions them; a no-op at stages 0-2)."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if self.rank == 0:
+                module.save_pretrained(out_dir)

@@ -16,7 +16,6 @@ the resumed run continues the uninterrupted one's streams.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,15 +26,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from vla_dist.checkpoint import manager as ckpt
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
-from vla_dist.config.validate import rl_exploration_steps
 from vla_dist.errors import ConfigError
-from vla_dist.rl.rollout import Exploration
+from vla_dist.rl.rollout import Exploration, exploration_from
 from vla_dist.rl.trajectories import Trajectories, join_rollouts
 from vla_dist.rollout.episodes import rl_seed, selected_tasks
 from vla_dist.rollout.evaluate import eval_requests, run_requests, success_summary, wilson_interval
 from vla_dist.rollout.runner import EpisodeRequest
 from vla_dist.train.metrics import MetricsLog, read_metrics
 from vla_dist.train.stop import StoppedBySignal, StopRequest
+
+RESUME_HINT = "run the same command again (rl.resume=auto) to continue from it"
 
 
 def rollout_requests(cfg: RunConfig, iteration: int) -> tuple[list[EpisodeRequest], list[int]]:
@@ -110,9 +110,7 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     if cfg.model.family == "pi0" and cfg.model.num_inference_steps < 2:
         raise ConfigError("model.num_inference_steps", "Flow-SDE makes one of pi0's denoising steps after the "
                           f"first stochastic: needs >= 2 steps, got {cfg.model.num_inference_steps}")
-    horizon, sde_step = rl_exploration_steps(cfg)
-    exploration = Exploration(horizon=horizon, noise_level=rl.noise_level, sde_step=sde_step,
-                              temperature=rl.temperature)
+    exploration = exploration_from(cfg)
     source = PolicySource(kind="model", path=cfg.model.pretrained, action_horizon=cfg.eval.action_horizon,
                           temporal_ensemble=cfg.eval.temporal_ensemble, cameras=tuple(cfg.task.cameras))
     lora = cfg.train.lora if cfg.train.lora.enabled else None
@@ -120,7 +118,7 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     evals: list[dict[str, Any]] = []
     with StopRequest(what="vla-dist rl") as stop:
         group, info = start_ranks(cfg, {}, env, RLWorker, resume=resume, resume_mode="same",
-                                  on_lost=lambda: _kept(run_dir))
+                                  on_lost=lambda: ckpt.kept_message(run_dir, RESUME_HINT, "iteration 0"))
         pool = None
         try:
             iteration = first = info["step"]
@@ -222,18 +220,13 @@ def _held_label(row: dict[str, Any]) -> str:
 
 
 def _save(group: Any, cfg: RunConfig, iteration: int, version: int) -> Path:
-    path = ckpt.step_dir(cfg.run.dir, iteration)
-    if path.exists():
-        shutil.rmtree(path)
     t = cfg.train
     meta = {"kind": "rl", "iteration": iteration, "version": version, "step": iteration,
             "model": asdict(cfg.model), "manifest": None, "seed": cfg.run.seed, "lora": asdict(t.lora),
             "world_size": t.world_size, "zero_stage": t.zero_stage, "rl": asdict(cfg.rl)}
-    group.run(lambda a, r: a.save.remote(str(path), meta))
-    ckpt.mark_complete(path, iteration, {"kind": "rl", "world_size": t.world_size, "zero_stage": t.zero_stage,
-                                         "lora": t.lora.enabled, "algorithm": cfg.rl.algorithm})
-    ckpt.prune(cfg.run.dir, cfg.rl.keep_last)
-    return path
+    return ckpt.save_step(cfg.run.dir, iteration, lambda path: group.run(lambda a, r: a.save.remote(str(path), meta)),
+                          {"kind": "rl", "world_size": t.world_size, "zero_stage": t.zero_stage,
+                           "lora": t.lora.enabled, "algorithm": cfg.rl.algorithm}, cfg.rl.keep_last)
 
 
 def _resume(cfg: RunConfig) -> Path | None:
@@ -270,11 +263,6 @@ def _check_fits(cfg: RunConfig) -> None:
         raise ConfigError("train.cpus_per_rank", f"rl colocates {t.world_size} ranks x {t.cpus_per_rank:g} CPU and "
                           f"{c.num_actors} sim actors x {c.cpus_per_actor:g} CPU = {need:g}; the local Ray offers "
                           f"{offered:g}: give fractions (train.cpus_per_rank, collect.cpus_per_actor) or fewer")
-
-
-def _kept(run_dir: Path) -> str:
-    latest = ckpt.latest_checkpoint(run_dir)
-    return f"Last complete checkpoint kept: {latest}." if latest else "No complete checkpoint yet."
 
 
 def plot_success(metrics_path: Path, out_png: Path) -> Path:

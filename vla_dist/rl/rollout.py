@@ -17,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vla_dist.config.rl_checks import rl_exploration_steps
+from vla_dist.config.schema import RunConfig
 from vla_dist.data.episode import Episode
 from vla_dist.models.policy import PolicyInputs, VLAPolicy
 from vla_dist.rl.flow_sde import SDESample, sample_chunk
 from vla_dist.rl.token_sampling import sample_bins
-from vla_dist.rollout.runner import Observation, grasp_point
+from vla_dist.rollout.runner import Observation, reach_distance
 
 
 def _stream_seed(seed: int, stream: int, version: int) -> int:
@@ -37,6 +39,13 @@ class Exploration:
     noise_level: float = 0.5
     sde_step: int = 5
     temperature: float = 1.0
+
+
+def exploration_from(cfg: RunConfig) -> Exploration:
+    """The `rl` section's exploration, its 0 defaults resolved (the whole chunk, the middle step)."""
+    horizon, sde_step = rl_exploration_steps(cfg)
+    return Exploration(horizon=horizon, noise_level=cfg.rl.noise_level, sde_step=sde_step,
+                       temperature=cfg.rl.temperature)
 
 
 class ExplorationPolicy:
@@ -79,8 +88,7 @@ class ExplorationPolicy:
             self.log_probs.append(log_prob)
             self.records.append(record)
             if "cube_pos" in obs.privileged:  # the reward's, never the model's input
-                reach = grasp_point(obs.proprio) - obs.privileged["cube_pos"]
-                self.reach.append(torch.linalg.vector_norm(reach, dim=1))
+                self.reach.append(reach_distance(obs))
             self.queue = chunk[:, :horizon].to(torch.float32)
         action = self.queue[:, self.step % horizon]
         self.step += 1

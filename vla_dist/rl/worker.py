@@ -123,8 +123,7 @@ class RLWorker(DeepSpeedRank):
             order = torch.randperm(count, generator=shuffle)
             for minibatch in torch.tensor_split(order, steps_per_epoch):
                 mine = torch.tensor_split(minibatch, self.world_size)[self.rank]
-                stats = self._step(traj, positions[mine], old_log_probs[mine], advantages[mine], returns[mine],
-                                   values[mine])
+                stats = self._step(traj, positions[mine], old_log_probs[mine], advantages[mine], returns[mine])
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
         optimizer_steps = rl.epochs * steps_per_epoch
@@ -145,7 +144,7 @@ class RLWorker(DeepSpeedRank):
         rows = []
         for chunk in torch.split(mine, self.cfg.rl.minibatch_size):
             at = positions[chunk]
-            log_prob, whole, value, _ = self.engine(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]])
+            log_prob, whole, value, _ = self._forward(traj, at)
             value = value if value is not None else torch.zeros_like(log_prob)
             rows.append(torch.stack([log_prob.float().cpu(), whole.float().cpu(), value.float().cpu()], dim=1))
         local = torch.cat(rows) if rows else torch.zeros(0, 3)
@@ -157,10 +156,14 @@ class RLWorker(DeepSpeedRank):
         out = torch.cat([g[: len(s)] for g, s in zip(gathered, shares, strict=True)])
         return out[:, 0], out[:, 1], out[:, 2]
 
+    def _forward(self, traj: Trajectories, at: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The engine on the decisions at `at` [n, 2]: ActorCritic's (log_prob, whole, value, entropy)."""
+        return self.engine(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]])
+
     def _step(self, traj: Trajectories, at: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-              returns: torch.Tensor, old_values: torch.Tensor) -> dict[str, float]:
+              returns: torch.Tensor) -> dict[str, float]:
         rl = self.cfg.rl
-        log_prob, _, value, entropy = self.engine(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]])
+        log_prob, _, value, entropy = self._forward(traj, at)
         device = log_prob.device
         policy_loss, stats = ppo_policy_loss(log_prob.float(), old_log_probs.to(device), advantages.to(device), rl.clip)
         loss = policy_loss
@@ -182,7 +185,6 @@ class RLWorker(DeepSpeedRank):
         """Collective: DeepSpeed's shards (policy, value head, optimizer), the policy as a directory
         `vla-dist eval` reads (full: gathered weights; LoRA: the base's files linked + adapter/),
         and rl_state.json with the iteration and weight version (rank 0)."""
-        import deepspeed
         import torch.distributed as dist
 
         from vla_dist.checkpoint.manager import META
@@ -196,9 +198,7 @@ class RLWorker(DeepSpeedRank):
                 _link_tree(Path(self.cfg.run.dir) / BASE, path / POLICY)
             save_adapter(policy, path / POLICY / "adapter", self.rank)
         else:
-            with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
-                if self.rank == 0:
-                    policy.save_pretrained(path / POLICY)
+            self.save_gathered_pretrained(policy, path / POLICY)
         if self.rank == 0:
             (path / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             state = {"iteration": meta["iteration"], "version": meta["version"]}

@@ -50,9 +50,7 @@ class RolloutResult:
     batch: RolloutBatch
     tasks: list[str]
     seeds: list[int]
-    closest_approach_m: list[float]
-    env_steps: int
-    seconds: float
+    env_steps: int  # control steps the scene stepped, padding envs included (bench rl's rate)
 
 
 class SimActor:
@@ -153,9 +151,9 @@ class SimActor:
                 apply_lora(model, lora)
             self.rl_model = model.eval()
         with torch.no_grad():
-            missing = self.rl_model.load_state_dict(weights, strict=False)
-        if missing.unexpected_keys:
-            raise ValueError(f"weights this policy does not have: {missing.unexpected_keys[:3]}")
+            loaded = self.rl_model.load_state_dict(weights, strict=False)
+        if loaded.unexpected_keys:
+            raise ValueError(f"weights this policy does not have: {loaded.unexpected_keys[:3]}")
         self.policy = ModelPolicy(self.policy_source, model=self.rl_model)
         self.version = version
         return version
@@ -167,16 +165,13 @@ class SimActor:
 
         if self.version != version or self.rl_model is None:
             raise RuntimeError(f"rollout of weight version {version} asked of an actor holding version {self.version}")
-        started = time.perf_counter()
         policy = ExplorationPolicy(self.rl_model, exploration, version, tuple(self.policy_source.cameras),
                                    streams=[r.index for r in requests])
         episodes = run_batch(self.scene, requests, policy, fps=float(self.task.control_hz), render=True,
                              max_steps=self.task.max_steps)
         batch = rollout_batch(policy, episodes, self.rl_model.chunk_size)
         return RolloutResult(batch=batch, tasks=[ep.task for ep in episodes], seeds=[ep.seed for ep in episodes],
-                             closest_approach_m=[ep.closest_approach_m for ep in episodes],
-                             env_steps=max(ep.num_frames for ep in episodes) * self.scene.n_envs,
-                             seconds=time.perf_counter() - started)
+                             env_steps=max(ep.num_frames for ep in episodes) * self.scene.n_envs)
 
     def measure(self, steps: int, render: bool) -> dict[str, float]:
         return measure_throughput(self.scene, steps, render)

@@ -47,6 +47,12 @@ def grasp_point(proprio: torch.Tensor) -> torch.Tensor:
     return proprio[:, HAND_POS] + quat_rotate(proprio[:, HAND_QUAT], offset)
 
 
+def reach_distance(obs: Observation) -> torch.Tensor:
+    """[B] distance (m) from the grasp point to the red cube's centre (privileged: for measures and
+    rewards, never a model's input)."""
+    return torch.linalg.vector_norm(grasp_point(obs.proprio) - obs.privileged["cube_pos"], dim=1)
+
+
 class Policy(Protocol):
     # seeds: each env's episode seed, so a stochastic policy (flow-matching noise) can draw per-episode
     # randomness: the same episode then gets the same actions whatever batch or actor it runs in.
@@ -141,8 +147,7 @@ def run_batch(
     while not bool(done.all()):
         privileged = scene.object_state()
         obs = Observation(scene.render() if render else {}, scene.proprio(), privileged, instructions)
-        reach = torch.linalg.vector_norm(grasp_point(obs.proprio) - privileged["cube_pos"], dim=1)
-        closest = torch.where(done, closest, torch.minimum(closest, reach))
+        closest = torch.where(done, closest, torch.minimum(closest, reach_distance(obs)))
         action = policy.act(obs).to(torch.float32)
         frames.append(obs.images)
         states.append(obs.proprio)

@@ -10,7 +10,6 @@ StopRequest (train/stop.py: SIGUSR1/SIGTERM -> save a checkpoint at the current 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +43,7 @@ if TYPE_CHECKING:
 # Longest a chunk of steps asked of the ranks should last: the driver sees a stop request (SIGTERM:
 # Kubernetes waits 30 s, docker stop 10 s before SIGKILL) only between chunks, and must still save.
 STOP_CHECK_S = 2.0
+RESUME_HINT = "restart with train.resume=auto to continue from it"
 
 
 def run_train(cfg: RunConfig, worker_cls: type[SFTWorker] | None = None) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def run_train(cfg: RunConfig, worker_cls: type[SFTWorker] | None = None) -> dict
     with StopRequest() as stop:
         # a lost rank's message names the checkpoint that is latest when the loss is found, not at start
         group, info = start_ranks(cfg, manifest, env, worker_cls, resume=resume, resume_mode=resume_mode,
-                                  on_lost=lambda: _kept(run_dir))
+                                  on_lost=lambda: ckpt.kept_message(run_dir, RESUME_HINT, "step 0"))
         loggers = evals = None
         finished = False
         try:
@@ -175,24 +175,13 @@ def _steps_within(seconds: float, rows: list[dict[str, Any]]) -> int:
     return max(1, int(seconds / max(rows[-1]["step_time_s"], 1e-6)))
 
 
-def _kept(run_dir: Path) -> str:
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
-        return "No complete checkpoint yet: a restart begins at step 0."
-    return f"Last complete checkpoint kept: {latest}; restart with train.resume=auto to continue from it."
-
-
 def _save(group: Any, cfg: RunConfig, manifest: dict[str, Any], step: int, keep: list[Path]) -> Path:
     """`keep`: step dirs pruning must spare (their training-time eval is still running)."""
-    path = ckpt.step_dir(cfg.run.dir, step)
-    if path.exists():  # a crash leftover, or an earlier run with train.resume=never
-        shutil.rmtree(path)
     t = cfg.train
     meta = train_meta(cfg, manifest, step)
-    group.run(lambda a, r: a.save.remote(str(path), meta))  # raises if a rank died: no COMPLETE, `latest` stays
-    ckpt.mark_complete(path, step, {"world_size": t.world_size, "zero_stage": t.zero_stage, "lora": t.lora.enabled})
-    ckpt.prune(cfg.run.dir, t.keep_last, keep=keep)
-    return path
+    return ckpt.save_step(cfg.run.dir, step, lambda path: group.run(lambda a, r: a.save.remote(str(path), meta)),
+                          {"world_size": t.world_size, "zero_stage": t.zero_stage, "lora": t.lora.enabled},
+                          t.keep_last, keep=keep)
 
 
 def _manifest(cfg: RunConfig) -> dict[str, Any]:

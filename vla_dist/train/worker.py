@@ -186,7 +186,6 @@ class SFTWorker(DeepSpeedRank):
         the ranks' time. Full fine-tune: rank 0 writes a policy directory (save_pretrained) with every
         parameter gathered (ZeRO-3 partitions them; a no-op at stages 0-2). LoRA: only the adapter
         (the eval side merges it into the rebuilt base), so the ranks never gather the frozen base."""
-        import deepspeed
         import torch.distributed as dist
 
         from vla_dist.train.lora import save_adapter
@@ -196,8 +195,6 @@ class SFTWorker(DeepSpeedRank):
         if self.lora:
             save_adapter(module, Path(out_dir) / "adapter", self.rank)
         else:
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                if self.rank == 0:
-                    module.save_pretrained(out_dir)
+            self.save_gathered_pretrained(module, out_dir)
         dist.barrier()
         return time.perf_counter() - started
