@@ -50,7 +50,8 @@ def fixed_inputs(policy, data_dir: Path):
 def zero2_run(quickstart_run, local_ray, tmp_path_factory):
     _, data_dir, _ = quickstart_run
     run_dir = tmp_path_factory.mktemp("train") / "zero2"
-    cfg = train_cfg(run_dir, data_dir, f"train.steps={STEPS}", "train.save_every=8", "train.zero_stage=2")
+    cfg = train_cfg(run_dir, data_dir, f"train.steps={STEPS}", "train.save_every=8", "train.zero_stage=2",
+                    "train.breakdown=true")
     report = run_train(cfg)
     return cfg, report, read_metrics(run_dir / "metrics.jsonl")
 
@@ -66,6 +67,13 @@ def test_zero2_loss_falls_with_metrics_and_checkpoints(zero2_run):
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.8 * first, losses
     assert (run_dir / "loss.png").stat().st_size > 0
+    for row in rows:  # train.breakdown: every phase of every step, DeepSpeed's split of backward inside it
+        phases = row["breakdown_ms"]
+        assert {"data", "forward", "nan_check", "backward", "step", "other"} <= phases.keys(), phases
+        assert min(phases.values()) >= 0, phases
+        assert phases["backward_compute"] + phases["gradient_reduction"] <= phases["backward"] * 1.05 + 0.5, phases
+        own = sum(phases[key] for key in ("data", "forward", "nan_check", "backward", "step", "other"))
+        assert own == pytest.approx(row["step_time_s"] * 1e3, rel=1e-3, abs=0.01), (own, row)
     assert report["final_loss"] == json.loads((run_dir / "report.json").read_text())["final_loss"] == losses[-1]
     assert rows[0]["lr"] == pytest.approx(1.5e-3) and rows[1]["lr"] == pytest.approx(3e-3)  # warm-up (2 steps)
     assert rows[-1]["lr"] < 1e-4  # cosine decay

@@ -158,6 +158,16 @@ def test_bench_train_prints_json(quickstart_run, local_ray, tmp_path, capsys):
     assert report["ratio"] == pytest.approx(report["value"] / report["baseline"], rel=1e-2)
     assert report["world_size"] == 2 and report["zero_stage"] == 2 and report["global_batch_size"] == 8
     assert report["model_flops_per_sample"] > 0
+    # where the time goes: the ranks' phases (median ms), the plain step's, the ceiling, the transport
+    phases = report["breakdown_ms"]
+    assert {"data", "forward", "nan_check", "backward", "backward_compute", "gradient_reduction", "step",
+            "other"} <= phases.keys(), phases
+    assert sum(phases[k] for k in ("data", "forward", "nan_check", "backward", "step", "other")) == pytest.approx(
+        report["median_step_s"] * 1e3, rel=0.5)  # medians of parts: near the median step, not equal
+    assert set(report["baseline_breakdown_ms"]) == {"forward", "backward", "step"}
+    assert report["share_step_s"] > 0 and report["ceiling_ratio"] > 0
+    assert report["collectives_ms"]["bytes"] == 4 * report["trainable_parameters"]
+    assert all(report["collectives_ms"][k] > 0 for k in ("all_reduce", "reduce_scatter", "all_gather"))
 
 
 @heavy

@@ -9,6 +9,13 @@ baseline = samples/s of ONE process running a plain PyTorch step (forward, backw
            the resources of one rank (train.cpus_per_rank / gpus_per_rank: same thread count)
 ratio    = value / baseline: the speed-up of the distributed step over one process (ideal:
            world_size, on world_size free cores/GPUs; on a shared CPU machine expect less)
+Where the time goes, in the same JSON: `breakdown_ms` (rank 0's median step split into data,
+forward, NaN check, backward = compute + gradient reduction by DeepSpeed's own timers, optimizer
+step, other: train/breakdown.py), `baseline_breakdown_ms` (the plain step's forward, backward,
+step), `share_step_s` / `ceiling_ratio` (the plain step on one rank's share of the batch: the ratio
+the group would reach if communication and every overhead were free), `collectives_ms` (one
+all_reduce, reduce_scatter and all_gather of the trainable parameters' bytes on the ranks' process
+group, alone: the transport's floor).
 Timed: train.steps optimizer steps after WARMUP untimed ones, on both sides. Batches are fixed
 real windows (train.fixed_batches=true: the data pipeline is `bench data`'s subject, not this).
 
@@ -37,8 +44,9 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4
 
 
 def bench_config(cfg: RunConfig) -> RunConfig:
-    """The run's config as the bench uses it: fixed batches, no saves, no resume."""
-    train = dataclasses.replace(cfg.train, fixed_batches=True, save_every=0, resume="never")
+    """The run's config as the bench uses it: fixed batches, no saves, no resume, the per-step
+    breakdown on (on CPU it only reads clocks; on GPU it synchronizes, so GPU figures are a little low)."""
+    train = dataclasses.replace(cfg.train, fixed_batches=True, save_every=0, resume="never", breakdown=True)
     return dataclasses.replace(cfg, train=train)
 
 
@@ -62,25 +70,43 @@ class PlainTrainer:
             apply_lora(policy, t.lora)
         self.policy = policy.to(self.device).train()
         self.params = [p for p in policy.parameters() if p.requires_grad]
+        # the ranks' optimizer (distributed/ds_config.py): torch's fused AdamW kernel
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8,
-                                           weight_decay=t.weight_decay)
+                                           weight_decay=t.weight_decay, fused=True)
         self.grad_clip = float(t.grad_clip)
         windows = EpisodeWindows(cfg.data.dir, policy.cameras, policy.chunk_size, 0, 1)
-        self.batch = windows.batch(global_batch_size(t), (cfg.run.seed, 0, 0))
+        self.batches = {size: windows.batch(size, (cfg.run.seed, 0, 0))
+                        for size in (global_batch_size(t), t.micro_batch_size * t.grad_accum)}
         if self.on_gpu:
-            self.batch = _to(self.batch, self.device)
+            self.batches = {size: _to(batch, self.device) for size, batch in self.batches.items()}
+        self.batch = self.batches[global_batch_size(t)]
         return {"threads": torch.get_num_threads(), "batch": int(self.batch.actions.shape[0])}
 
-    def _step(self) -> Any:
+    def _sync(self) -> None:
+        if self.on_gpu:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def _step(self, ms: dict[str, float]) -> Any:
         import torch
 
+        marks = [time.perf_counter()]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.on_gpu):
             loss = self.policy(self.batch)
+        self._sync()
+        marks.append(time.perf_counter())
         loss.backward()
+        self._sync()
+        marks.append(time.perf_counter())
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        marks.append(time.perf_counter())
+        for name, begin, end in zip(("forward", "backward", "step"), marks, marks[1:], strict=False):
+            ms[name] = (end - begin) * 1e3
         return loss
 
     def flops_per_sample(self) -> float:
@@ -94,20 +120,27 @@ class PlainTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops() / int(self.batch.actions.shape[0])
 
-    def measure(self, steps: int) -> list[float]:
-        import torch
-
-        times = []
+    def measure(self, steps: int, batch_size: int | None = None) -> tuple[list[float], dict[str, float]]:
+        """Step times (s) of `steps` plain steps on the global batch (or `batch_size` windows: one
+        rank's share), and the median breakdown (ms: forward, backward, step = clip + optimizer)."""
+        if batch_size is not None:
+            self.batch = self.batches[batch_size]
+        times, phases = [], []
         for _ in range(steps):
-            if self.on_gpu:
-                torch.cuda.synchronize()
+            self._sync()
             started = time.perf_counter()
-            loss = self._step()
+            ms: dict[str, float] = {}
+            loss = self._step(ms)
             float(loss.detach())  # waits for the step on GPU
-            if self.on_gpu:
-                torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
-        return times
+            phases.append(ms)
+        return times, _median_rows(phases)
+
+
+def _median_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the median over the rows that have it (ms, rounded)."""
+    keys = dict.fromkeys(key for row in rows for key in row)
+    return {key: round(statistics.median(row[key] for row in rows if key in row), 3) for key in keys}
 
 
 def _to(batch: Any, device: str) -> Any:
@@ -121,15 +154,19 @@ def run_baseline(cfg: RunConfig, manifest: dict[str, Any], steps: int) -> dict[s
     import ray
 
     t = cfg.train
+    share = t.micro_batch_size * t.grad_accum  # one rank's windows per step
     actor = ray.remote(PlainTrainer).options(num_cpus=t.cpus_per_rank, num_gpus=t.gpus_per_rank).remote()
     try:
         info = ray.get(actor.setup.remote(cfg, manifest))
         flops = ray.get(actor.flops_per_sample.remote())
         ray.get(actor.measure.remote(WARMUP))
-        times = ray.get(actor.measure.remote(steps))
+        times, breakdown = ray.get(actor.measure.remote(steps))
+        ray.get(actor.measure.remote(WARMUP, share))
+        share_times, _ = ray.get(actor.measure.remote(steps, share))
     finally:
         ray.kill(actor, no_restart=True)
-    return {**info, "flops_per_sample": flops, "median_step_s": statistics.median(times)}
+    return {**info, "flops_per_sample": flops, "median_step_s": statistics.median(times), "breakdown_ms": breakdown,
+            "share_step_s": statistics.median(share_times)}
 
 
 def release_ray(started_here: bool) -> None:
@@ -163,11 +200,13 @@ def run_train_bench(cfg: RunConfig) -> dict[str, object]:
     try:
         group.run(lambda a, r: a.train.remote(WARMUP))
         rows = group.run(lambda a, r: a.train.remote(steps))[0]
+        floor = group.run(lambda a, r: a.time_collectives.remote(info["trainable"]))[0]
     finally:
         group.shutdown()
         release_ray(started_ray)
     step_s = statistics.median(row["step_time_s"] for row in rows)
     value, baseline = global_batch / step_s, global_batch / base["median_step_s"]
+    ceiling = global_batch / base["share_step_s"]  # every rank as fast as one plain process on its share
     flops = base["flops_per_sample"]
     report = bench_report(
         "train", round(value, 3), "samples/s", round(baseline, 3), round(value / baseline, 3),
@@ -184,6 +223,16 @@ def run_train_bench(cfg: RunConfig) -> dict[str, object]:
         median_step_s=round(step_s, 4),
         baseline_median_step_s=round(base["median_step_s"], 4),
         baseline_threads=base["threads"],
+        # where a rank's step goes (rank 0, median ms; train/breakdown.py) and the plain step's
+        breakdown_ms=_median_rows([row["breakdown_ms"] for row in rows]),
+        baseline_breakdown_ms=base["breakdown_ms"],
+        # the plain step on one rank's share of the batch: no rank computes its share faster, so
+        # ceiling_ratio is what the group would reach with no communication or overhead at all
+        share_step_s=round(base["share_step_s"], 4),
+        ceiling_ratio=round(ceiling / baseline, 3),
+        # one all_reduce / reduce_scatter / all_gather of the trainable parameters' float32 bytes on
+        # this process group, alone: the transport's floor for a gradient reduction
+        collectives_ms={**floor, "bytes": 4 * info["trainable"]},
         trainable_parameters=info["trainable"],
         parameters=info["parameters"],
         model_flops_per_sample=flops,

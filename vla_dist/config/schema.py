@@ -227,7 +227,10 @@ class TrainSection:
     offload_params: bool = False  # parameters to CPU (stage 3 only)
     keep_last: int = 3  # complete checkpoints kept (older ones deleted after a newer one is complete)
     max_nan_steps: int = 3  # stop after this many non-finite losses in a row (last good checkpoint kept)
-    log_every: int = 1  # driver progress/console update period in steps (metrics.jsonl has every step)
+    # Driver progress/console update period in steps (metrics.jsonl has every step either way); 0: about
+    # every PROGRESS_S seconds. Each update is a Ray round trip that idles every rank (tiny-pi0 on 2 cores:
+    # 5 ms a step at log_every=1, 14% of the step; 0.3 ms at 25).
+    log_every: int = 0
     gpus_per_rank: float = 0.0  # 0: CPU ranks (gloo, fp32); >0: CUDA ranks (NCCL, bf16)
     cpus_per_rank: float = 1.0
     placement_strategy: str = "PACK"  # Ray placement group strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
@@ -238,6 +241,10 @@ class TrainSection:
     # debug/overfit check: every step draws the same windows, noise and flow-matching times, so the
     # loss is comparable step to step (it must fall steadily); false for real training
     fixed_batches: bool = False
+    # Per-step time breakdown in metrics.jsonl (`breakdown_ms`: data, forward, NaN check, backward split
+    # into compute and gradient reduction by DeepSpeed's wall_clock_breakdown timers, optimizer step;
+    # train/breakdown.py). Synchronizes the GPU at each phase: for finding where time goes, not for speed.
+    breakdown: bool = False
     # Training-time evaluation (train/evals.py): every eval_every steps (and at the last step) the ranks
     # write the current weights as a policy directory and go on training while a pool of eval_actors
     # sim actors runs it closed-loop (eval.* settings: action_horizon, num_videos; task.max_steps);

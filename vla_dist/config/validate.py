@@ -233,7 +233,7 @@ TRAIN_CHECKS: list[Check] = [
     at_least("train.grad_clip", 0),
     at_least("train.keep_last", 1),
     at_least("train.max_nan_steps", 1),
-    at_least("train.log_every", 1),
+    at_least("train.log_every", 0),
     at_least("train.gpus_per_rank", 0),
     greater_than("train.cpus_per_rank", 0),
     one_of("train.placement_strategy", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),

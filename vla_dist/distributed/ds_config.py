@@ -23,6 +23,11 @@ def build_ds_config(train: TrainSection, *, on_gpu: bool) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     if train.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # we export from the checkpoint instead
+    if not on_gpu and train.zero_stage in (1, 2):
+        # gloo's reduce_scatter is slower than its all_reduce of the same tensor (2 ranks on 2 cores:
+        # 96 vs 52 ms at 75 MB, 3.9 vs 1.5 ms at 1.6 MB): ZeRO-1/2 then all_reduce each bucket and keep
+        # their partition. NCCL's reduce_scatter is the faster one: GPUs keep DeepSpeed's default.
+        zero["reduce_scatter"] = False
     return {
         "train_batch_size": global_batch_size(train),
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -30,12 +35,15 @@ def build_ds_config(train: TrainSection, *, on_gpu: bool) -> dict[str, Any]:
         "gradient_clipping": float(train.grad_clip),
         "zero_optimization": zero,
         "bf16": {"enabled": on_gpu},
+        # torch's fused AdamW kernel (CPU and CUDA): one pass over the tensor where the default makes
+        # about ten (ZeRO's flat 9.4M-element partition, one CPU thread: 10.9 ms vs 60.5 ms)
         "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
-                                                  "betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True}},
+                                                  "betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True,
+                                                  "fused": True}},
         # A torch optimizer also when offloading (DeepSpeedCPUAdam compiles for minutes on first use).
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
+        "wall_clock_breakdown": train.breakdown,  # DeepSpeed's per-phase timers (train/breakdown.py)
     }
 
 

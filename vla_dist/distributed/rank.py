@@ -103,3 +103,32 @@ class DeepSpeedRank:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if self.rank == 0:
                 module.save_pretrained(out_dir)
+
+    def time_collectives(self, numel: int, repeats: int = 3) -> dict[str, float]:
+        """Collective: median ms of one all_reduce, reduce_scatter and all_gather of `numel` float32
+        elements over this process group, ranks lined up by a barrier before each: the floor of a
+        gradient reduction on this transport (`vla-dist bench train` reports it beside the step)."""
+        import statistics
+        import time
+
+        import torch.distributed as dist
+
+        device = "cuda" if self.on_gpu else "cpu"
+        numel -= numel % self.world_size
+        whole = torch.zeros(numel, dtype=torch.float32, device=device)
+        part = torch.zeros(numel // self.world_size, dtype=torch.float32, device=device)
+        calls = {"all_reduce": lambda: dist.all_reduce(whole),
+                 "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, whole),
+                 "all_gather": lambda: dist.all_gather_into_tensor(whole, part)}
+        out: dict[str, float] = {}
+        for name, call in calls.items():
+            times = []
+            for _ in range(repeats + 1):  # the first is a warm-up
+                dist.barrier()
+                started = time.perf_counter()
+                call()
+                if self.on_gpu:
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - started) * 1e3)
+            out[name] = round(statistics.median(times[1:]), 3)
+        return out

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 # Longest a chunk of steps asked of the ranks should last: the driver sees a stop request (SIGTERM:
 # Kubernetes waits 30 s, docker stop 10 s before SIGKILL) only between chunks, and must still save.
 STOP_CHECK_S = 2.0
+PROGRESS_S = 1.0  # train.log_every=0: steps per driver round trip, by the last step's time
 RESUME_HINT = "restart with train.resume=auto to continue from it"
 
 
@@ -85,7 +86,8 @@ def run_train(cfg: RunConfig, worker_cls: type[SFTWorker] | None = None) -> dict
                 bar = progress.add_task("train", total=t.steps, completed=step, loss=float("nan"), rate=0.0, evals="")
                 # a stop request is seen between chunks, so a chunk is also kept short (_steps_within)
                 while step < t.steps and not stop.requested:
-                    chunk = min(t.log_every, t.steps - step, _steps_within(STOP_CHECK_S, rows),
+                    chunk = min(t.log_every or _steps_within(PROGRESS_S, rows), t.steps - step,
+                                _steps_within(STOP_CHECK_S, rows),
                                 evals.steps_to_next(step),
                                 (t.save_every - step % t.save_every) if t.save_every else t.steps)
                     evals.poll()

@@ -79,10 +79,16 @@ class SFTWorker(DeepSpeedRank):
     def train(self, steps: int) -> list[dict[str, Any]]:
         """Run `steps` optimizer steps; one metrics dict per step. A non-finite loss (on any rank)
         skips that micro-batch (no backward, no step; all ranks agree) and draws another; after
-        train.max_nan_steps in a row the last dict has "stop": "nan"."""
+        train.max_nan_steps in a row the last dict has "stop": "nan". The ranks' losses are averaged
+        (and loader mode's window counts gathered) in one collective after the last step, not one
+        per step: a collective costs a round trip of every rank (0.15-1.5 ms on a CPU node)."""
+        from vla_dist.train.breakdown import StepBreakdown
+
         t, seed = self.cfg.train, self.cfg.run.seed
         self.engine.train()
+        timer = StepBreakdown(t.breakdown, synchronize=self.on_gpu)
         out: list[dict[str, Any]] = []
+        local: list[tuple[float, int]] = []  # this rank's mean loss and windows, per finished step
         for _ in range(steps):
             step = int(self.engine.global_steps)
             draw = 0 if t.fixed_batches else step  # the step number the batch/noise seeds use
@@ -93,63 +99,83 @@ class SFTWorker(DeepSpeedRank):
             while micro < t.grad_accum:
                 key = ((seed, 0, draw, micro * self.world_size + self.rank, attempt) if t.fixed_batches
                        else (seed, self.rank, draw, micro, attempt))
-                if self.data is not None:
-                    batch = self.data.next()  # collective: the ranks agree there is a batch on each
-                    used.append(batch)
-                else:
-                    batch = self.windows.batch(t.micro_batch_size, key)
+                with timer.phase("data"):
+                    if self.data is not None:
+                        batch = self.data.next()  # collective: the ranks agree there is a batch on each
+                        used.append(batch)
+                    else:
+                        batch = self.windows.batch(t.micro_batch_size, key)
+                    batch = augment_batch(batch, self.cfg.data.random_shift, seed=hash((*key, 1)) & 0x7FFF_FFFF)
                 # noise and flow-matching time are drawn from torch's generator: seed it per micro-batch
                 # so a resumed run continues the uninterrupted one exactly
                 torch.manual_seed(hash(key) & 0x7FFF_FFFF)
-                batch = augment_batch(batch, self.cfg.data.random_shift, seed=hash((*key, 1)) & 0x7FFF_FFFF)
-                loss = self._loss(batch)
-                if self._all_min(float(torch.isfinite(loss.detach()).all())) < 1:
+                with timer.phase("forward"):
+                    loss = self._loss(batch)
+                with timer.phase("nan_check"):
+                    finite = self._all_min(float(torch.isfinite(loss.detach()).all())) >= 1
+                if not finite:
                     skipped += 1
                     attempt += 1
                     self.nan_in_row += 1
                     if self.nan_in_row >= t.max_nan_steps:
                         out.append({"step": step, "stop": "nan", "nan_skipped": skipped})
-                        return out
+                        return self._reduce_step_metrics(out, local)
                     continue
                 self.nan_in_row = 0
                 lr = float(self.engine.get_lr()[0])  # the rate this step uses (read after, it is the next one's)
-                self.engine.backward(loss)
-                self.engine.step()
+                with timer.phase("backward"):
+                    self.engine.backward(loss)
+                with timer.phase("step"):
+                    self.engine.step()
                 losses.append(float(loss.detach()))
                 micro += 1
             elapsed = time.perf_counter() - started
             grad_norm = self.engine.get_global_grad_norm()
-            out.append({
+            local.append((sum(losses) / len(losses), sum(int(b.actions.shape[0]) for b in used)))
+            row = {
                 "step": int(self.engine.global_steps),
-                "loss": self._all_mean(sum(losses) / len(losses)),
                 "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "step_time_s": elapsed,
                 "samples_per_s": t.micro_batch_size * t.grad_accum * self.world_size / elapsed,
                 "nan_skipped": skipped,
                 **self._data_metrics(used),
-            })
-        return out
+            }
+            if t.breakdown:
+                row["breakdown_ms"] = timer.finish(elapsed, self.engine)
+            out.append(row)
+        return self._reduce_step_metrics(out, local)
+
+    def _reduce_step_metrics(self, rows: list[dict[str, Any]], local: list[tuple[float, int]]) -> list[dict[str, Any]]:
+        """Collective, once per train() call: every finished step's loss averaged over the ranks
+        and, in loader mode, the windows each rank trained on (rows without a loss: a NaN stop)."""
+        import torch.distributed as dist
+
+        mine = torch.tensor(local, dtype=torch.float64).reshape(len(local), 2)
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        every = torch.stack(gathered)  # rank, step, (loss, windows)
+        finished = [row for row in rows if "stop" not in row]
+        for i, row in enumerate(finished):
+            row["loss"] = float(every[:, i, 0].mean())
+            if self.data is not None:
+                row["rank_windows"] = [int(w) for w in every[:, i, 1].tolist()]
+        return rows
 
     def _loss(self, batch: Any) -> torch.Tensor:
         """One micro-batch's loss: the engine's forward (a subclass may wrap it)."""
         return self.engine(batch)
 
     def _data_metrics(self, used: list[Any]) -> dict[str, Any]:
-        """Loader mode: rank 0's data position after the step, a digest of the windows it used, and
-        the windows each rank trained on in this step (all_gather)."""
+        """Loader mode: rank 0's data position after the step and a digest of the windows it used
+        (the windows each rank trained on are gathered with the losses: _reduce_step_metrics)."""
         if self.data is None:
             return {}
-        import torch.distributed as dist
-
         from vla_dist.train.batches import batch_digest
 
-        windows = torch.tensor([sum(int(b.actions.shape[0]) for b in used)], dtype=torch.int64)
-        gathered = [torch.zeros_like(windows) for _ in range(self.world_size)]
-        dist.all_gather(gathered, windows)
         state = self.data.state_dict()
         return {"data_epoch": state["epoch"], "data_position": state["windows_delivered_total"],
-                "batch_digest": batch_digest(used), "rank_windows": [int(w.item()) for w in gathered]}
+                "batch_digest": batch_digest(used)}
 
     def save(self, step_dir: str, meta: dict[str, Any]) -> None:
         """Collective. DeepSpeed's shards (no DeepSpeed `latest`: the driver writes ours after
