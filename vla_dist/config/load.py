@@ -129,14 +129,17 @@ def _apply_pretrained(cfg: RunConfig, given: dict[str, str]) -> None:
     transformers) and take its architecture; a conflicting key the user set is an error."""
     from vla_dist.models.files import (
         PretrainedError,
-        check_pretrained_dir,
+        check_model_source,
         check_weights_match,
+        foundation_architecture,
     )
 
     path = cfg.model.pretrained
     try:
-        spec = check_pretrained_dir(path)
+        spec = check_model_source(path)
         check_weights_match(path)
+        if spec.get("foundation"):  # a plain transformers checkpoint: the prompt length stays ours
+            spec.update(foundation_architecture(path), max_text_tokens=cfg.model.max_text_tokens)
     except PretrainedError as error:
         raise ConfigError("model.pretrained", str(error)) from None
     if "hf" in given:

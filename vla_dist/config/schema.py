@@ -164,7 +164,9 @@ class ModelSection:
     # Defaults below are tiny-pi0's, so a bare RunConfig() is consistent with the default preset.
     preset: str = "tiny-pi0"
     # null: random init from the preset; else a local directory saved by vla-dist (save_pretrained):
-    # its architecture (family, chunk_size, image_size, max_text_tokens, hf) replaces the preset's
+    # its architecture (family, chunk_size, image_size, max_text_tokens, hf) replaces the preset's;
+    # or a plain transformers PI0 checkpoint (config.json + safetensors + tokenizer.json): its
+    # architecture (chunk_size, image_size) too, with the dataset's dims and statistics (README)
     pretrained: str | None = None
     family: str = "pi0"  # "pi0" (flow matching) or "action_tokens" (OpenVLA-style 256-bin tokens)
     chunk_size: int = 8  # actions predicted per call (t .. t+chunk_size-1)

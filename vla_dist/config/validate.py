@@ -22,6 +22,7 @@ from vla_dist.models.files import (
     FAMILIES,
     FAMILY_MODEL_TYPES,
     PretrainedError,
+    check_model_source,
     check_pretrained_dir,
     check_state_inputs,
 )
@@ -78,7 +79,7 @@ def _model_pretrained(cfg: RunConfig) -> None:
     # load_config checks this too (with the weights); here for configs built in code.
     if cfg.model.pretrained is not None:
         try:
-            check_pretrained_dir(cfg.model.pretrained)
+            check_model_source(cfg.model.pretrained)
         except PretrainedError as error:
             raise ConfigError("model.pretrained", str(error)) from None
 

@@ -85,6 +85,50 @@ def check_pretrained_dir(path: str | os.PathLike[str]) -> dict[str, Any]:
     return spec
 
 
+def is_foundation_dir(path: str | os.PathLike[str]) -> bool:
+    """A plain transformers checkpoint (config.json, no vla_dist.json): a pretrained model as
+    published, which post-training starts from with the dataset's statistics and dims."""
+    root = Path(path)
+    return (root / "config.json").is_file() and not (root / SPEC_FILE).is_file()
+
+
+# Plain checkpoints post-training can start from, by config.json model_type. The action-token
+# backbones (paligemma, llava) need action tokens added to the vocabulary first: not yet.
+FOUNDATION_FAMILIES = {"pi0": "pi0"}
+FOUNDATION_TOKENIZER = "tokenizer.json"
+
+
+def check_model_source(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """`model.pretrained`: a policy saved by vla-dist (its vla_dist.json returned) or a plain
+    transformers checkpoint ({"family": ..., "foundation": True}). Torch-free. Raises PretrainedError."""
+    if not is_foundation_dir(path):
+        return check_pretrained_dir(path)
+    root = Path(path)
+    model_type = _read_json(root / "config.json").get("model_type")
+    if model_type not in FOUNDATION_FAMILIES:
+        supported = ", ".join(FOUNDATION_FAMILIES)
+        why = (" (as the action_tokens backbone it needs action tokens added to its vocabulary: not supported yet)"
+               if model_type in HF_CLASSES else "")
+        raise PretrainedError(f"{root / 'config.json'}: a plain transformers checkpoint of model_type {model_type!r} "
+                              f"cannot start post-training{why}; plain checkpoints of model_type {supported} can, "
+                              f"and so can any policy directory saved by vla-dist (with {SPEC_FILE})")
+    if not (root / FOUNDATION_TOKENIZER).is_file():
+        raise PretrainedError(f"{root / FOUNDATION_TOKENIZER} is missing: a plain checkpoint needs its fast tokenizer "
+                              "beside it (tokenizer.save_pretrained writes it; a sentencepiece tokenizer.model alone "
+                              "converts with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(...))")
+    weight_shapes(root)  # every safetensors file exists and has a readable header
+    return {"family": FOUNDATION_FAMILIES[model_type], "foundation": True}
+
+
+def foundation_architecture(path: str | os.PathLike[str]) -> dict[str, int]:
+    """The policy keys a plain pi0 checkpoint fixes (chunk_size, image_size), read through
+    transformers' config class, which fills the defaults config.json leaves out. Imports transformers."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return {"chunk_size": int(config.chunk_size), "image_size": int(config.vlm_config.vision_config.image_size)}
+
+
 def check_state_inputs(names: Sequence[str], known: Sequence[str] | None) -> None:
     """model.state_inputs: distinct names, each a state dim of the dataset (`known`, its manifest's
     state_space names; None when no dataset is there yet: then only the names themselves). Torch-free,

@@ -15,6 +15,7 @@ instead (openpi's choice) spends capacity on dims we throw away.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from vla_dist.errors import ConfigError
 from vla_dist.models import processing
+from vla_dist.models.files import PretrainedError
 from vla_dist.models.policy import PolicyBatch, PolicyInputs, PolicySpec, VLAPolicy
 from vla_dist.models.processing import Normalization
 
@@ -89,6 +91,40 @@ class PI0Policy(VLAPolicy):
             with torch.no_grad():  # padded action dims: exact zeros (see the module docstring)
                 hf_model.action_out_proj.weight[spec.action_dim :].zero_()
                 hf_model.action_out_proj.bias[spec.action_dim :].zero_()
+        return policy
+
+    @classmethod
+    def from_foundation(cls, path: Path, spec: PolicySpec, normalization: Normalization) -> PI0Policy:
+        """A plain transformers PI0 checkpoint (config.json + safetensors + tokenizer.json, as
+        `PI0ForConditionalGeneration.save_pretrained` and the tokenizer's `save_pretrained` write
+        them) as a policy for the dataset in `spec`/`normalization`: its chunk size and image size are
+        the checkpoint's; actions and state are zero-padded to its max_action_dim/max_state_dim.
+        The output rows of the padded action dims are zeroed (the module docstring's convention; the
+        checkpoint's values there are never used). Loads on the CPU, whole. Raises PretrainedError."""
+        from vla_dist.models.files import load_hf_model, raise_on_bad_keys
+        from vla_dist.models.policy import DTYPES
+
+        hf_model, info = load_hf_model(path, dtype=DTYPES.get(spec.dtype, torch.float32))
+        raise_on_bad_keys(path, info)  # transformers would only warn and leave random weights: refuse
+        config = hf_model.config
+        spec.chunk_size, spec.image_size = config.chunk_size, config.vlm_config.vision_config.image_size
+        if spec.action_dim > config.max_action_dim or spec.state_dim > config.max_state_dim:
+            raise PretrainedError(
+                f"{path / 'config.json'}: the dataset's action/state dims {spec.action_dim}/{spec.state_dim} exceed "
+                f"the checkpoint's max_action_dim/max_state_dim {config.max_action_dim}/{config.max_state_dim} "
+                "(pi0 zero-pads actions and state up to these widths and cannot take wider ones)")
+        tokenizer = processing.load_tokenizer(path)
+        missing = [name for name in ("bos_token", "pad_token") if getattr(tokenizer, f"{name}_id") is None]
+        if missing:
+            raise PretrainedError(f"{path / 'tokenizer_config.json'}: the tokenizer has no {' or '.join(missing)} "
+                                  "(a prompt starts with <bos> after the image tokens and is padded with <pad>)")
+        try:
+            policy = cls(hf_model, tokenizer, normalization, spec)
+        except ValueError as error:  # no <image>/<bos>/<pad> token, image_token_id not the tokenizer's
+            raise PretrainedError(f"{path}: {error}") from None
+        with torch.no_grad():
+            hf_model.action_out_proj.weight[spec.action_dim :].zero_()
+            hf_model.action_out_proj.bias[spec.action_dim :].zero_()
         return policy
 
     def unused_parameters(self) -> list[str]:

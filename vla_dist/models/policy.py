@@ -34,6 +34,7 @@ from vla_dist.models.files import (
     check_adapter_dir,
     check_pretrained_dir,
     check_state_inputs,
+    is_foundation_dir,
     weights_readable_like,
 )
 from vla_dist.models.processing import Normalization
@@ -247,6 +248,12 @@ class VLAPolicy(nn.Module, abc.ABC):
         return family_class._load(Path(path), PolicySpec.from_dict(spec_data))
 
     @classmethod
+    def from_foundation(cls, path: Path, spec: PolicySpec, normalization: Normalization) -> VLAPolicy:
+        """A plain transformers checkpoint (files.is_foundation_dir) as this family's policy, with the
+        dataset's statistics and dims in `spec`/`normalization`. Raises PretrainedError."""
+        raise PretrainedError(f"{path}: the {cls.family} family cannot start from a plain transformers checkpoint yet")
+
+    @classmethod
     def _load(cls, path: Path, spec: PolicySpec) -> VLAPolicy:
         from vla_dist.models.files import load_hf_model, raise_on_bad_keys
 
@@ -260,7 +267,13 @@ def build_policy(model_cfg: ModelSection, manifest: Mapping[str, Any], device: s
     preset (seed torch first, e.g. with run.seed, for a reproducible init). A pretrained policy keeps
     its own normalization statistics; the manifest's cameras and dims must match it."""
     spec = spec_from(model_cfg, manifest)
-    if model_cfg.pretrained:
+    if model_cfg.pretrained and is_foundation_dir(model_cfg.pretrained):
+        try:  # a plain transformers checkpoint: the dataset gives statistics, dims and cameras
+            policy = _family_class(model_cfg.family).from_foundation(
+                Path(model_cfg.pretrained), spec, Normalization.from_manifest(manifest))
+        except PretrainedError as error:
+            raise ConfigError("model.pretrained", str(error)) from None
+    elif model_cfg.pretrained:
         try:
             policy = load_policy(model_cfg.pretrained)
         except PretrainedError as error:

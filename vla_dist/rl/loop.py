@@ -27,6 +27,7 @@ from vla_dist.checkpoint import manager as ckpt
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
+from vla_dist.models.files import is_foundation_dir
 from vla_dist.rl.rollout import Exploration, exploration_from
 from vla_dist.rl.trajectories import Trajectories, join_rollouts
 from vla_dist.rollout.episodes import rl_seed, selected_tasks
@@ -101,6 +102,10 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     if not cfg.model.pretrained:
         raise ConfigError("model.pretrained", "vla-dist rl starts from a policy: give a saved or exported policy "
                           "directory (e.g. one `vla-dist export` wrote, or RUN/checkpoints/step_N/policy of an rl run)")
+    if is_foundation_dir(cfg.model.pretrained):
+        raise ConfigError("model.pretrained", f"{cfg.model.pretrained} is a plain transformers checkpoint: RL needs a "
+                          "policy that already acts on this robot's data; post-train it first (vla-dist train "
+                          "model.pretrained=... data.dir=...) and start rl from that run's export")
     resume = _resume(cfg)
     save_resolved(cfg, run_dir)
     env = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)

@@ -1,0 +1,160 @@
+"""Post-training starts from what people have (issue 13, checkpoints in): a plain transformers PI0
+checkpoint, written by transformers' own `PI0ForConditionalGeneration.save_pretrained` and the
+tokenizer's own `save_pretrained` (never by vla-dist: no vla_dist.json, no normalization.json, its
+own special-token ids), is `model.pretrained`. It loads with the dataset's statistics, dims and
+cameras, LoRA-trains on 2 DeepSpeed ranks, exports, reloads and runs in the simulator; what cannot
+be used fails at config time naming the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vla_dist.cli import main
+from vla_dist.config.load import load_config
+from vla_dist.config.validate import validate
+from vla_dist.data.manifest import read_manifest
+from vla_dist.errors import ConfigError
+from vla_dist.models.policy import build_policy, load_policy
+from vla_dist.rl.loop import run_rl
+from vla_dist.train.batches import EpisodeWindows
+from vla_dist.train.sft import run_train
+
+CORPUS = [
+    "What action should the robot take to pick up the red cube?\n",
+    "What action should the robot take to push the red cube to the green target?\n",
+    "What action should the robot take to stack the red cube on the blue cube?\n",
+    "pick place push stack lift grasp move the cube block target",
+]
+
+
+def plain_tokenizer():
+    """A byte-level BPE wrapped as transformers' fast tokenizer, with PaliGemma's special tokens at
+    ids of its own (<image> last, as in PaliGemma's vocabulary), not vla-dist's 0..3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<eos>", "<pad>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def write_plain_pi0(out: Path, *, max_state_dim: int = 16, tokenizer: bool = True) -> Path:
+    from transformers import PI0Config, PI0ForConditionalGeneration
+
+    tok = plain_tokenizer()
+    vocab = len(tok)
+    config = PI0Config(
+        vlm_config={
+            "model_type": "paligemma", "projection_dim": 64, "hidden_size": 64, "vocab_size": vocab,
+            "image_token_index": tok.convert_tokens_to_ids("<image>"),
+            "text_config": {"model_type": "gemma", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "vocab_size": vocab},
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                              "num_hidden_layers": 1, "num_attention_heads": 2, "patch_size": 8, "image_size": 32,
+                              "vision_use_head": False},
+        },
+        dit_config={"model_type": "gemma", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
+        chunk_size=4, max_action_dim=16, max_state_dim=max_state_dim,
+    )
+    torch.manual_seed(0)
+    PI0ForConditionalGeneration(config).save_pretrained(out)
+    if tokenizer:
+        tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_pi0(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_plain_pi0(tmp_path_factory.mktemp("hub") / "pi0-plain")
+
+
+def test_a_plain_pi0_checkpoint_loads_with_the_datasets_dims_and_statistics(plain_pi0, quickstart_run):
+    from transformers import PI0ForConditionalGeneration
+
+    _, data_dir, _ = quickstart_run
+    assert not (plain_pi0 / "vla_dist.json").exists() and not (plain_pi0 / "normalization.json").exists()
+    cfg = validate(load_config(None, [f"model.pretrained={plain_pi0}", f"data.dir={data_dir}"]))
+    # the checkpoint's architecture, not the preset's (tiny-pi0: chunk 8)
+    assert (cfg.model.family, cfg.model.chunk_size, cfg.model.image_size, cfg.model.hf) == ("pi0", 4, 32, {})
+    manifest = read_manifest(data_dir)
+    policy = build_policy(cfg.model, manifest).eval()
+    assert (policy.action_dim, policy.state_dim, policy.cameras) == (
+        manifest["action_space"]["dim"], manifest["state_space"]["dim"], list(manifest["cameras"]))
+    assert policy.normalization.action_q01 == pytest.approx(manifest["action_stats"]["q01"])
+
+    plain = PI0ForConditionalGeneration.from_pretrained(plain_pi0, local_files_only=True)
+    theirs, ours = dict(plain.named_parameters()), dict(policy.hf_model.named_parameters())
+    assert theirs.keys() == ours.keys()
+    changed = [name for name in theirs if not torch.equal(theirs[name], ours[name])]
+    assert "action_out_proj.weight" in changed and set(changed) <= {"action_out_proj.weight", "action_out_proj.bias"}, \
+        changed  # only the padded action dims' output rows, zeroed
+    dim = policy.action_dim
+    assert torch.equal(ours["action_out_proj.weight"][:dim], theirs["action_out_proj.weight"][:dim])
+    assert ours["action_out_proj.weight"][dim:].abs().sum() == 0 < theirs["action_out_proj.weight"][dim:].abs().sum()
+
+    batch = EpisodeWindows(data_dir, policy.cameras, policy.chunk_size, 0, 1).batch(2, (1,))
+    actions = policy.predict_chunk(batch, noise=torch.randn(2, policy.chunk_size, dim))
+    assert actions.shape == (2, 4, dim) and torch.isfinite(actions).all()
+    assert torch.isfinite(policy(batch))
+
+
+def test_lora_post_training_from_a_plain_checkpoint_exports_reloads_and_evaluates(plain_pi0, quickstart_run, local_ray,
+                                                                                   tmp_path):
+    _, data_dir, _ = quickstart_run
+    run_dir = tmp_path / "run"
+    cfg = validate(load_config(None, [
+        f"model.pretrained={plain_pi0}", f"data.dir={data_dir}", f"run.dir={run_dir}", "cluster.num_cpus=2",
+        "train.world_size=2", "train.zero_stage=2", "train.lora.enabled=true", "train.lora.r=4", "train.steps=4",
+        "train.save_every=4", "train.micro_batch_size=4", "train.lr=3e-3"]))
+    report = run_train(cfg)
+    assert report["trainable_parameters"] < report["parameters"] / 5  # LoRA, on the checkpoint's weights
+
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out), "--merge-lora"]) == 0
+    spec = json.loads((out / "vla_dist.json").read_text())
+    assert (spec["chunk_size"], spec["image_size"], spec["action_dim"]) == (4, 32, 7)
+    exported = load_policy(out).eval()
+    base = build_policy(cfg.model, read_manifest(data_dir)).eval()  # the plain checkpoint as training started
+    moved = [name for name, p in exported.hf_model.named_parameters()
+             if not torch.equal(p, dict(base.hf_model.named_parameters())[name])]
+    assert moved, "the LoRA update was merged into the exported weights"
+
+    eval_dir = tmp_path / "eval"
+    assert main(["eval", f"eval.checkpoint={out}", f"run.dir={eval_dir}", f"data.dir={data_dir}", "eval.episodes=1",
+                 "task.name=pick_cube", "task.max_steps=4", "collect.num_actors=1", "collect.envs_per_actor=1",
+                 "eval.num_videos=0"]) == 0
+    assert json.loads((eval_dir / "report.json").read_text())["episodes"] == 1
+
+
+def test_unusable_plain_checkpoints_fail_at_config_time_naming_the_file(quickstart_run, tmp_path):
+    _, data_dir, _ = quickstart_run
+    no_tokenizer = write_plain_pi0(tmp_path / "no-tokenizer", tokenizer=False)
+    with pytest.raises(ConfigError, match="tokenizer.json is missing") as error:
+        load_config(None, [f"model.pretrained={no_tokenizer}"])
+    assert error.value.key == "model.pretrained"
+
+    narrow = write_plain_pi0(tmp_path / "narrow", max_state_dim=8)  # the dataset's state has 15 dims
+    cfg = validate(load_config(None, [f"model.pretrained={narrow}", f"data.dir={data_dir}"]))
+    with pytest.raises(ConfigError, match="exceed the checkpoint's max_action_dim/max_state_dim 16/8"):
+        build_policy(cfg.model, read_manifest(data_dir))
+
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    (llava / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ConfigError, match="action tokens added to its vocabulary: not supported yet"):
+        load_config(None, [f"model.pretrained={llava}"])
+    with pytest.raises(ConfigError, match="plain transformers checkpoint: RL needs a policy"):  # before Ray
+        run_rl(validate(load_config(None, [f"model.pretrained={narrow}", f"data.dir={data_dir}",
+                                           f"run.dir={tmp_path / 'rl'}"])))
