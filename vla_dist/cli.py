@@ -135,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         "latest checkpoint is exported to run.dir/policy first; null: the untrained model.preset "
         "as a smoke run, normalized with data.dir's manifest) or 'expert' (the scripted expert). Writes "
         "run.dir/report.json (success rate per task with 95% intervals, episode length, decode latency) "
-        "and videos of successes and failures under run.dir/videos/.",
+        "and videos of successes and failures under run.dir/videos/. With eval.offline_data=DIR (held-out "
+        "episodes, e.g. from a real robot) no simulator runs: report.json holds the error of the policy's "
+        "predicted chunks against the recorded actions (MSE per action dim, per chunk step, per task) and "
+        "that of always predicting the mean action.",
     )
     _add_config_arguments(evaluate)
 
@@ -258,9 +261,15 @@ def _run(args: argparse.Namespace) -> int:
         _print_summary("collect", run_collect(cfg), where)
     elif args.command == "eval":
         config_path = save_resolved(cfg, cfg.run.dir)
-        from vla_dist.rollout.evaluate import run_eval
+        if cfg.eval.offline_data is not None:  # no simulator: action error against recorded episodes
+            from vla_dist.offline_eval import run_offline_eval
 
-        _print_summary("eval", run_eval(cfg), f"run: {cfg.run.dir}   config: {config_path}")
+            report = run_offline_eval(cfg)
+        else:
+            from vla_dist.rollout.evaluate import run_eval
+
+            report = run_eval(cfg)
+        _print_summary("eval", report, f"run: {cfg.run.dir}   config: {config_path}")
     elif args.command == "replay":
         config_path = save_resolved(cfg, cfg.run.dir)
         from vla_dist.rollout.replay import run_replay

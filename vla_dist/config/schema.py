@@ -198,6 +198,11 @@ class EvalSection:
     # layouts `vla-dist collect` draws under the same run.seed and task.name (episode i = collected
     # episode i): scores a policy on its own training layouts, e.g. to check it can replay what it learned
     seeds: str = "heldout"
+    # A dataset directory (shards + manifest.json) of held-out episodes: score the policy without a
+    # simulator (data from a real robot) by the error of its predicted chunks against the recorded
+    # actions (vla_dist/offline_eval.py: MSE overall, per action dim, per chunk step, per task, and the
+    # mean-action baseline). null: closed-loop episodes in simulation.
+    offline_data: str | None = None
 
 
 @dataclass

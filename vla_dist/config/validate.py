@@ -134,6 +134,18 @@ def _model_state_inputs(cfg: RunConfig) -> None:
     check_state_inputs(cfg.model.state_inputs, known)
 
 
+def _eval_offline_data(cfg: RunConfig) -> None:
+    path = cfg.eval.offline_data
+    if path is None:
+        return
+    if not (Path(path) / "manifest.json").is_file():
+        raise ConfigError("eval.offline_data", f"{path} has no manifest.json: expected a dataset directory "
+                          "(`vla-dist collect` writes one; shards + manifest.json)")
+    if cfg.eval.policy != "model":
+        raise ConfigError("eval.policy", f"{cfg.eval.policy!r} needs the simulator; offline evaluation "
+                          "(eval.offline_data) scores a model policy")
+
+
 def _eval_checkpoint(cfg: RunConfig) -> None:
     path = cfg.eval.checkpoint
     if path is None:
@@ -299,6 +311,7 @@ CHECKS: list[Check] = [
     at_least("eval.temporal_ensemble", 0.0),
     at_least("eval.num_videos", 0),
     _eval_checkpoint,
+    _eval_offline_data,
     _model_lora_targets,
     _model_state_inputs,
     _model_pretrained,

@@ -36,6 +36,7 @@ class EpisodeWindows:
         self.states = [ep.state.astype(np.float32) for ep in episodes]
         self.actions = [ep.actions.astype(np.float32) for ep in episodes]
         self.instructions = [ep.instruction for ep in episodes]
+        self.tasks = [ep.task for ep in episodes]
         self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(ep.num_frames)]
 
     def __len__(self) -> int:
@@ -53,7 +54,11 @@ class EpisodeWindows:
 
     def batch(self, size: int, seed: Sequence[int]) -> PolicyBatch:
         rng = np.random.default_rng(list(seed))
-        rows = [self.window(int(i)) for i in rng.integers(len(self.index), size=size)]
+        return self.windows_batch([int(i) for i in rng.integers(len(self.index), size=size)])
+
+    def windows_batch(self, indices: Sequence[int]) -> PolicyBatch:
+        """The windows `indices` (into self.index) as one batch, in that order."""
+        rows = [self.window(i) for i in indices]
         images, states, texts, actions, masks = zip(*rows, strict=True)
         return PolicyBatch(images=torch.from_numpy(np.stack(images)), state=torch.from_numpy(np.stack(states)),
                            instructions=list(texts), actions=torch.from_numpy(np.stack(actions)),
