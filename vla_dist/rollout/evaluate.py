@@ -42,6 +42,22 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _check_fits_the_simulator(path: Path, cfg: RunConfig) -> None:
+    """A policy of another embodiment (its dataset's cameras, action or state dims are not our
+    Franka scene's) cannot run in the simulator: say so before any actor starts."""
+    from vla_dist.spaces import ACTION_SPACE, CAMERAS, STATE_SPACE
+
+    if cfg.eval.offline_data is not None:
+        return
+    spec = json.loads((path / "vla_dist.json").read_text(encoding="utf-8"))
+    ours = (ACTION_SPACE["dim"], STATE_SPACE["dim"])
+    if (spec["action_dim"], spec["state_dim"]) != ours or not set(spec["cameras"]) <= set(CAMERAS):
+        raise ConfigError("eval.checkpoint", f"{path} was trained on another embodiment (cameras {spec['cameras']}, "
+                          f"action/state dims {spec['action_dim']}/{spec['state_dim']}); the simulator's Franka has "
+                          f"cameras {list(CAMERAS)} and dims {ours[0]}/{ours[1]}: evaluate it on held-out episodes "
+                          "with eval.offline_data=DIR instead")
+
+
 def resolve_policy(cfg: RunConfig) -> PolicySource:
     """What the actors will run; builds and saves the untrained preset when no checkpoint is given."""
     cameras = tuple(cfg.task.cameras)
@@ -70,6 +86,7 @@ def resolve_policy(cfg: RunConfig) -> PolicySource:
         lora = bool(json.loads((step_dir / META).read_text(encoding="utf-8"))["lora"]["enabled"])
         exported = export_checkpoint(step_dir, Path(cfg.run.dir) / "policy", merge_lora=lora)
         path = str(exported["out"])
+    _check_fits_the_simulator(Path(path), cfg)
     return PolicySource(
         kind="model", path=str(path), action_horizon=cfg.eval.action_horizon,
         temporal_ensemble=cfg.eval.temporal_ensemble, cameras=cameras, compile=cfg.model.compile
