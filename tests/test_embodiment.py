@@ -76,3 +76,7 @@ def test_another_robot_trains_exports_and_is_scored_offline(preset, local_ray, t
     assert main(["eval", f"eval.checkpoint={export}", f"data.dir={data}", f"run.dir={tmp_path / 'sim'}"]) == 2
     err = capsys.readouterr().err
     assert "eval.checkpoint" in err and "another embodiment" in err and "eval.offline_data" in err, err
+    # training-time evals would run in that simulator too: refused before any rank starts
+    assert main(["train", f"data.dir={data}", f"run.dir={tmp_path / 'evals'}", "train.eval_every=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.eval_every" in err and "another embodiment" in err and not (tmp_path / "evals").exists(), err

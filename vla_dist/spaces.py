@@ -50,3 +50,12 @@ TASK_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASK_INSTRUCTIONS)
+
+
+def simulator_mismatch(cameras: list[str], action_dim: int, state_dim: int) -> str | None:
+    """Why a policy (or dataset) of these cameras and dims cannot run in our Franka scene; None if it can.
+    Data of another robot trains and is scored offline (eval.offline_data), never in this simulator."""
+    if (action_dim, state_dim) == (ACTION_SPACE["dim"], STATE_SPACE["dim"]) and set(cameras) <= set(CAMERAS):
+        return None
+    return (f"cameras {list(cameras)}, action/state dims {action_dim}/{state_dim}: another embodiment than the "
+            f"simulator's Franka (cameras {list(CAMERAS)}, dims {ACTION_SPACE['dim']}/{STATE_SPACE['dim']})")

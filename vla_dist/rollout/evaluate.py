@@ -43,18 +43,15 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def _check_fits_the_simulator(path: Path, cfg: RunConfig) -> None:
-    """A policy of another embodiment (its dataset's cameras, action or state dims are not our
-    Franka scene's) cannot run in the simulator: say so before any actor starts."""
-    from vla_dist.spaces import ACTION_SPACE, CAMERAS, STATE_SPACE
+    """A policy of another embodiment cannot run in the simulator: say so before any actor starts."""
+    from vla_dist.spaces import simulator_mismatch
 
     if cfg.eval.offline_data is not None:
         return
     spec = json.loads((path / "vla_dist.json").read_text(encoding="utf-8"))
-    ours = (ACTION_SPACE["dim"], STATE_SPACE["dim"])
-    if (spec["action_dim"], spec["state_dim"]) != ours or not set(spec["cameras"]) <= set(CAMERAS):
-        raise ConfigError("eval.checkpoint", f"{path} was trained on another embodiment (cameras {spec['cameras']}, "
-                          f"action/state dims {spec['action_dim']}/{spec['state_dim']}); the simulator's Franka has "
-                          f"cameras {list(CAMERAS)} and dims {ours[0]}/{ours[1]}: evaluate it on held-out episodes "
+    why = simulator_mismatch(spec["cameras"], spec["action_dim"], spec["state_dim"])
+    if why:
+        raise ConfigError("eval.checkpoint", f"{path} was trained on {why}: evaluate it on held-out episodes "
                           "with eval.offline_data=DIR instead")
 
 

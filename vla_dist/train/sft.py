@@ -31,6 +31,7 @@ from vla_dist.config.schema import RunConfig
 from vla_dist.config.validate import eval_fit_message, global_batch_size
 from vla_dist.data.manifest import ManifestError, read_manifest
 from vla_dist.errors import ConfigError, VlaDistError
+from vla_dist.spaces import simulator_mismatch
 from vla_dist.train.evals import TrainingEvals, train_meta
 from vla_dist.train.loggers import RunLoggers, check_loggers
 from vla_dist.train.metrics import plot_loss
@@ -192,6 +193,11 @@ def _manifest(cfg: RunConfig) -> dict[str, Any]:
     except (ManifestError, FileNotFoundError, OSError) as error:
         raise ConfigError("data.dir",
                           f"no readable dataset at {cfg.data.dir} ({error}); run vla-dist collect") from None
+    why = simulator_mismatch(list(manifest["cameras"]), int(manifest["action_space"]["dim"]),
+                             int(manifest["state_space"]["dim"]))
+    if cfg.train.eval_every and why:
+        raise ConfigError("train.eval_every", f"{cfg.data.dir} holds {why}: training-time evals run in that "
+                          "simulator; set train.eval_every=0 and score checkpoints with eval.offline_data")
     if cfg.train.world_size > int(manifest["episodes"]):
         raise ConfigError("train.world_size", f"{cfg.train.world_size} ranks but {cfg.data.dir} holds "
                           f"{manifest['episodes']} episodes: every rank needs at least one")
