@@ -17,3 +17,17 @@ def episode_progress() -> Progress:
         TimeRemainingColumn(),
         transient=False,
     )
+
+
+def count_progress(unit: str) -> Progress:
+    """Count, rate, elapsed and ETA, for work that has no success rate (imports)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.2f} " + unit + "/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        transient=False,
+    )
