@@ -70,9 +70,9 @@ class PlainTrainer:
             apply_lora(policy, t.lora)
         self.policy = policy.to(self.device).train()
         self.params = [p for p in policy.parameters() if p.requires_grad]
-        # the ranks' optimizer (distributed/ds_config.py): torch's fused AdamW kernel
+        # the ranks' optimizer (distributed/ds_config.py): torch's fused AdamW kernel with train.fused_optimizer
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8,
-                                           weight_decay=t.weight_decay, fused=True)
+                                           weight_decay=t.weight_decay, fused=t.fused_optimizer or None)
         self.grad_clip = float(t.grad_clip)
         windows = EpisodeWindows(cfg.data.dir, policy.cameras, policy.chunk_size, 0, 1)
         self.batches = {size: windows.batch(size, (cfg.run.seed, 0, 0))
