@@ -88,9 +88,7 @@ class PI0Policy(VLAPolicy):
             hf_model = PI0ForConditionalGeneration(config)
         policy = cls(hf_model, tokenizer, normalization, spec)
         if not meta:
-            with torch.no_grad():  # padded action dims: exact zeros (see the module docstring)
-                hf_model.action_out_proj.weight[spec.action_dim :].zero_()
-                hf_model.action_out_proj.bias[spec.action_dim :].zero_()
+            policy.zero_padded_action_rows()
         return policy
 
     @classmethod
@@ -122,10 +120,14 @@ class PI0Policy(VLAPolicy):
             policy = cls(hf_model, tokenizer, normalization, spec)
         except ValueError as error:  # no <image>/<bos>/<pad> token, image_token_id not the tokenizer's
             raise PretrainedError(f"{path}: {error}") from None
-        with torch.no_grad():
-            hf_model.action_out_proj.weight[spec.action_dim :].zero_()
-            hf_model.action_out_proj.bias[spec.action_dim :].zero_()
+        policy.zero_padded_action_rows()
         return policy
+
+    def zero_padded_action_rows(self) -> None:
+        """The output projection's rows for the padded action dims: exact zeros (module docstring)."""
+        with torch.no_grad():
+            self.hf_model.action_out_proj.weight[self.action_dim :].zero_()
+            self.hf_model.action_out_proj.bias[self.action_dim :].zero_()
 
     def unused_parameters(self) -> list[str]:
         """Parameters no computation reads (frozen; left out of count_parameters(exclude_unused))."""
