@@ -1,5 +1,6 @@
-"""`vla-dist import lerobot SRC --out DATA_DIR`: a LeRobot v3.0 dataset (written here by
-tests/lerobot_format.py in LeRobot's layout) becomes vla-dist shards + manifest with the same
+"""`vla-dist import lerobot SRC --out DATA_DIR`: a LeRobot v3.0 dataset (written here by the
+exporter's LeRobotV3Writer in LeRobot's layout; tests/test_lerobot_client.py checks both directions
+against LeRobot's own code) becomes vla-dist shards + manifest with the same
 states, actions, tasks, fps and frames; vla-dist trains on it; broken sources are named and an
 interrupted import leaves no manifest."""
 
@@ -15,11 +16,10 @@ from vla_dist.cli import main
 from vla_dist.config.load import load_config
 from vla_dist.config.validate import validate
 from vla_dist.data import iter_episodes
+from vla_dist.data.lerobot_export import LeRobotV3Writer
 from vla_dist.data.lerobot_import import task_name
 from vla_dist.data.manifest import read_manifest
 from vla_dist.train.sft import run_train
-
-from .lerobot_format import write_dataset
 
 TASKS = ["Pick up the red block.", "open the top drawer", "Pick up the red block."]
 LENGTHS = [12, 17, 9]
@@ -40,16 +40,24 @@ def recorded_episodes() -> list[dict]:
     for e, (task, length) in enumerate(zip(TASKS, LENGTHS, strict=True)):
         t = np.arange(length, dtype=np.float32)[:, None]
         episodes.append({"task": task,
-                         "frames": {f"observation.images.{name}": solid_frames(e, cam, length)
+                         "frames": {name: solid_frames(e, cam, length)
                                     for cam, name in enumerate(["front", "wrist"])},
                          "state": 100 * e + t + np.arange(15, dtype=np.float32) / 100,
                          "action": -100 * e - t + np.arange(7, dtype=np.float32) / 10})
     return episodes
 
 
+def write_lerobot(root: Path, episodes: list[dict], fps: int) -> Path:
+    writer = LeRobotV3Writer(root, fps=fps, robot_type="test_arm")
+    for episode in episodes:
+        writer.add_episode(episode["task"], episode["state"], episode["action"], episode["frames"])
+    writer.close()
+    return root
+
+
 @pytest.fixture
 def lerobot_dir(tmp_path: Path) -> Path:
-    return write_dataset(tmp_path / "lerobot-src", recorded_episodes(), fps=10)
+    return write_lerobot(tmp_path / "lerobot-src", recorded_episodes(), fps=10)
 
 
 def test_import_keeps_states_actions_tasks_fps_and_frames(lerobot_dir, tmp_path, capsys):
@@ -72,7 +80,7 @@ def test_import_keeps_states_actions_tasks_fps_and_frames(lerobot_dir, tmp_path,
         np.testing.assert_array_equal(ep.state, w["state"])
         np.testing.assert_array_equal(ep.actions, w["action"])
         for name in ("front", "wrist"):
-            error = np.abs(ep.frames[name].astype(int) - w["frames"][f"observation.images.{name}"].astype(int))
+            error = np.abs(ep.frames[name].astype(int) - w["frames"][name].astype(int))
             assert error.mean() < 3.0, (ep.episode_id, name, error.mean())  # two lossy encodes, solid colours
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -180,22 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(rl)
 
-    importer = commands.add_parser(
-        "import",
-        help="a LeRobot v3.0 dataset -> vla-dist shards + manifest",
-        description="Read a local LeRobot v3.0 dataset (meta/info.json, data/*.parquet, videos/*.mp4; nothing is "
-        "downloaded) and write it as vla-dist WebDataset shards + manifest.json to --out: every video camera "
-        "(observation.images.<name> becomes camera <name>), observation.state, action, the task string as the "
-        "instruction, fps; statistics recomputed. The manifest is written last: an interrupted import leaves "
-        "none. Train on it with `vla-dist train data.dir=OUT`; score offline with eval.offline_data.",
-    )
-    importer.add_argument("format", choices=["lerobot"], help="the source format")
-    importer.add_argument("src", metavar="SRC", help="the source dataset directory")
-    importer.add_argument("--out", required=True, metavar="DATA_DIR", help="output dataset directory")
-    importer.add_argument("--image-size", type=int, default=0, metavar="N",
-                          help="resize every frame to N x N (default 0: keep the source's, square frames only)")
-    _add_config_arguments(importer)
-
     export = commands.add_parser(
         "export",
         help="checkpoint -> HF-format policy directory, peft adapter, or merged model",
@@ -238,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     from vla_dist.cluster.cli import (
         add_commands as add_cluster_commands,  # no Ray/torch at import
     )
+    from vla_dist.data.cli import add_commands as add_data_commands
 
     add_cluster_commands(commands, _add_config_arguments)
+    add_data_commands(commands, _add_config_arguments)
     return parser
 
 
@@ -307,9 +292,10 @@ def _run(args: argparse.Namespace) -> int:
         report = run_rl(cfg)
         _print_summary("rl", report, f"run: {cfg.run.dir}   policy: {report['policy']}   plot: {report['success_png']}",
                        outcome=f"stopped by {report['stopped_by']}" if report.get("stopped_by") else "done")
-    elif args.command == "import":
-        _print_summary("import", _import_lerobot(args, cfg), f"shards: {args.out}   train: vla-dist train "
-                       f"data.dir={args.out}")
+    elif args.command in ("import", "export-data"):
+        from vla_dist.data.cli import run as run_data_command
+
+        _print_summary(args.command, *run_data_command(args, cfg))
     elif args.command == "export":
         from vla_dist.checkpoint.export import export_checkpoint
 
@@ -324,28 +310,6 @@ def _run(args: argparse.Namespace) -> int:
         stop_command_ray()  # no actor line after the JSON line
         print(json.dumps(report, default=str), flush=True)
     return 0
-
-
-def _import_lerobot(args: argparse.Namespace, cfg: RunConfig) -> Report:
-    from vla_dist.data.lerobot import LeRobotFormatError
-    from vla_dist.data.lerobot_import import import_lerobot
-    from vla_dist.rollout.progress import count_progress
-
-    if args.image_size < 0:
-        raise ConfigError(None, f"--image-size must be >= 0, got {args.image_size}")
-    started = time.perf_counter()
-    with count_progress("ep") as progress:
-        bar = progress.add_task("import", total=None, rate=0.0)
-
-        def on_episode(done: int, total: int) -> None:
-            progress.update(bar, completed=done, total=total or None,
-                            rate=done / max(time.perf_counter() - started, 1e-9))
-
-        try:
-            return import_lerobot(args.src, args.out, image_size=args.image_size, codec=cfg.data.image_codec,
-                                  shard_max_episodes=cfg.data.shard_max_episodes, on_episode=on_episode)
-        except LeRobotFormatError as error:  # the source is the user's input: exit 2, file named
-            raise ConfigError(None, str(error)) from None
 
 
 def _print_summary(command: str, report: Report, where: str, outcome: str = "done") -> None:

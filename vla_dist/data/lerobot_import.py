@@ -9,7 +9,7 @@ nothing reads a half dataset (re-run it: the output directory's shards are repla
 Action and state spaces are recorded as the source names them (`type: "lerobot"`).
 
 WIP (next sessions): Ray tasks for large datasets, resume of an interrupted import, skipping
-(and counting) episodes with corrupt files, `export-data lerobot`.
+(and counting) episodes with corrupt files.
 """
 
 from __future__ import annotations
