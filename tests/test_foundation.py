@@ -158,3 +158,36 @@ def test_unusable_plain_checkpoints_fail_at_config_time_naming_the_file(quicksta
     with pytest.raises(ConfigError, match="plain transformers checkpoint: RL needs a policy"):  # before Ray
         run_rl(validate(load_config(None, [f"model.pretrained={narrow}", f"data.dir={data_dir}",
                                            f"run.dir={tmp_path / 'rl'}"])))
+
+
+def test_zero3_loads_a_plain_checkpoint_partitioned(plain_pi0, quickstart_run, local_ray, tmp_path):
+    """Under ZeRO-3 each rank holds only its partition of the checkpoint from the moment it is built
+    (transformers' from_pretrained under deepspeed.zero.Init), and what it holds is the checkpoint:
+    the first loss on the same fixed batch equals a ZeRO-2 run's, which loads it whole."""
+    _, data_dir, _ = quickstart_run
+    reports = {}
+    for stage in (2, 3):
+        reports[stage] = run_train(validate(load_config(None, [
+            f"model.pretrained={plain_pi0}", f"data.dir={data_dir}", f"run.dir={tmp_path / f'zero{stage}'}",
+            "cluster.num_cpus=2", "train.world_size=2", f"train.zero_stage={stage}", "train.steps=1",
+            "train.save_every=0", "train.micro_batch_size=2", "train.fixed_batches=true"])))
+    total = reports[2]["parameters"]
+    assert reports[3]["parameters"] == total
+    assert reports[2]["model_load"]["held_elements"] == [total, total]
+    held = reports[3]["model_load"]["held_elements"]
+    assert sum(held) >= total and max(held) < 0.55 * total, (held, total)  # a half each (+ padding)
+    assert reports[3]["first_loss"] == pytest.approx(reports[2]["first_loss"], rel=1e-5)
+    assert all(mb and mb > 0 for mb in reports[3]["model_load"]["peak_rss_mb"])
+
+
+def test_bench_load_reports_memory_per_rank_partitioned_and_whole(plain_pi0, quickstart_run, local_ray, tmp_path,
+                                                                  capsys):
+    _, data_dir, _ = quickstart_run
+    assert main(["bench", "load", f"model.pretrained={plain_pi0}", f"data.dir={data_dir}", f"run.dir={tmp_path}",
+                 "train.world_size=2", "cluster.num_cpus=2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["name"] == "load" and report["unit"] == "MiB" and report["world_size"] == 2
+    assert report["ratio"] == pytest.approx(report["baseline"] / report["value"], rel=1e-2)
+    whole, parts = report["zero2"]["held_elements_per_rank"], report["zero3"]["held_elements_per_rank"]
+    assert whole[0] == whole[1] and sum(parts) >= whole[0] and max(parts) < 0.55 * whole[0]
+    assert len(report["zero3"]["peak_mb_per_rank"]) == 2 and report["checkpoint_bytes"] > 0

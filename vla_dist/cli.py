@@ -70,6 +70,12 @@ def _bench_data(cfg: RunConfig) -> Report:
     return run_data_bench(cfg)
 
 
+def _bench_load(cfg: RunConfig) -> Report:
+    from vla_dist.bench.load import run_load_bench
+
+    return run_load_bench(cfg)
+
+
 # `vla-dist bench NAME`: each prints its report as one JSON line, the last line of stdout.
 BENCHES: dict[str, Callable[[RunConfig], Report]] = {
     "data": _bench_data,
@@ -79,6 +85,7 @@ BENCHES: dict[str, Callable[[RunConfig], Report]] = {
     "train": _bench_train,
     "checkpoint": _bench_checkpoint,
     "rl": _bench_rl,
+    "load": _bench_load,
 }
 
 EXAMPLES = """examples:
@@ -204,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and global batch (train.steps timed steps; MFU on GPU); "
         "checkpoint: DeepSpeed save GB/s vs a plain fsync'd torch.save of the same bytes on the same disk (run.dir); "
         "rl: env-steps/s of policy rollouts with exploration vs the expert on the same sim actors, and weight-sync "
-        "GB/s vs a plain ray.put/ray.get of the same bytes. "
+        "GB/s vs a plain ray.put/ray.get of the same bytes; "
+        "load: peak host MiB per rank loading model.pretrained partitioned under ZeRO-3 vs whole (ZeRO-2). "
         "The last line of stdout is one JSON object.",
     )
     bench.add_argument("name", metavar="NAME", choices=list(BENCHES), help=f"one of: {', '.join(BENCHES)}")

@@ -10,6 +10,8 @@ the engine's state, and gathering the trainable weights (ZeRO-3 partitions them)
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,30 @@ import torch
 
 from vla_dist.config.schema import RunConfig
 from vla_dist.distributed.group import node_address_and_free_port
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak for `peak_rss_mb` (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (VmHWM) since start or `reset_peak_rss`, MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def held_elements(module: torch.nn.Module) -> int:
+    """Parameter elements this process holds: a ZeRO-3 partitioned parameter counts its own partition."""
+    return sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
 
 
 class DeepSpeedRank:
@@ -47,6 +73,28 @@ class DeepSpeedRank:
         if self.on_gpu:
             torch.cuda.set_device(device)
         return device
+
+    @contextmanager
+    def partitioned_loading(self, ds_config: dict[str, Any]) -> Iterator[None]:
+        """Inside: at ZeRO-3, a checkpoint that transformers' `from_pretrained` loads (a plain HF
+        checkpoint or a saved policy) is built already partitioned (`deepspeed.zero.Init`) and filled
+        one module at a time, rank 0 copying each module's weights from the memory-mapped
+        safetensors into the gathered module before it is re-partitioned: no rank ever holds the
+        whole model (measured in docs/benchmarks.md). transformers does this while an
+        `HfDeepSpeedConfig` of stage 3 is alive; outside this block none is. Other stages, and a
+        random init of a preset (no model.pretrained: built whole, so that its seeded values are the
+        same at every stage; DeepSpeed partitions it when the engine starts): nothing."""
+        if self.cfg.train.zero_stage != 3 or not self.cfg.model.pretrained:
+            yield
+            return
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del keep_alive
 
     def _unlink_shm_buffer(self, env: dict[str, str]) -> None:
         """DeepSpeed's CPU shared-memory allreduce (ops/csrc/cpu/comm/shm.cpp, used when all ranks

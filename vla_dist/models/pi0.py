@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from vla_dist.errors import ConfigError
 from vla_dist.models import processing
 from vla_dist.models.files import PretrainedError
-from vla_dist.models.policy import PolicyBatch, PolicyInputs, PolicySpec, VLAPolicy
+from vla_dist.models.policy import PolicyBatch, PolicyInputs, PolicySpec, VLAPolicy, editable
 from vla_dist.models.processing import Normalization
 
 if TYPE_CHECKING:
@@ -98,7 +98,8 @@ class PI0Policy(VLAPolicy):
         them) as a policy for the dataset in `spec`/`normalization`: its chunk size and image size are
         the checkpoint's; actions and state are zero-padded to its max_action_dim/max_state_dim.
         The output rows of the padded action dims are zeroed (the module docstring's convention; the
-        checkpoint's values there are never used). Loads on the CPU, whole. Raises PretrainedError."""
+        checkpoint's values there are never used). Loads on the CPU: whole, or partitioned inside a
+        ZeRO-3 rank's `partitioned_loading`. Raises PretrainedError."""
         from vla_dist.models.files import load_hf_model, raise_on_bad_keys
         from vla_dist.models.policy import DTYPES
 
@@ -125,7 +126,8 @@ class PI0Policy(VLAPolicy):
 
     def zero_padded_action_rows(self) -> None:
         """The output projection's rows for the padded action dims: exact zeros (module docstring)."""
-        with torch.no_grad():
+        projection = self.hf_model.action_out_proj
+        with torch.no_grad(), editable(projection.weight, projection.bias):
             self.hf_model.action_out_proj.weight[self.action_dim :].zero_()
             self.hf_model.action_out_proj.bias[self.action_dim :].zero_()
 

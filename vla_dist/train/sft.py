@@ -135,7 +135,7 @@ def run_train(cfg: RunConfig, worker_cls: type[SFTWorker] | None = None) -> dict
         "global_batch_size": global_batch, "trainable_parameters": info["trainable"],
         "parameters": info["parameters"], "first_loss": rows[0]["loss"] if rows else None,
         "final_loss": rows[-1]["loss"] if rows else None, "median_step_s": step_times[len(step_times) // 2],
-        "setup_s": round(setup_s, 2), "wall_s": round(time.perf_counter() - started, 2),
+        "setup_s": round(setup_s, 2), "model_load": info["load"], "wall_s": round(time.perf_counter() - started, 2),
         "nan_skipped": sum(row.get("nan_skipped", 0) for row in rows),
         "checkpoint": latest and str(latest), "loss_png": str(plot), "rank_nodes": group.rank_nodes,
         "last_step": step, "stopped_by": stopped_by, **evals.summary(rows),
@@ -156,15 +156,19 @@ def start_ranks(cfg: RunConfig, manifest: dict[str, Any], env: dict[str, str], w
     """The ranks of `vla-dist train`, set up: `train.world_size` actors of `worker_cls` (SFTWorker or a
     subclass, as the benches use) in a TrainerGroup placed by `TrainerPlacement.from_train`, each given
     its rendezvous env on top of `env` (init_ray's, Ray being up) and DS_ACCELERATOR. Returns the group
-    and rank 0's setup info (step, parameters, trainable); a failed setup shuts the group down."""
+    and rank 0's setup info (step, parameters, trainable), with each rank's parameter elements held
+    and peak resident memory right after building the policy under "load"; a failed setup shuts the
+    group down."""
     from vla_dist.distributed.group import TrainerGroup
     from vla_dist.train.worker import SFTWorker
 
     env = {**env, "DS_ACCELERATOR": "cuda" if cfg.train.gpus_per_rank else "cpu"}
     group = TrainerGroup(worker_cls or SFTWorker, TrainerPlacement.from_train(cfg.train), env=env, on_lost=on_lost)
     try:
-        info = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume),
-                                                      resume_mode))[0]
+        infos = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume),
+                                                       resume_mode))
+        info = {**infos[0], "load": {"held_elements": [i["load"]["held_elements"] for i in infos],
+                                     "peak_rss_mb": [i["load"]["peak_rss_mb"] for i in infos]}}
     except BaseException:
         group.shutdown()
         raise

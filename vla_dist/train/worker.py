@@ -16,7 +16,7 @@ import torch
 
 from vla_dist.config.schema import RunConfig
 from vla_dist.data.augment import augment_batch
-from vla_dist.distributed.rank import DeepSpeedRank
+from vla_dist.distributed.rank import DeepSpeedRank, held_elements, peak_rss_mb, reset_peak_rss
 
 
 class SFTWorker(DeepSpeedRank):
@@ -32,11 +32,14 @@ class SFTWorker(DeepSpeedRank):
 
         self.manifest = manifest
         torch.manual_seed(cfg.run.seed)  # the same random init on every rank (and in export)
-        policy = build_policy(cfg.model, manifest)
+        ds_config = build_ds_config(cfg.train, on_gpu=self.on_gpu)
+        reset_peak_rss()
+        with self.partitioned_loading(ds_config):  # ZeRO-3: a checkpoint loads already partitioned
+            policy = build_policy(cfg.model, manifest)
+        load = {"held_elements": held_elements(policy), "peak_rss_mb": peak_rss_mb()}
         if cfg.train.lora.enabled:
             apply_lora(policy, cfg.train.lora)
         self.lora = cfg.train.lora.enabled
-        ds_config = build_ds_config(cfg.train, on_gpu=self.on_gpu)
         if resume is not None and resume_mode == "universal":  # another world size, same stage
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine, *_ = deepspeed.initialize(model=policy, config=ds_config,
@@ -60,7 +63,7 @@ class SFTWorker(DeepSpeedRank):
         self.nan_in_row = 0
         trainable, total = trainable_count(self.engine.module)
         return {"step": int(self.engine.global_steps), "trainable": trainable, "parameters": total,
-                "windows": len(self.windows) if self.windows is not None else None}
+                "windows": len(self.windows) if self.windows is not None else None, "load": load}
 
     def _load_data_state(self, step_dir: str) -> None:
         """Continue the data stream where the checkpoint left it: every rank's loader state is in the
