@@ -8,6 +8,7 @@ be used fails at config time naming the file."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -150,11 +151,12 @@ def test_unusable_plain_checkpoints_fail_at_config_time_naming_the_file(quicksta
     with pytest.raises(ConfigError, match="exceed the checkpoint's max_action_dim/max_state_dim 16/8"):
         build_policy(cfg.model, read_manifest(data_dir))
 
-    llava = tmp_path / "llava"
-    llava.mkdir()
-    (llava / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    with pytest.raises(ConfigError, match="action tokens added to its vocabulary: not supported yet"):
-        load_config(None, [f"model.pretrained={llava}"])
+    qwen = tmp_path / "qwen2_vl"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    with pytest.raises(ConfigError, match="'qwen2_vl' cannot start post-training; plain checkpoints of model_type "
+                                          "pi0, paligemma, llava can"):
+        load_config(None, [f"model.pretrained={qwen}"])
     with pytest.raises(ConfigError, match="plain transformers checkpoint: RL needs a policy"):  # before Ray
         run_rl(validate(load_config(None, [f"model.pretrained={narrow}", f"data.dir={data_dir}",
                                            f"run.dir={tmp_path / 'rl'}"])))
@@ -191,3 +193,55 @@ def test_bench_load_reports_memory_per_rank_partitioned_and_whole(plain_pi0, qui
     whole, parts = report["zero2"]["held_elements_per_rank"], report["zero3"]["held_elements_per_rank"]
     assert whole[0] == whole[1] and sum(parts) >= whole[0] and max(parts) < 0.55 * whole[0]
     assert len(report["zero3"]["peak_mb_per_rank"]) == 2 and report["checkpoint_bytes"] > 0
+
+
+def write_plain_paligemma(out: Path) -> Path:
+    """A tiny PaliGemma VLM as its own save_pretrained writes it: no action tokens in its vocabulary."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    tok = plain_tokenizer()
+    vocab = len(tok)
+    config = PaliGemmaConfig(
+        projection_dim=64, hidden_size=64, vocab_size=vocab, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        text_config={"model_type": "gemma", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "vocab_size": vocab},
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "patch_size": 8, "image_size": 32,
+                       "vision_use_head": False})
+    torch.manual_seed(0)
+    PaliGemmaForConditionalGeneration(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_a_plain_paligemma_becomes_the_action_token_backbone_and_lora_trains(quickstart_run, local_ray, tmp_path):
+    """The VLM keeps every weight and token it had; 256 action tokens are added with distinct
+    embedding rows; LoRA trains on 2 ranks, the merged export reloads and runs in the simulator."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    _, data_dir, _ = quickstart_run
+    plain = write_plain_paligemma(tmp_path / "paligemma-plain")
+    cfg = validate(load_config(None, [
+        f"model.pretrained={plain}", f"data.dir={data_dir}", f"run.dir={tmp_path / 'run'}", "cluster.num_cpus=2",
+        "train.world_size=2", "train.zero_stage=2", "train.lora.enabled=true", "train.lora.r=4", "train.steps=4",
+        "train.save_every=4", "train.micro_batch_size=2", "train.lr=3e-3"]))
+    assert (cfg.model.family, cfg.model.image_size, cfg.model.chunk_size) == ("action_tokens", 32, 8)
+    policy = build_policy(cfg.model, read_manifest(data_dir))
+    theirs = PaliGemmaForConditionalGeneration.from_pretrained(plain, local_files_only=True)
+    old_rows = theirs.get_input_embeddings().weight
+    rows = policy.hf_model.get_input_embeddings().weight
+    assert rows.shape[0] == old_rows.shape[0] + 256 == len(policy.tokenizer)
+    assert torch.equal(rows[: old_rows.shape[0]], old_rows)  # every token it knew, unchanged
+    new_rows = rows[policy.action_token_ids]
+    assert torch.cdist(new_rows, new_rows).add(torch.eye(256) * 1e9).min() > 1e-3  # 256 tokens told apart
+    assert policy.tokenizer.convert_ids_to_tokens(int(policy.action_token_ids[0])) == "<act_000>"
+
+    report = run_train(cfg)
+    assert report["trainable_parameters"] < report["parameters"] / 3 and math.isfinite(report["final_loss"])
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--merge-lora"]) == 0
+    exported = load_policy(out).eval()
+    assert exported.family == "action_tokens" and len(exported.tokenizer) == len(policy.tokenizer)
+    assert main(["eval", f"eval.checkpoint={out}", f"run.dir={tmp_path / 'eval'}", f"data.dir={data_dir}",
+                 "eval.episodes=1", "task.name=pick_cube", "task.max_steps=4", "collect.num_actors=1",
+                 "collect.envs_per_actor=1", "eval.num_videos=0"]) == 0

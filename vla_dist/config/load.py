@@ -140,6 +140,7 @@ def _apply_pretrained(cfg: RunConfig, given: dict[str, str]) -> None:
         check_weights_match(path)
         if spec.get("foundation"):  # a plain transformers checkpoint: the prompt length stays ours
             spec.update(foundation_architecture(path), max_text_tokens=cfg.model.max_text_tokens)
+            spec.setdefault("chunk_size", cfg.model.chunk_size)  # a VLM backbone: the preset's or the user's
     except PretrainedError as error:
         raise ConfigError("model.pretrained", str(error)) from None
     if "hf" in given:

@@ -84,7 +84,11 @@ class DeepSpeedRank:
         `HfDeepSpeedConfig` of stage 3 is alive; outside this block none is. Other stages, and a
         random init of a preset (no model.pretrained: built whole, so that its seeded values are the
         same at every stage; DeepSpeed partitions it when the engine starts): nothing."""
-        if self.cfg.train.zero_stage != 3 or not self.cfg.model.pretrained:
+        from vla_dist.models.files import check_adapter_dir
+
+        pretrained = self.cfg.model.pretrained
+        # An unmerged LoRA export is merged into its base as it loads: peft merges whole weights only.
+        if self.cfg.train.zero_stage != 3 or not pretrained or check_adapter_dir(Path(pretrained)) is not None:
             yield
             return
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config

@@ -16,6 +16,7 @@ causally (1). LLaVA/Llama is causal throughout.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from vla_dist.errors import ConfigError
 from vla_dist.models import processing
-from vla_dist.models.files import FAMILY_MODEL_TYPES
+from vla_dist.models.files import FAMILY_MODEL_TYPES, PretrainedError
 from vla_dist.models.policy import PolicyBatch, PolicyInputs, PolicySpec, VLAPolicy
 from vla_dist.models.processing import NUM_ACTION_BINS, Normalization
 
@@ -74,6 +75,46 @@ class ActionTokenPolicy(VLAPolicy):
         with torch.device("meta" if meta else "cpu"):
             hf_model = model_class(config)
         return cls(hf_model, tokenizer, normalization, spec)
+
+    @classmethod
+    def from_foundation(cls, path: Path, spec: PolicySpec, normalization: Normalization) -> ActionTokenPolicy:
+        """A plain transformers PaliGemma or LLaVA checkpoint (config.json + safetensors +
+        tokenizer.json, as their `save_pretrained` write them) as this family's backbone, for the
+        dataset in `spec`/`normalization`; its image size is the checkpoint's.
+
+        The 256 action tokens <act_000>..<act_255> are ADDED to the vocabulary (OpenVLA instead
+        overwrote Llama's 256 least-used ids; adding keeps every word the backbone knows). The
+        embedding grows by 256 rows (the tied output head with it) that transformers initialises
+        from the model's own init distribution, not the mean of the others: rows that differ, so
+        that even a LoRA run, which leaves the embedding frozen, can tell the bins apart (its
+        adapters learn to point the hidden state at one of 256 distinct fixed directions; a full
+        fine-tune trains the rows too). A tokenizer that already has them keeps its ids. Loads on
+        the CPU: whole, or partitioned inside a ZeRO-3 rank's `partitioned_loading`. Raises
+        PretrainedError."""
+        from tokenizers import AddedToken
+
+        from vla_dist.models.files import load_hf_model, raise_on_bad_keys
+        from vla_dist.models.policy import DTYPES
+
+        hf_model, info = load_hf_model(path, dtype=DTYPES.get(spec.dtype, torch.float32))
+        raise_on_bad_keys(path, info)  # transformers would only warn and leave random weights: refuse
+        spec.image_size = int(hf_model.config.vision_config.image_size)
+        tokenizer = processing.load_tokenizer(path)
+        missing = [name for name in ("bos_token", "pad_token") if getattr(tokenizer, f"{name}_id") is None]
+        if missing:
+            raise PretrainedError(f"{path / 'tokenizer_config.json'}: the tokenizer has no {' or '.join(missing)} "
+                                  "(a prompt is <image> tokens, <bos>, the instruction, left-padded with <pad>)")
+        vocabulary = tokenizer.get_vocab()
+        new = [AddedToken(token, special=True, normalized=False) for token in processing.ACTION_TOKENS
+               if token not in vocabulary]
+        if new:
+            tokenizer.add_tokens(new, special_tokens=True)
+        if len(tokenizer) > hf_model.config.get_text_config().vocab_size:
+            hf_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        try:
+            return cls(hf_model, tokenizer, normalization, spec)
+        except ValueError as error:  # no <image> token, image_token_id not the tokenizer's
+            raise PretrainedError(f"{path}: {error}") from None
 
     def lora_target_modules(self) -> list[str] | str:
         return self.spec.lora_targets or LORA_TARGETS

@@ -92,9 +92,10 @@ def is_foundation_dir(path: str | os.PathLike[str]) -> bool:
     return (root / "config.json").is_file() and not (root / SPEC_FILE).is_file()
 
 
-# Plain checkpoints post-training can start from, by config.json model_type. The action-token
-# backbones (paligemma, llava) need action tokens added to the vocabulary first: not yet.
-FOUNDATION_FAMILIES = {"pi0": "pi0"}
+# Plain checkpoints post-training can start from, by config.json model_type: a pi0 policy, or a
+# VLM that becomes the action-token family's backbone (its 256 action tokens are added to the
+# vocabulary as it loads: models/action_tokens.py).
+FOUNDATION_FAMILIES = {"pi0": "pi0", "paligemma": "action_tokens", "llava": "action_tokens"}
 FOUNDATION_TOKENIZER = "tokenizer.json"
 
 
@@ -107,10 +108,8 @@ def check_model_source(path: str | os.PathLike[str]) -> dict[str, Any]:
     model_type = _read_json(root / "config.json").get("model_type")
     if model_type not in FOUNDATION_FAMILIES:
         supported = ", ".join(FOUNDATION_FAMILIES)
-        why = (" (as the action_tokens backbone it needs action tokens added to its vocabulary: not supported yet)"
-               if model_type in HF_CLASSES else "")
         raise PretrainedError(f"{root / 'config.json'}: a plain transformers checkpoint of model_type {model_type!r} "
-                              f"cannot start post-training{why}; plain checkpoints of model_type {supported} can, "
+                              f"cannot start post-training; plain checkpoints of model_type {supported} can, "
                               f"and so can any policy directory saved by vla-dist (with {SPEC_FILE})")
     if not (root / FOUNDATION_TOKENIZER).is_file():
         raise PretrainedError(f"{root / FOUNDATION_TOKENIZER} is missing: a plain checkpoint needs its fast tokenizer "
@@ -121,12 +120,15 @@ def check_model_source(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def foundation_architecture(path: str | os.PathLike[str]) -> dict[str, int]:
-    """The policy keys a plain pi0 checkpoint fixes (chunk_size, image_size), read through
-    transformers' config class, which fills the defaults config.json leaves out. Imports transformers."""
+    """The policy keys a plain checkpoint fixes, read through transformers' config class (which
+    fills the defaults config.json leaves out): its image size, and for pi0 its chunk size (a VLM
+    backbone has none: the config's model.chunk_size holds). Imports transformers."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    return {"chunk_size": int(config.chunk_size), "image_size": int(config.vlm_config.vision_config.image_size)}
+    if config.model_type == "pi0":
+        return {"chunk_size": int(config.chunk_size), "image_size": int(config.vlm_config.vision_config.image_size)}
+    return {"image_size": int(config.vision_config.image_size)}
 
 
 def check_state_inputs(names: Sequence[str], known: Sequence[str] | None) -> None:
