@@ -107,9 +107,53 @@ def test_broken_sources_are_named_and_leave_no_manifest(lerobot_dir, tmp_path, c
     assert "only v3.x is read" in capsys.readouterr().err
     info_path.write_text(json.dumps(info))
 
-    video = next((lerobot_dir / "videos" / "observation.images.wrist").rglob("*.mp4"))
-    video.write_bytes(video.read_bytes()[: video.stat().st_size // 3])  # truncated mid-dataset
+    data_file = next((lerobot_dir / "data").rglob("*.parquet"))
+    data_file.write_bytes(data_file.read_bytes()[:100])  # every episode's states and actions: nothing to import
     assert main(["import", "lerobot", str(lerobot_dir), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert str(video) in err, err
+    assert "no episode could be read" in err and str(data_file) in err, err
     assert not (out / "manifest.json").exists()  # nothing reads a half import
+
+
+def test_episodes_with_broken_files_are_skipped_counted_and_named(tmp_path, capsys):
+    # one file per episode (as LeRobot does past its file sizes): a broken one costs its episode only
+    source = tmp_path / "src"
+    writer = LeRobotV3Writer(source, fps=10, data_file_mb=1e-6, video_file_mb=1e-6)
+    for episode in recorded_episodes():
+        writer.add_episode(episode["task"], episode["state"], episode["action"], episode["frames"])
+    writer.close()
+    video = source / "videos" / "observation.images.wrist" / "chunk-000" / "file-001.mp4"  # episode 1's
+    video.write_bytes(video.read_bytes()[: video.stat().st_size // 3])
+    out = tmp_path / "imported"
+    assert main(["import", "lerobot", str(source), "--out", str(out), "--strict"]) == 2
+    assert str(video) in capsys.readouterr().err and not (out / "manifest.json").exists()
+
+    assert main(["import", "lerobot", str(source), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "episodes=2" in captured.out and "skipped_episodes=1" in captured.out, captured.out
+    assert f"skipped episode 1: {video}" in captured.err, captured.err
+    manifest = read_manifest(out)
+    assert manifest["episodes"] == 2 and manifest["frames"] == LENGTHS[0] + LENGTHS[2]
+    assert [skip["episode"] for skip in manifest["extra"]["source"]["skipped"]] == [1]
+    assert [ep.episode_id for ep in iter_episodes(out)] == ["lerobot000000", "lerobot000002"]
+
+
+def test_parallel_import_on_ray_equals_the_serial_one_and_a_rerun_keeps_finished_groups(lerobot_dir, local_ray,
+                                                                                         tmp_path, capsys):
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert main(["import", "lerobot", str(lerobot_dir), "--out", str(serial), "data.shard_max_episodes=1"]) == 0
+    assert main(["import", "lerobot", str(lerobot_dir), "--out", str(parallel), "--workers", "2",
+                 "data.shard_max_episodes=1", "cluster.num_cpus=2"]) == 0
+    assert "shards=3" in capsys.readouterr().out
+    assert read_manifest(serial)["shards"] == read_manifest(parallel)["shards"]  # same bytes, same order
+
+    # An import interrupted after its first group: the rerun keeps that group and imports the rest.
+    from vla_dist.data.lerobot_import import PARTS_DIR, import_group
+
+    rerun = tmp_path / "rerun"
+    settings = {"src": str(lerobot_dir.resolve()), "image_size": 0, "codec": "mp4", "strict": False}
+    import_group(str(lerobot_dir), str(rerun / PARTS_DIR / "g000000"), [0], settings)
+    assert main(["import", "lerobot", str(lerobot_dir), "--out", str(rerun), "data.shard_max_episodes=1"]) == 0
+    assert "groups_kept=1" in capsys.readouterr().out
+    assert read_manifest(rerun)["shards"] == read_manifest(serial)["shards"]
+    assert not (rerun / PARTS_DIR).exists()

@@ -18,7 +18,7 @@ v2.1 (one file per episode, meta/*.jsonl) is refused with the way to convert it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -152,11 +152,11 @@ def decode_frames_at(video: Path, times_s: np.ndarray) -> np.ndarray:
     return np.stack([frames[i] for i in nearest])
 
 
-def iter_lerobot_episodes(root: str | Path, decode_video: bool = True) -> Iterator[LeRobotEpisode]:
-    """The dataset's episodes in episode_index order (one data file is kept in memory at a time)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
+def iter_lerobot_episodes(root: str | Path, decode_video: bool = True, episodes: set[int] | None = None,
+                          on_skip: Callable[[int, str], None] | None = None) -> Iterator[LeRobotEpisode]:
+    """The dataset's episodes in episode_index order (one data file is kept in memory at a time);
+    only those in `episodes` when given. An episode whose files are missing or broken raises
+    LeRobotFormatError naming the file, or with `on_skip` is passed over: on_skip(index, why)."""
     root = Path(root)
     info = read_info(root)
     for key in (STATE_KEY, ACTION_KEY):
@@ -167,31 +167,68 @@ def iter_lerobot_episodes(root: str | Path, decode_video: bool = True) -> Iterat
     if images:
         raise LeRobotFormatError(f"{root / 'meta' / 'info.json'}: image-dtype cameras {images} (PNG inside the "
                                  "parquet) are not read yet; video cameras are")
-    cameras, tasks = camera_keys(info), read_tasks(root)
-    columns = ["episode_index", "frame_index", "timestamp", "task_index", STATE_KEY, ACTION_KEY]
-    loaded: tuple[Path | None, Any] = (None, None)
+    tasks, tables = read_tasks(root), _DataFiles()
     for meta in read_episodes_meta(root):
         index = int(meta["episode_index"])
-        path = root / info["data_path"].format(chunk_index=int(meta["data/chunk_index"]),
-                                               file_index=int(meta["data/file_index"]))
-        if loaded[0] != path:
+        if episodes is not None and index not in episodes:
+            continue
+        try:
+            yield _read_episode(root, info, tasks, meta, tables, decode_video)
+        except LeRobotFormatError as error:
+            if on_skip is None:
+                raise
+            on_skip(index, str(error))
+
+
+class _DataFiles:
+    """The data parquet last read (consecutive episodes share one), or why it could not be read."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.table: Any = None
+        self.error: str | None = None
+
+    def rows(self, path: Path, index: int) -> Any:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.path != path:
+            self.path, self.table, self.error = path, None, None
+            columns = ["episode_index", "frame_index", "timestamp", "task_index", STATE_KEY, ACTION_KEY]
             if not path.is_file():
-                raise LeRobotFormatError(f"{path} is missing (episode {index})")
-            loaded = (path, pq.read_table(path, columns=columns))
-        rows = loaded[1].filter(pc.equal(loaded[1].column("episode_index"), index))
-        rows = rows.take(np.argsort(_to_numpy(rows.column("frame_index"), np.int64), kind="stable"))
-        if rows.num_rows != int(meta["length"]) or rows.num_rows == 0:
-            raise LeRobotFormatError(f"{path}: episode {index} has {rows.num_rows} frames, meta/episodes says "
-                                     f"{meta['length']}")
-        timestamp = _to_numpy(rows.column("timestamp"), np.float64)
-        episode = LeRobotEpisode(index=index, task=tasks[int(_to_numpy(rows.column("task_index"), np.int64)[0])],
-                                 fps=float(info["fps"]), state=_to_numpy(rows.column(STATE_KEY), np.float32),
-                                 action=_to_numpy(rows.column(ACTION_KEY), np.float32))
-        for camera in cameras if decode_video else []:
-            video = root / info["video_path"].format(video_key=camera,
-                                                     chunk_index=int(meta[f"videos/{camera}/chunk_index"]),
-                                                     file_index=int(meta[f"videos/{camera}/file_index"]))
-            if not video.is_file():
-                raise LeRobotFormatError(f"{video} is missing (episode {index}, camera {camera})")
-            episode.frames[camera] = decode_frames_at(video, float(meta[f"videos/{camera}/from_timestamp"]) + timestamp)
-        yield episode
+                self.error = f"{path} is missing"
+            else:
+                try:
+                    self.table = pq.read_table(path, columns=columns)
+                except (OSError, pa.ArrowException) as error:
+                    self.error = f"{path}: unreadable parquet ({str(error).splitlines()[0]})"
+        if self.error is not None:
+            raise LeRobotFormatError(f"{self.error} (episode {index})")
+        return self.table
+
+
+def _read_episode(root: Path, info: dict[str, Any], tasks: dict[int, str], meta: dict[str, Any], tables: _DataFiles,
+                  decode_video: bool) -> LeRobotEpisode:
+    import pyarrow.compute as pc
+
+    index = int(meta["episode_index"])
+    path = root / info["data_path"].format(chunk_index=int(meta["data/chunk_index"]),
+                                           file_index=int(meta["data/file_index"]))
+    table = tables.rows(path, index)
+    rows = table.filter(pc.equal(table.column("episode_index"), index))
+    rows = rows.take(np.argsort(_to_numpy(rows.column("frame_index"), np.int64), kind="stable"))
+    if rows.num_rows != int(meta["length"]) or rows.num_rows == 0:
+        raise LeRobotFormatError(f"{path}: episode {index} has {rows.num_rows} frames, meta/episodes says "
+                                 f"{meta['length']}")
+    timestamp = _to_numpy(rows.column("timestamp"), np.float64)
+    episode = LeRobotEpisode(index=index, task=tasks[int(_to_numpy(rows.column("task_index"), np.int64)[0])],
+                             fps=float(info["fps"]), state=_to_numpy(rows.column(STATE_KEY), np.float32),
+                             action=_to_numpy(rows.column(ACTION_KEY), np.float32))
+    for camera in camera_keys(info) if decode_video else []:
+        video = root / info["video_path"].format(video_key=camera,
+                                                 chunk_index=int(meta[f"videos/{camera}/chunk_index"]),
+                                                 file_index=int(meta[f"videos/{camera}/file_index"]))
+        if not video.is_file():
+            raise LeRobotFormatError(f"{video} is missing (episode {index}, camera {camera})")
+        episode.frames[camera] = decode_frames_at(video, float(meta[f"videos/{camera}/from_timestamp"]) + timestamp)
+    return episode
