@@ -1,9 +1,11 @@
 """`vla-dist bench load`: host memory per rank to load `model.pretrained` under ZeRO-3 (partitioned as
 it is built) against the same ranks loading it whole, in one run.
 
-value    = MiB: the largest rank's peak resident memory (VmHWM, reset just before) while building the
-           policy from the checkpoint at ZeRO-3 (DeepSpeedRank.partitioned_loading), minus what
-           the rank held before it started
+value    = MiB: the largest rank's peak resident memory (VmHWM, reset just before) from building the
+           policy from the checkpoint at ZeRO-3 (DeepSpeedRank.partitioned_loading) until it has
+           read every weight it holds once (as a first forward pass does: transformers maps
+           safetensors lazily, so a whole load is only resident once used), minus what the rank
+           held before it started; `loaded_peak_mb_per_rank`: the same right after building
 baseline = the same for the same ranks at ZeRO-2, which build the whole model on every rank
 ratio    = baseline / value (2 ranks sharing the weights: at most about 2)
 Also per rank: peaks, parameter elements held, and `rss_anon_mb` (private memory held after
@@ -18,6 +20,8 @@ import dataclasses
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
@@ -60,8 +64,12 @@ class LoadWorker(DeepSpeedRank):
         with self.partitioned_loading(build_ds_config(cfg.train, on_gpu=self.on_gpu)):
             policy = build_policy(cfg.model, manifest)
         dist.barrier()
-        return {"seconds": time.perf_counter() - started, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(),
-                "rss_anon_mb": _rss_mb("RssAnon"), "held_elements": held_elements(policy)}
+        seconds, loaded_peak = time.perf_counter() - started, peak_rss_mb()
+        with torch.no_grad():  # read every weight this rank holds once, as a first forward pass does: a
+            for param in policy.parameters():  # memory-mapped whole load then becomes resident too
+                (param.ds_tensor if hasattr(param, "ds_tensor") else param).sum()
+        return {"seconds": seconds, "rss_before_mb": before, "loaded_peak_mb": loaded_peak,
+                "peak_rss_mb": peak_rss_mb(), "rss_anon_mb": _rss_mb("RssAnon"), "held_elements": held_elements(policy)}
 
 
 def _load_on_ranks(cfg: RunConfig, manifest: dict[str, Any], env: dict[str, str]) -> list[dict[str, Any]]:
@@ -105,6 +113,8 @@ def run_load_bench(cfg: RunConfig) -> dict[str, object]:
         checkpoint_bytes=sum(file.stat().st_size for file in Path(cfg.model.pretrained).glob("*.safetensors")),
         world_size=cfg.train.world_size, dtype=cfg.model.dtype,
         **{f"zero{stage}": {"peak_mb_per_rank": [round(cost(r), 1) for r in ranks],
+                            "loaded_peak_mb_per_rank": [round(r["loaded_peak_mb"] - r["rss_before_mb"], 1)
+                                                        for r in ranks],
                             "rss_anon_mb_per_rank": [r["rss_anon_mb"] for r in ranks],
                             "held_elements_per_rank": [r["held_elements"] for r in ranks],
                             "seconds": round(max(r["seconds"] for r in ranks), 2)} for stage, ranks in runs.items()},

@@ -93,7 +93,10 @@ class DeepSpeedRank:
             return
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-        keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+        # zero.Init partitions in the config's precision: the model's own (a bf16 checkpoint stays bf16
+        # on CPU ranks too, whose training config is otherwise fp32: half the memory while loading).
+        bf16 = self.cfg.model.dtype == "bfloat16" or bool(ds_config.get("bf16", {}).get("enabled"))
+        keep_alive = HfDeepSpeedConfig({**ds_config, "bf16": {"enabled": bf16}})  # transformers keeps a weakref
         try:
             yield
         finally:
