@@ -245,3 +245,33 @@ def test_a_plain_paligemma_becomes_the_action_token_backbone_and_lora_trains(qui
     assert main(["eval", f"eval.checkpoint={out}", f"run.dir={tmp_path / 'eval'}", f"data.dir={data_dir}",
                  "eval.episodes=1", "task.name=pick_cube", "task.max_steps=4", "collect.num_actors=1",
                  "collect.envs_per_actor=1", "eval.num_videos=0"]) == 0
+
+
+def test_a_plain_llava_becomes_the_action_token_backbone(quickstart_run, tmp_path):
+    """LLaVA (a Llama text model, SigLIP vision with every patch kept) as saved by transformers itself:
+    action tokens added, the prompt's image tokens match its features, a loss and a chunk come out."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    _, data_dir, _ = quickstart_run
+    tok = plain_tokenizer()
+    config = LlavaConfig(
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="full",
+        vision_feature_layer=-1, projector_hidden_act="gelu",
+        text_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": len(tok),
+                     "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id},
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "patch_size": 8, "image_size": 32})
+    torch.manual_seed(0)
+    plain = tmp_path / "llava-plain"
+    LlavaForConditionalGeneration(config).save_pretrained(plain)
+    tok.save_pretrained(plain)
+
+    cfg = validate(load_config(None, [f"model.pretrained={plain}", f"data.dir={data_dir}", "model.chunk_size=2"]))
+    assert (cfg.model.family, cfg.model.image_size, cfg.model.chunk_size) == ("action_tokens", 32, 2)
+    policy = build_policy(cfg.model, read_manifest(data_dir)).eval()
+    assert policy.hf_model.get_input_embeddings().weight.shape[0] == len(tok) + 256 == len(policy.tokenizer)
+    batch = EpisodeWindows(data_dir, policy.cameras, policy.chunk_size, 0, 1).batch(2, (1,))
+    assert torch.isfinite(policy(batch))
+    actions = policy.predict_chunk(batch)
+    assert actions.shape == (2, 2, policy.action_dim) and torch.isfinite(actions).all()
