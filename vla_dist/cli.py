@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from vla_dist import __version__
@@ -28,65 +27,26 @@ from vla_dist.runtime import start_command, stop_command_ray  # stdlib only at i
 Report = dict[str, Any]
 
 
-def _bench_rollout(cfg: RunConfig) -> Report:
-    from vla_dist.bench.rollout import run_rollout_bench
-
-    return run_rollout_bench(cfg)
-
-
-def _bench_codec(cfg: RunConfig) -> Report:
-    from vla_dist.bench.codec import run_codec_bench
-
-    return run_codec_bench(cfg)
-
-
-def _bench_decode(cfg: RunConfig) -> Report:
-    from vla_dist.bench.decode import run_decode_bench
-
-    return run_decode_bench(cfg)
-
-
-def _bench_train(cfg: RunConfig) -> Report:
-    from vla_dist.bench.train import run_train_bench
-
-    return run_train_bench(cfg)
-
-
-def _bench_checkpoint(cfg: RunConfig) -> Report:
-    from vla_dist.bench.checkpoint import run_checkpoint_bench
-
-    return run_checkpoint_bench(cfg)
-
-
-def _bench_rl(cfg: RunConfig) -> Report:
-    from vla_dist.bench.rl import run_rl_bench
-
-    return run_rl_bench(cfg)
-
-
-def _bench_data(cfg: RunConfig) -> Report:
-    from vla_dist.bench.data import run_data_bench
-
-    return run_data_bench(cfg)
-
-
-def _bench_load(cfg: RunConfig) -> Report:
-    from vla_dist.bench.load import run_load_bench
-
-    return run_load_bench(cfg)
-
-
-# `vla-dist bench NAME`: each prints its report as one JSON line, the last line of stdout.
-BENCHES: dict[str, Callable[[RunConfig], Report]] = {
-    "data": _bench_data,
-    "decode": _bench_decode,
-    "rollout": _bench_rollout,
-    "codec": _bench_codec,
-    "train": _bench_train,
-    "checkpoint": _bench_checkpoint,
-    "rl": _bench_rl,
-    "load": _bench_load,
+# `vla-dist bench NAME` -> the module and function that run it (imported only when chosen: they
+# pull in Ray and torch); each returns its report, printed as one JSON line, the last of stdout.
+BENCHES: dict[str, str] = {
+    "data": "vla_dist.bench.data:run_data_bench",
+    "decode": "vla_dist.bench.decode:run_decode_bench",
+    "rollout": "vla_dist.bench.rollout:run_rollout_bench",
+    "codec": "vla_dist.bench.codec:run_codec_bench",
+    "train": "vla_dist.bench.train:run_train_bench",
+    "checkpoint": "vla_dist.bench.checkpoint:run_checkpoint_bench",
+    "rl": "vla_dist.bench.rl:run_rl_bench",
+    "load": "vla_dist.bench.load:run_load_bench",
 }
+
+
+def _run_bench(name: str, cfg: RunConfig) -> Report:
+    import importlib
+
+    module, function = BENCHES[name].split(":")
+    return getattr(importlib.import_module(module), function)(cfg)
+
 
 EXAMPLES = """examples:
   vla-dist quickstart                                # collect -> train (full, LoRA) -> eval, on this machine
@@ -314,7 +274,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_cluster_command(args, cfg)
     elif args.command == "bench":
-        report = BENCHES[args.name](cfg)
+        report = _run_bench(args.name, cfg)
         stop_command_ray()  # no actor line after the JSON line
         print(json.dumps(report, default=str), flush=True)
     return 0
