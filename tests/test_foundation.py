@@ -186,13 +186,15 @@ def test_bench_load_reports_memory_per_rank_partitioned_and_whole(plain_pi0, qui
                                                                   capsys):
     _, data_dir, _ = quickstart_run
     assert main(["bench", "load", f"model.pretrained={plain_pi0}", f"data.dir={data_dir}", f"run.dir={tmp_path}",
-                 "train.world_size=2", "cluster.num_cpus=2"]) == 0
+                 "train.world_size=2", "cluster.num_cpus=2", "model.dtype=bfloat16"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["name"] == "load" and report["unit"] == "MiB" and report["world_size"] == 2
     assert report["ratio"] == pytest.approx(report["baseline"] / report["value"], rel=1e-2)
     whole, parts = report["zero2"]["held_elements_per_rank"], report["zero3"]["held_elements_per_rank"]
     assert whole[0] == whole[1] and sum(parts) >= whole[0] and max(parts) < 0.55 * whole[0]
     assert len(report["zero3"]["peak_mb_per_rank"]) == 2 and report["checkpoint_bytes"] > 0
+    # bf16 partitions (zero.Init would follow the CPU training config's fp32 and double them)
+    assert report["zero3"]["held_bytes_per_rank"] == [2 * n for n in parts]
 
 
 def write_plain_paligemma(out: Path) -> Path:

@@ -69,7 +69,9 @@ class LoadWorker(DeepSpeedRank):
             for param in policy.parameters():  # memory-mapped whole load then becomes resident too
                 (param.ds_tensor if hasattr(param, "ds_tensor") else param).sum()
         return {"seconds": seconds, "rss_before_mb": before, "loaded_peak_mb": loaded_peak,
-                "peak_rss_mb": peak_rss_mb(), "rss_anon_mb": _rss_mb("RssAnon"), "held_elements": held_elements(policy)}
+                "peak_rss_mb": peak_rss_mb(), "rss_anon_mb": _rss_mb("RssAnon"), "held_elements": held_elements(policy),
+                "held_bytes": sum(tensor.numel() * tensor.element_size() for tensor in
+                                  (p.ds_tensor if hasattr(p, "ds_tensor") else p for p in policy.parameters()))}
 
 
 def _load_on_ranks(cfg: RunConfig, manifest: dict[str, Any], env: dict[str, str]) -> list[dict[str, Any]]:
@@ -117,5 +119,6 @@ def run_load_bench(cfg: RunConfig) -> dict[str, object]:
                                                         for r in ranks],
                             "rss_anon_mb_per_rank": [r["rss_anon_mb"] for r in ranks],
                             "held_elements_per_rank": [r["held_elements"] for r in ranks],
+                            "held_bytes_per_rank": [r["held_bytes"] for r in ranks],
                             "seconds": round(max(r["seconds"] for r in ranks), 2)} for stage, ranks in runs.items()},
     )
