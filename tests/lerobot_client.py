@@ -2,7 +2,7 @@
 separate virtual environment holding lerobot-dataset 0.4.4 (module `ledataset`, LeRobot's dataset
 package; it cannot share vla-dist's environment), by tests/test_lerobot_client.py.
 
-    python lerobot_client.py create OUT_DIR EPISODES.npz   # LeRobotDataset.create/add_frame/save_episode
+    python lerobot_client.py create OUT_DIR EPISODES.npz [image]   # LeRobotDataset.create/add_frame/save_episode
     python lerobot_client.py read DATASET_DIR OUT.npz       # LeRobotDataset(root=...) item by item
 
 EPISODES.npz (create's input) and OUT.npz (read's output) hold numpy arrays only (no pickle):
@@ -23,7 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CAMERA_PREFIX = "observation.images."
 
 
-def create(out: Path, episodes_npz: Path) -> None:
+def create(out: Path, episodes_npz: Path, camera_dtype: str = "video") -> None:
+    """`camera_dtype` "image": frames as PNG inside the data parquet (LeRobot's use_videos=False)."""
     from ledataset.datasets.lerobot_dataset import LeRobotDataset
 
     data = np.load(episodes_npz, allow_pickle=False)
@@ -32,11 +33,11 @@ def create(out: Path, episodes_npz: Path) -> None:
     features = {
         "observation.state": {"dtype": "float32", "shape": (data["state_0"].shape[1],), "names": None},
         "action": {"dtype": "float32", "shape": (data["action_0"].shape[1],), "names": None},
-        **{CAMERA_PREFIX + camera: {"dtype": "video", "shape": first.shape[1:],
+        **{CAMERA_PREFIX + camera: {"dtype": camera_dtype, "shape": first.shape[1:],
                                     "names": ["height", "width", "channels"]} for camera in cameras},
     }
     dataset = LeRobotDataset.create(repo_id="local/lerobot-made", fps=int(data["fps"]), features=features, root=out,
-                                    robot_type="test_arm", use_videos=True)  # LeRobot's default codec (AV1)
+                                    robot_type="test_arm", use_videos=camera_dtype == "video")  # its default codec: AV1
     episode = 0
     while f"state_{episode}" in data:
         for t in range(len(data[f"state_{episode}"])):
@@ -69,5 +70,5 @@ def read(root: Path, out_npz: Path) -> None:
 
 
 if __name__ == "__main__":
-    mode, first, second = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    {"create": create, "read": read}[mode](first, second)
+    mode, first, second, *rest = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:]
+    {"create": create, "read": read}[mode](first, second, *rest)

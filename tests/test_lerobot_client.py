@@ -58,7 +58,8 @@ def run_client(python: Path, *args: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def test_a_dataset_lerobot_wrote_imports_exactly(lerobot_python, tmp_path):
+@pytest.mark.parametrize("camera_dtype", ["video", "image"])  # mp4 streams, or PNG frames inside the parquet
+def test_a_dataset_lerobot_wrote_imports_exactly(lerobot_python, tmp_path, camera_dtype):
     episodes = recorded_episodes()
     tasks = list(dict.fromkeys(TASKS))
     arrays = {"fps": np.array(10), "tasks": np.array(tasks), "cameras": np.array(["front", "wrist"])}
@@ -68,7 +69,7 @@ def test_a_dataset_lerobot_wrote_imports_exactly(lerobot_python, tmp_path):
         arrays |= {f"frames_{camera}_{e}": frames for camera, frames in episode["frames"].items()}
     np.savez(tmp_path / "episodes.npz", **arrays)
     made, out = tmp_path / "lerobot-made", tmp_path / "imported"
-    run_client(lerobot_python, Path("create"), made, tmp_path / "episodes.npz")
+    run_client(lerobot_python, Path("create"), made, tmp_path / "episodes.npz", Path(camera_dtype))
 
     assert main(["import", "lerobot", str(made), "--out", str(out)]) == 0
     imported = sorted(iter_episodes(out), key=lambda episode: episode.episode_id)
@@ -79,7 +80,7 @@ def test_a_dataset_lerobot_wrote_imports_exactly(lerobot_python, tmp_path):
         np.testing.assert_array_equal(episode.actions, want["action"])
         for camera in ("front", "wrist"):
             error = np.abs(episode.frames[camera].astype(int) - want["frames"][camera].astype(int)).mean()
-            assert error < 3.0, (episode.episode_id, camera, error)  # LeRobot's AV1, then our mp4
+            assert error < 3.0, (episode.episode_id, camera, error)  # LeRobot's AV1 or PNG, then our mp4
 
 
 def test_lerobot_opens_what_we_export(lerobot_python, quickstart_run, tmp_path):

@@ -12,6 +12,7 @@ The layout (what LeRobot 0.4 / lerobot-dataset 0.4.4 writes; facts measured on d
                                                  frame_index, timestamp, task_index, observation.state, action
     videos/<camera>/chunk-CCC/file-FFF.mp4       episodes appended one after the other; frame i of an
                                                  episode is the one at from_timestamp + timestamp[i]
+    (a camera of dtype "image" has no mp4: its frames are PNG bytes in a data-parquet column)
 v2.1 (one file per episode, meta/*.jsonl) is refused with the way to convert it.
 """
 
@@ -65,7 +66,33 @@ def read_info(root: str | Path) -> dict[str, Any]:
 
 
 def camera_keys(info: dict[str, Any]) -> list[str]:
+    """Cameras stored as mp4 streams (dtype "video")."""
     return [key for key, feature in info["features"].items() if feature.get("dtype") == "video"]
+
+
+def image_keys(info: dict[str, Any]) -> list[str]:
+    """Cameras stored frame by frame inside the data parquet (dtype "image": struct{bytes, path})."""
+    return [key for key, feature in info["features"].items() if feature.get("dtype") == "image"]
+
+
+def _decode_images(cells: list[Any], path: Path, index: int, camera: str) -> np.ndarray:
+    """uint8 [T, H, W, 3] from the image column's {"bytes", "path"} cells."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    frames = []
+    for t, cell in enumerate(cells):
+        raw = cell.get("bytes") if isinstance(cell, dict) else None
+        if not raw:
+            raise LeRobotFormatError(f"{path}: episode {index}, {camera} frame {t} holds no image bytes "
+                                     "(a dataset whose images live outside the parquet is not read)")
+        try:
+            frames.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
+        except (OSError, UnidentifiedImageError) as error:
+            raise LeRobotFormatError(f"{path}: episode {index}, {camera} frame {t}: unreadable image "
+                                     f"({error})") from None
+    return np.stack(frames)
 
 
 def read_tasks(root: str | Path) -> dict[int, str]:
@@ -163,11 +190,7 @@ def iter_lerobot_episodes(root: str | Path, decode_video: bool = True, episodes:
         if key not in info["features"]:
             raise LeRobotFormatError(f"{root / 'meta' / 'info.json'}: no {key!r} feature "
                                      f"(has {list(info['features'])})")
-    images = [key for key, feature in info["features"].items() if feature.get("dtype") == "image"]
-    if images:
-        raise LeRobotFormatError(f"{root / 'meta' / 'info.json'}: image-dtype cameras {images} (PNG inside the "
-                                 "parquet) are not read yet; video cameras are")
-    tasks, tables = read_tasks(root), _DataFiles()
+    tasks, tables = read_tasks(root), _DataFiles(image_keys(info))
     for meta in read_episodes_meta(root):
         index = int(meta["episode_index"])
         if episodes is not None and index not in episodes:
@@ -183,7 +206,8 @@ def iter_lerobot_episodes(root: str | Path, decode_video: bool = True, episodes:
 class _DataFiles:
     """The data parquet last read (consecutive episodes share one), or why it could not be read."""
 
-    def __init__(self) -> None:
+    def __init__(self, images: list[str]) -> None:
+        self.images = images  # image-dtype cameras: their frames are in the data parquet
         self.path: Path | None = None
         self.table: Any = None
         self.error: str | None = None
@@ -194,7 +218,8 @@ class _DataFiles:
 
         if self.path != path:
             self.path, self.table, self.error = path, None, None
-            columns = ["episode_index", "frame_index", "timestamp", "task_index", STATE_KEY, ACTION_KEY]
+            columns = ["episode_index", "frame_index", "timestamp", "task_index", STATE_KEY, ACTION_KEY,
+                       *self.images]
             if not path.is_file():
                 self.error = f"{path} is missing"
             else:
@@ -224,6 +249,8 @@ def _read_episode(root: Path, info: dict[str, Any], tasks: dict[int, str], meta:
     episode = LeRobotEpisode(index=index, task=tasks[int(_to_numpy(rows.column("task_index"), np.int64)[0])],
                              fps=float(info["fps"]), state=_to_numpy(rows.column(STATE_KEY), np.float32),
                              action=_to_numpy(rows.column(ACTION_KEY), np.float32))
+    for camera in tables.images if decode_video else []:  # PNG (or JPEG) bytes per frame, in the parquet
+        episode.frames[camera] = _decode_images(rows.column(camera).to_pylist(), path, index, camera)
     for camera in camera_keys(info) if decode_video else []:
         video = root / info["video_path"].format(video_key=camera,
                                                  chunk_index=int(meta[f"videos/{camera}/chunk_index"]),
