@@ -21,6 +21,8 @@ from vla_dist.config import (
     to_yaml,
     validate,
 )
+from vla_dist.data.cli import COMMANDS as DATA_COMMANDS  # no Ray/torch at import
+from vla_dist.data.cli import add_commands as add_data_commands
 from vla_dist.errors import VlaDistError
 from vla_dist.runtime import start_command, stop_command_ray  # stdlib only at import
 
@@ -189,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     from vla_dist.cluster.cli import (
         add_commands as add_cluster_commands,  # no Ray/torch at import
     )
-    from vla_dist.data.cli import add_commands as add_data_commands
 
     add_cluster_commands(commands, _add_config_arguments)
     add_data_commands(commands, _add_config_arguments)
@@ -260,7 +261,7 @@ def _run(args: argparse.Namespace) -> int:
         report = run_rl(cfg)
         _print_summary("rl", report, f"run: {cfg.run.dir}   policy: {report['policy']}   plot: {report['success_png']}",
                        outcome=f"stopped by {report['stopped_by']}" if report.get("stopped_by") else "done")
-    elif args.command in ("import", "export-data"):
+    elif args.command in DATA_COMMANDS:
         from vla_dist.data.cli import run as run_data_command
 
         _print_summary(args.command, *run_data_command(args, cfg))

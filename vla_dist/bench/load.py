@@ -25,15 +25,15 @@ import torch
 
 from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
-from vla_dist.distributed.rank import DeepSpeedRank, held_elements, peak_rss_mb, reset_peak_rss
+from vla_dist.distributed.rank import (
+    DeepSpeedRank,
+    held_elements,
+    held_tensors,
+    peak_rss_mb,
+    process_memory_mb,
+    reset_peak_rss,
+)
 from vla_dist.errors import ConfigError
-
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
 
 
 def _import_model_code(checkpoint: str) -> None:
@@ -58,7 +58,7 @@ class LoadWorker(DeepSpeedRank):
 
         _import_model_code(cfg.model.pretrained)  # the peak is then the weights', not the imports'
         dist.barrier()
-        before = _rss_mb("VmRSS")
+        before = process_memory_mb("VmRSS")
         reset_peak_rss()
         started = time.perf_counter()
         with self.partitioned_loading(build_ds_config(cfg.train, on_gpu=self.on_gpu)):
@@ -66,12 +66,12 @@ class LoadWorker(DeepSpeedRank):
         dist.barrier()
         seconds, loaded_peak = time.perf_counter() - started, peak_rss_mb()
         with torch.no_grad():  # read every weight this rank holds once, as a first forward pass does: a
-            for param in policy.parameters():  # memory-mapped whole load then becomes resident too
-                (param.ds_tensor if hasattr(param, "ds_tensor") else param).sum()
+            for tensor in held_tensors(policy):  # memory-mapped whole load then becomes resident too
+                tensor.sum()
         return {"seconds": seconds, "rss_before_mb": before, "loaded_peak_mb": loaded_peak,
-                "peak_rss_mb": peak_rss_mb(), "rss_anon_mb": _rss_mb("RssAnon"), "held_elements": held_elements(policy),
-                "held_bytes": sum(tensor.numel() * tensor.element_size() for tensor in
-                                  (p.ds_tensor if hasattr(p, "ds_tensor") else p for p in policy.parameters()))}
+                "peak_rss_mb": peak_rss_mb(), "rss_anon_mb": process_memory_mb("RssAnon"),
+                "held_elements": held_elements(policy),
+                "held_bytes": sum(tensor.numel() * tensor.element_size() for tensor in held_tensors(policy))}
 
 
 def _load_on_ranks(cfg: RunConfig, manifest: dict[str, Any], env: dict[str, str]) -> list[dict[str, Any]]:

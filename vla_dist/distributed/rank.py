@@ -10,7 +10,7 @@ the engine's state, and gathering the trainable weights (ZeRO-3 partitions them)
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,20 +29,30 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory (VmHWM) since start or `reset_peak_rss`, MiB; None off Linux."""
+def process_memory_mb(field: str = "VmHWM") -> float | None:
+    """A memory field of this process's /proc/self/status in MiB (VmHWM: the peak resident memory
+    since start or `reset_peak_rss`; VmRSS, RssAnon: now); None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
     return None
 
 
+def peak_rss_mb() -> float | None:
+    return process_memory_mb("VmHWM")
+
+
+def held_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The parameter data this process holds: a ZeRO-3 partitioned parameter's own partition."""
+    return (p.ds_tensor if hasattr(p, "ds_tensor") else p for p in module.parameters())
+
+
 def held_elements(module: torch.nn.Module) -> int:
     """Parameter elements this process holds: a ZeRO-3 partitioned parameter counts its own partition."""
-    return sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+    return sum(int(tensor.numel()) for tensor in held_tensors(module))
 
 
 class DeepSpeedRank:
@@ -102,6 +112,12 @@ class DeepSpeedRank:
         finally:
             unset_hf_deepspeed_config()
             del keep_alive
+
+    def measured_load(self, build: Callable[[], torch.nn.Module]) -> tuple[Any, dict[str, Any]]:
+        """(build(), what building it cost this rank: parameter elements held, peak resident MiB)."""
+        reset_peak_rss()
+        policy = build()
+        return policy, {"held_elements": held_elements(policy), "peak_rss_mb": peak_rss_mb()}
 
     def _unlink_shm_buffer(self, env: dict[str, str]) -> None:
         """DeepSpeed's CPU shared-memory allreduce (ops/csrc/cpu/comm/shm.cpp, used when all ranks

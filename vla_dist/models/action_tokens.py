@@ -93,17 +93,10 @@ class ActionTokenPolicy(VLAPolicy):
         PretrainedError."""
         from tokenizers import AddedToken
 
-        from vla_dist.models.files import load_hf_model, raise_on_bad_keys
-        from vla_dist.models.policy import DTYPES
+        from vla_dist.models.foundation import load_foundation
 
-        hf_model, info = load_hf_model(path, dtype=DTYPES.get(spec.dtype, torch.float32))
-        raise_on_bad_keys(path, info)  # transformers would only warn and leave random weights: refuse
+        hf_model, tokenizer = load_foundation(path, spec)
         spec.image_size = int(hf_model.config.vision_config.image_size)
-        tokenizer = processing.load_tokenizer(path)
-        missing = [name for name in ("bos_token", "pad_token") if getattr(tokenizer, f"{name}_id") is None]
-        if missing:
-            raise PretrainedError(f"{path / 'tokenizer_config.json'}: the tokenizer has no {' or '.join(missing)} "
-                                  "(a prompt is <image> tokens, <bos>, the instruction, left-padded with <pad>)")
         vocabulary = tokenizer.get_vocab()
         new = [AddedToken(token, special=True, normalized=False) for token in processing.ACTION_TOKENS
                if token not in vocabulary]

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from vla_dist.errors import ConfigError
 from vla_dist.models import processing
 from vla_dist.models.files import PretrainedError
-from vla_dist.models.policy import PolicyBatch, PolicyInputs, PolicySpec, VLAPolicy, editable
+from vla_dist.models.foundation import editable, load_foundation
+from vla_dist.models.policy import PolicyBatch, PolicyInputs, PolicySpec, VLAPolicy
 from vla_dist.models.processing import Normalization
 
 if TYPE_CHECKING:
@@ -100,11 +101,7 @@ class PI0Policy(VLAPolicy):
         The output rows of the padded action dims are zeroed (the module docstring's convention; the
         checkpoint's values there are never used). Loads on the CPU: whole, or partitioned inside a
         ZeRO-3 rank's `partitioned_loading`. Raises PretrainedError."""
-        from vla_dist.models.files import load_hf_model, raise_on_bad_keys
-        from vla_dist.models.policy import DTYPES
-
-        hf_model, info = load_hf_model(path, dtype=DTYPES.get(spec.dtype, torch.float32))
-        raise_on_bad_keys(path, info)  # transformers would only warn and leave random weights: refuse
+        hf_model, tokenizer = load_foundation(path, spec)
         config = hf_model.config
         spec.chunk_size, spec.image_size = config.chunk_size, config.vlm_config.vision_config.image_size
         if spec.action_dim > config.max_action_dim or spec.state_dim > config.max_state_dim:
@@ -112,11 +109,6 @@ class PI0Policy(VLAPolicy):
                 f"{path / 'config.json'}: the dataset's action/state dims {spec.action_dim}/{spec.state_dim} exceed "
                 f"the checkpoint's max_action_dim/max_state_dim {config.max_action_dim}/{config.max_state_dim} "
                 "(pi0 zero-pads actions and state up to these widths and cannot take wider ones)")
-        tokenizer = processing.load_tokenizer(path)
-        missing = [name for name in ("bos_token", "pad_token") if getattr(tokenizer, f"{name}_id") is None]
-        if missing:
-            raise PretrainedError(f"{path / 'tokenizer_config.json'}: the tokenizer has no {' or '.join(missing)} "
-                                  "(a prompt starts with <bos> after the image tokens and is padded with <pad>)")
         try:
             policy = cls(hf_model, tokenizer, normalization, spec)
         except ValueError as error:  # no <image>/<bos>/<pad> token, image_token_id not the tokenizer's

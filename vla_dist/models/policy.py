@@ -17,7 +17,6 @@ import abc
 import json
 import os
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -289,21 +288,9 @@ def build_policy(model_cfg: ModelSection, manifest: Mapping[str, Any], device: s
             policy.set_state_inputs(spec.state_inputs)
     else:
         policy = _family_class(model_cfg.family).build(model_cfg, spec, Normalization.from_manifest(manifest))
-    if any(p.dtype != DTYPES[model_cfg.dtype] for p in policy.hf_model.parameters()):
-        policy.hf_model.to(DTYPES[model_cfg.dtype])
+    policy.hf_model.to(DTYPES[model_cfg.dtype])
     policy.spec.dtype = model_cfg.dtype
     return policy.to(device)
-
-
-def editable(*params: nn.Parameter) -> AbstractContextManager[Any]:
-    """Inside: `params` can be edited in place, also when ZeRO-3 built them partitioned (a DeepSpeed
-    rank's `partitioned_loading`): then they are gathered whole and rank 0's edit is what each
-    rank's partition keeps."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
-    return nullcontext()
 
 
 def load_policy(path: str | os.PathLike[str]) -> VLAPolicy:

@@ -51,7 +51,7 @@ class RLWorker(DeepSpeedRank):
 
         assert cfg.model.pretrained, "validated by the driver"
         torch.manual_seed(cfg.run.seed)  # the value head's init, the same on every rank
-        policy = load_policy(cfg.model.pretrained)
+        policy, load = self.measured_load(lambda: load_policy(cfg.model.pretrained))
         policy.spec.num_inference_steps = cfg.model.num_inference_steps
         policy.hf_model.to(DTYPES[cfg.model.dtype])
         self.lora = cfg.train.lora.enabled
@@ -73,7 +73,8 @@ class RLWorker(DeepSpeedRank):
             state = json.loads((Path(resume) / RL_STATE).read_text(encoding="utf-8"))
             self.iteration, self.version = int(state["iteration"]), int(state["version"])
         trainable, total = trainable_count(self.engine.module.policy)
-        return {"step": self.iteration, "version": self.version, "trainable": trainable, "parameters": total}
+        return {"step": self.iteration, "version": self.version, "trainable": trainable, "parameters": total,
+                "load": load}
 
     # ------------------------------------------------------------------ weight sync
 

@@ -167,10 +167,8 @@ def start_ranks(cfg: RunConfig, manifest: dict[str, Any], env: dict[str, str], w
     try:
         infos = group.run(lambda a, r: a.setup.remote(group.rank_envs[r], cfg, manifest, resume and str(resume),
                                                        resume_mode))
-        info = dict(infos[0])
-        if "load" in info:  # SFT ranks report what loading the policy cost each of them
-            info["load"] = {"held_elements": [i["load"]["held_elements"] for i in infos],
-                            "peak_rss_mb": [i["load"]["peak_rss_mb"] for i in infos]}
+        info = {**infos[0], "load": {"held_elements": [i["load"]["held_elements"] for i in infos],
+                                     "peak_rss_mb": [i["load"]["peak_rss_mb"] for i in infos]}}
     except BaseException:
         group.shutdown()
         raise

@@ -16,7 +16,7 @@ import torch
 
 from vla_dist.config.schema import RunConfig
 from vla_dist.data.augment import augment_batch
-from vla_dist.distributed.rank import DeepSpeedRank, held_elements, peak_rss_mb, reset_peak_rss
+from vla_dist.distributed.rank import DeepSpeedRank
 
 
 class SFTWorker(DeepSpeedRank):
@@ -33,10 +33,8 @@ class SFTWorker(DeepSpeedRank):
         self.manifest = manifest
         torch.manual_seed(cfg.run.seed)  # the same random init on every rank (and in export)
         ds_config = build_ds_config(cfg.train, on_gpu=self.on_gpu)
-        reset_peak_rss()
         with self.partitioned_loading(ds_config):  # ZeRO-3: a checkpoint loads already partitioned
-            policy = build_policy(cfg.model, manifest)
-        load = {"held_elements": held_elements(policy), "peak_rss_mb": peak_rss_mb()}
+            policy, load = self.measured_load(lambda: build_policy(cfg.model, manifest))
         if cfg.train.lora.enabled:
             apply_lora(policy, cfg.train.lora)
         self.lora = cfg.train.lora.enabled
