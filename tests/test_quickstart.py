@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from vla_dist.cli import main
-from vla_dist.quickstart import plan
+from vla_dist.config import load_config
+from vla_dist.quickstart import SIZING, plan
 
 Quickstart = tuple[Path, Path, subprocess.CompletedProcess]
 
@@ -46,11 +48,10 @@ def lora_parameter_count(overrides: list[str]) -> tuple[int, int, int]:
 
     import torch
 
-    from vla_dist.config import load_config
     from vla_dist.data import read_manifest
     from vla_dist.models import build_policy
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, [*SIZING, *overrides])
     policy = build_policy(cfg.model, read_manifest(cfg.data.dir))
     targets = policy.lora_target_modules()
     assert isinstance(targets, str)
@@ -93,13 +94,19 @@ def test_quickstart_compares_the_policies_before_and_after_training(quickstart_l
         losses = [row for row in read_metrics(root / f"train-{name}" / "metrics.jsonl") if "loss" in row]
         assert [row["step"] for row in losses] == [1, 2, 3, 4, 5, 6]
         assert (training["first_loss"], training["final_loss"]) == (losses[0]["loss"], losses[-1]["loss"])
-        assert (training["steps"], training["world_size"], training["zero_stage"]) == (6, 2, 2)  # quickstart.yaml
+        # full: one rank with both cores (SIZING); LoRA: 2 ranks at ZeRO-2 (its stage's sizing); the
+        # test's train.steps=6 wins over both budgets
+        assert (training["steps"], training["world_size"], training["zero_stage"]) == {"full": (6, 1, 1),
+                                                                                       "lora": (6, 2, 2)}[name]
         assert training["checkpoint"] == str(root / f"train-{name}" / "checkpoints" / "step_6")
         eval_report = json.loads((root / f"eval-{name}" / "report.json").read_text())
         assert eval_report["checkpoint"] == str(root / f"eval-{name}" / "policy")  # exported from the run
     lora, full = summary["training"]["lora"], summary["training"]["full"]
-    # Both start from run.seed's init on the same first batch, and LoRA's B starts at zero: one step-1 loss.
-    assert lora["first_loss"] == pytest.approx(full["first_loss"], rel=1e-5)
+    # LoRA adapts the full fine-tune's exported policy, not a random init
+    lora_config = load_config(str(root / "train-lora" / "config.yaml"), [])
+    assert lora_config.model.pretrained == str(root / "eval-full" / "policy")
+    assert lora_config.train.lora.enabled
+    assert not load_config(str(root / "train-full" / "config.yaml"), []).train.lora.enabled
     total, trainable, adapters = lora_parameter_count(overrides)
     assert (full["parameters"], full["trainable_parameters"]) == (total, trainable)
     assert (lora["parameters"], lora["trainable_parameters"]) == (total + adapters, adapters)
@@ -121,8 +128,10 @@ def test_a_rerun_keeps_the_finished_stages(quickstart_loop, capsys: pytest.Captu
     assert out.count("exists: keeping it") == len(plan(root)) - 1 and "reusing it" in out
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/report.json")} == before
     # Every stage prints the stand-alone command that reproduces it.
-    shared = " ".join(o for o in overrides if not o.startswith("run.dir="))
-    assert f"vla-dist train {shared} train.lora.enabled=true run.dir={root / 'train-lora'}" in out
+    shared = [o for o in overrides if not o.startswith("run.dir=")]
+    lora = next(stage for stage in plan(root) if stage.name == "train-lora")
+    assert shlex.join(["vla-dist", "train", *SIZING, *lora.sizing, *shared, "train.lora.enabled=true",
+                       f"model.pretrained={root / 'eval-full' / 'policy'}", f"run.dir={root / 'train-lora'}"]) in out
 
 
 def test_a_bad_key_fails_before_any_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
