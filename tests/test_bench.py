@@ -11,6 +11,7 @@ from vla_dist.bench.common import bench_report, describe_device
 from vla_dist.cli import main
 
 
+@pytest.mark.heavy  # two actors build a scene and load a policy: ~80 s
 def test_bench_rollout_prints_scaling_json(capsys: pytest.CaptureFixture[str], local_ray: None) -> None:
     assert main(["bench", "rollout", "bench.rollout_steps=4", "task.image_size=32", "collect.envs_per_actor=2"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

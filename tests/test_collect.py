@@ -74,6 +74,7 @@ def test_truncated_shard_is_reported_and_skipped(
     assert len(episodes) == EPISODES - lost
 
 
+@pytest.mark.heavy  # a sim actor killed mid-collection and restarted: ~80 s
 def test_killed_actor_still_gives_exact_dataset(
     quickstart_run: tuple[Path, Path, subprocess.CompletedProcess], tmp_path: Path, local_ray: None
 ) -> None:
@@ -112,6 +113,7 @@ def test_collect_refuses_to_overwrite_a_dataset(quickstart_run: tuple[Path, Path
     assert "data.dir" in proc.stderr and "collect.overwrite" in proc.stderr
 
 
+@pytest.mark.heavy  # a second collection: ~50 s
 def test_expert_failures_are_counted_kept_on_request_and_reported(tmp_path: Path, local_ray: None) -> None:
     """With a 3-step limit no episode can succeed: the run fails with exit 1 semantics, keeps the
     failed episodes it was asked to keep (marked success=false) and says what it kept."""

@@ -31,6 +31,7 @@ def wilson_reference(successes: int, n: int, z: float = 1.96) -> tuple[float, fl
     return float(roots.min()), float(roots.max())
 
 
+@pytest.mark.heavy  # a collection and an eval of the same layouts: ~60 s
 def test_expert_eval_matches_its_collection_success(tmp_path: Path, local_ray: None) -> None:
     assert main(["eval", "eval.policy=expert", "eval.episodes=2", f"run.dir={tmp_path}", "eval.num_videos=2"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -46,6 +47,7 @@ def test_expert_eval_matches_its_collection_success(tmp_path: Path, local_ray: N
     assert len(videos) == 2 and all(name.endswith(("-success.mp4", "-failure.mp4")) for name in videos)
 
 
+@pytest.mark.heavy  # closed-loop episodes of a policy: ~70 s
 def test_untrained_policy_eval_is_near_zero(tmp_path: Path, quickstart_run: Quickstart, local_ray: None) -> None:
     _, data_dir, _ = quickstart_run
     args = ["eval", "eval.episodes=1", "task.max_steps=20", f"data.dir={data_dir}", f"run.dir={tmp_path}",

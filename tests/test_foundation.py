@@ -111,6 +111,7 @@ def test_a_plain_pi0_checkpoint_loads_with_the_datasets_dims_and_statistics(plai
     assert torch.isfinite(policy(batch))
 
 
+@pytest.mark.heavy  # train, export, reload and evaluate in sim: ~70 s
 def test_lora_post_training_from_a_plain_checkpoint_exports_reloads_and_evaluates(plain_pi0, quickstart_run, local_ray,
                                                                                    tmp_path):
     _, data_dir, _ = quickstart_run
@@ -216,6 +217,7 @@ def write_plain_paligemma(out: Path) -> Path:
     return out
 
 
+@pytest.mark.heavy  # a LoRA run on a plain PaliGemma: ~75 s; the plain Llava test keeps conversion in the main suite
 def test_a_plain_paligemma_becomes_the_action_token_backbone_and_lora_trains(quickstart_run, local_ray, tmp_path):
     """The VLM keeps every weight and token it had; 256 action tokens are added with distinct
     embedding rows; LoRA trains on 2 ranks, the merged export reloads and runs in the simulator."""

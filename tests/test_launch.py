@@ -92,6 +92,7 @@ def jobs_on_a_real_head(out_dir: str) -> None:
 
 
 @pytest.mark.heavy
+@pytest.mark.ci
 @pytest.mark.timeout(600)
 @needs_private_net
 def test_submit_collect_job_follow_it_and_read_outputs(tmp_path: Path, genesis_kernels: None) -> None:

@@ -131,6 +131,7 @@ def train_on_two_nodes(out_dir: str) -> None:
 
 
 @pytest.mark.heavy
+@pytest.mark.ci
 @pytest.mark.timeout(1200)
 @needs_private_net
 def test_trainer_ranks_spread_over_nodes_and_resume_after_losing_one(tmp_path: Path, quickstart_run) -> None:

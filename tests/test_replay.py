@@ -9,6 +9,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from vla_dist.cli import main
 from vla_dist.config.load import load_config
 from vla_dist.config.validate import validate
@@ -40,6 +42,7 @@ def test_replay_reproduces_every_task(tmp_path: Path, quickstart_run: Quickstart
         assert episode["state_drift"] >= 0.0
 
 
+@pytest.mark.heavy  # a second replay of the dataset: ~45 s
 def test_perturbed_actions_do_not_replay_to_success(tmp_path: Path, quickstart_run: Quickstart,
                                                     local_ray: None) -> None:
     """The negative control: the same episodes with their actions in reverse order must fail, so the

@@ -55,7 +55,7 @@ def weights(policy_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("family", "algorithm"), [
-    ("pi0", "ppo"),
+    pytest.param("pi0", "ppo", marks=pytest.mark.heavy),  # four RL iterations with sim actors: ~80 s
     pytest.param("action_tokens", "grpo", marks=pytest.mark.heavy),  # token-by-token sampling: ~2x pi0's time
 ])
 def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_ray: None, tmp_path: Path,
@@ -112,6 +112,7 @@ def test_rerun_with_more_iterations_continues_the_uninterrupted_run(pretrained: 
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.heavy  # an actor's scene and policy: ~55 s
 def test_sim_actor_refuses_a_weight_version_it_does_not_hold(pretrained: dict[str, Path], local_ray: None) -> None:
     from vla_dist.config.schema import SimSection, TaskSection
     from vla_dist.rl.rollout import Exploration

@@ -166,6 +166,7 @@ def test_sbatch_script_collects_over_two_slurm_nodes(tmp_path: Path, genesis_ker
     assert len({a["node_id"] for a in report["actors"]}) == 2  # one sim actor on each SLURM node
 
 
+@pytest.mark.ci  # SLURM, its signal, the requeue and the resume: the heavy path CI keeps
 @slurm_test
 def test_time_limit_signal_saves_requeues_and_resumes(quickstart_run, tmp_path: Path) -> None:
     from vla_dist.checkpoint import manager as ckpt

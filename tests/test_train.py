@@ -330,6 +330,7 @@ def zero0_run(quickstart_run, local_ray, tmp_path_factory):
     return cfg, run_train(cfg), read_metrics(Path(cfg.run.dir) / "metrics.jsonl")
 
 
+@pytest.mark.heavy  # an eval in sim actors: ~65 s
 def test_zero0_checkpoint_exports_and_evaluates(zero0_run, tmp_path):
     """A stage-0 checkpoint (DeepSpeed's zero_to_fp32 fails on it: no partitions) exports through our
     safetensors copy to the weights DeepSpeed saved, and `vla-dist eval` takes the run directory."""

@@ -121,6 +121,7 @@ def check_kept_and_resume(run_dir: Path, data_dir: Path, report: dict, signal_na
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, stop + 3))
 
 
+@pytest.mark.heavy  # the SIGTERM test keeps the signal path in the main suite: ~50 s
 @pytest.mark.timeout(1800)  # the run's own waits (600 s each) report first
 def test_sigusr1_saves_and_stops_then_resume_auto_continues(quickstart_run, local_ray, tmp_path) -> None:
     _, data_dir, _ = quickstart_run
