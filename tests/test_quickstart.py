@@ -19,7 +19,7 @@ from vla_dist.quickstart import SIZING, plan
 Quickstart = tuple[Path, Path, subprocess.CompletedProcess]
 
 
-# Seven stages (four evals, two DeepSpeed runs): about 5 minutes on 2 quiet cores; run after the main suite.
+# Seven stages (four evals, two DeepSpeed runs at the quickstart's batch 32): about 16 minutes on 2 cores.
 heavy = pytest.mark.heavy
 
 
@@ -138,3 +138,13 @@ def test_a_bad_key_fails_before_any_stage(tmp_path: Path, capsys: pytest.Capture
     assert main(["quickstart", f"run.dir={tmp_path}", "train.zero_stage=7"]) == 2
     assert "train.zero_stage" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_every_stage_reading_an_earlier_stage_output_defers_that_check(tmp_path: Path) -> None:
+    """A stage override that names another stage's directory (a training run, an export) cannot be
+    checked before that stage ran: it must be listed in made_earlier, or the up-front check of a fresh
+    quickstart fails on a path that does not exist yet."""
+    for stage in plan(tmp_path):
+        naming_a_stage = {o.split("=", 1)[0] for o in stage.overrides if str(tmp_path) in o}
+        assert naming_a_stage == set(stage.made_earlier), stage.name
+    assert {stage.name for stage in plan(tmp_path) if stage.made_earlier} == {"eval-full", "train-lora", "eval-lora"}

@@ -62,6 +62,9 @@ class Stage:
     overrides: tuple[str, ...]  # after the user's: what makes the stage what it is
     label: str = ""  # row name in the summary (eval stages only)
     sizing: tuple[str, ...] = ()  # before the user's, after SIZING: this stage's budget
+    # Keys whose override names an earlier stage's output (a training run, an export): nulled when
+    # every stage's config is checked up front, before that output exists.
+    made_earlier: tuple[str, ...] = ()
 
 
 def plan(root: Path) -> list[Stage]:
@@ -73,12 +76,14 @@ def plan(root: Path) -> list[Stage]:
         Stage("eval-expert", "eval", ("eval.policy=expert",), "scripted expert (ceiling)"),
         Stage("eval-untrained", "eval", ("eval.policy=model", "eval.checkpoint=null"), "untrained preset"),
         Stage("train-full", "train", ("train.lora.enabled=false",)),
-        Stage("eval-full", "eval", ("eval.policy=model", f"eval.checkpoint={root / 'train-full'}"), "full fine-tune"),
+        Stage("eval-full", "eval", ("eval.policy=model", f"eval.checkpoint={root / 'train-full'}"), "full fine-tune",
+              made_earlier=("eval.checkpoint",)),
         Stage("train-lora", "train", ("train.lora.enabled=true", f"model.pretrained={root / 'eval-full' / 'policy'}"),
               sizing=("train.steps=300", "train.world_size=2", "train.cpus_per_rank=1", "train.zero_stage=2",
-                      "train.micro_batch_size=16", "train.lr=3e-4", "train.save_every=100")),
+                      "train.micro_batch_size=16", "train.lr=3e-4", "train.save_every=100"),
+              made_earlier=("model.pretrained",)),  # the full fine-tune's export, made by eval-full
         Stage("eval-lora", "eval", ("eval.policy=model", f"eval.checkpoint={root / 'train-lora'}"),
-              "LoRA on the full fine-tune"),
+              "LoRA on the full fine-tune", made_earlier=("eval.checkpoint",)),
     ]
 
 
@@ -87,16 +92,14 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
     root = Path(base.run.dir)
     stages = plan(root)
 
-    def stage_config(stage: Stage, before_training: bool = False) -> RunConfig:
-        # A training run an eval stage reads does not exist before its train stage: check the
-        # rest of that stage's config up front, the checkpoint when the stage starts.
-        extra = ["eval.checkpoint=null"] if before_training and stage.command == "eval" else []
-        if before_training and stage.name == "train-lora":
-            extra.append("model.pretrained=null")  # the full fine-tune's export, made by eval-full
+    def stage_config(stage: Stage, up_front: bool = False) -> RunConfig:
+        # What a stage reads from an earlier one does not exist yet when every config is checked up
+        # front: check the rest of the stage's config then, those paths when the stage starts.
+        extra = [f"{key}=null" for key in stage.made_earlier] if up_front else []
         return validate(load_config(config, [*_stage_overrides(stage, overrides, root), *extra]))
 
     for stage in stages:  # every stage's config fails here, before any stage runs
-        stage_config(stage, before_training=True)
+        stage_config(stage, up_front=True)
     save_resolved(base, root)
     started = time.perf_counter()
     reports: dict[str, dict[str, Any]] = {}
