@@ -307,6 +307,9 @@ def test_decoders_on_the_policies_inputs() -> None:
     torch.testing.assert_close(raw, token_policy.bins_to_actions(bins), atol=1e-6, rtol=0)
 
 
+# Heavy: a cold inductor compile of each policy's decoder, ~2.5 min on 2 cores (10 s warm); the kernel tests
+# above keep compiled decoding in the main suite.
+@pytest.mark.heavy
 @pytest.mark.parametrize("preset", ["tiny-pi0", "tiny-openvla"])
 def test_policy_predicts_through_compiled_decoding(preset: str) -> None:
     """`model.compile`: predict_chunk routed through the compiled kernels gives the eager actions."""

@@ -33,6 +33,8 @@ def recompute(batch: RolloutBatch, policy: object, decision: int, exploration: E
         return bins_log_prob(policy, inputs, record, temperature=exploration.temperature)  # type: ignore[arg-type]
 
 
+# Heavy: a 3-env Genesis scene at 64 px, ~80 s; tests/test_rl_math.py keeps the log-prob maths in the main suite.
+@pytest.mark.heavy
 @pytest.mark.parametrize("family", ["pi0", "action_tokens"])
 def test_rollout_decisions_replay_their_log_probs(scene: TabletopScene, family: str) -> None:
     model = build(family)

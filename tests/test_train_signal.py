@@ -121,7 +121,7 @@ def check_kept_and_resume(run_dir: Path, data_dir: Path, report: dict, signal_na
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, stop + 3))
 
 
-@pytest.mark.heavy  # the SIGTERM test keeps the signal path in the main suite: ~50 s
+@pytest.mark.heavy  # a training run stopped by the signal and resumed: ~50 s, like SIGTERM's below
 @pytest.mark.timeout(1800)  # the run's own waits (600 s each) report first
 def test_sigusr1_saves_and_stops_then_resume_auto_continues(quickstart_run, local_ray, tmp_path) -> None:
     _, data_dir, _ = quickstart_run
@@ -139,6 +139,7 @@ def test_sigusr1_saves_and_stops_then_resume_auto_continues(quickstart_run, loca
     check_kept_and_resume(run_dir, data_dir, report, "SIGUSR1")
 
 
+@pytest.mark.heavy  # ~50 s; CI's SLURM requeue test (marked ci) signals a training run the same way
 @pytest.mark.timeout(1800)  # the run's own waits (600 s each) report first
 def test_sigterm_saves_and_exits_1_then_resume_auto_continues(quickstart_run, local_ray, tmp_path) -> None:
     """SIGTERM (as Kubernetes, docker stop or ray job stop send it) to `vla-dist train`: the same save,
