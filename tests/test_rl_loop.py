@@ -61,8 +61,10 @@ def weights(policy_dir: Path) -> dict[str, torch.Tensor]:
 def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_ray: None, tmp_path: Path,
                                             family: str, algorithm: str) -> None:
     run_dir = tmp_path / "run"
+    # pi0 draws each decision's stochastic denoising step (the logprob_drift check below then also
+    # checks that every decision's log-probability is recomputed at its own step)
     cfg = rl_cfg(run_dir, pretrained[family], family, f"rl.algorithm={algorithm}", "rl.eval_every=2",
-                 "eval.episodes=2")
+                 "eval.episodes=2", "rl.random_sde_step=true")
     report = run_rl(cfg)
     rows = read_metrics(run_dir / "metrics.jsonl")
     updates = [r for r in rows if "kind" not in r]

@@ -4,6 +4,7 @@ an exactly known flow, log-probabilities recomputed under the same and under cha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from tests.test_models import build, make_batch
 from vla_dist.models.pi0 import PI0Policy
 from vla_dist.rl.advantages import gae, group_relative_advantages
-from vla_dist.rl.flow_sde import chunk_log_prob, sample_chunk, sde_transition
+from vla_dist.rl.flow_sde import SDESample, chunk_log_prob, sample_chunk, sde_transition
 from vla_dist.rl.losses import ppo_policy_loss, value_loss
 
 
@@ -143,6 +144,44 @@ def test_flow_sde_with_vanishing_noise_is_the_ode_sampler(pi0: PI0Policy) -> Non
     assert (noisy.actions - ode).abs().max() > 1e-3
     with pytest.raises(ValueError, match="stochastic step"):
         sample_chunk(pi0, batch, step=0, noise_level=0.5)
+
+
+def test_flow_sde_with_a_stochastic_step_per_row(pi0: PI0Policy) -> None:
+    """rl.random_sde_step: rows of one batch make different denoising steps stochastic. Each row is
+    the sample it would be alone with that step, and its log-probability is recomputed at that step."""
+    from vla_dist.rl.rollout import Exploration, ExplorationPolicy
+
+    batch = make_batch(pi0, size=3)
+    noise = torch.randn(3, pi0.chunk_size, pi0.action_dim, generator=torch.Generator().manual_seed(7))
+    steps = torch.tensor([2, 7, 4])
+    mixed = sample_chunk(pi0, batch, step=steps, noise_level=1e-6, noise=noise)
+    for row, step in enumerate(steps.tolist()):  # vanishing noise: every row is the ODE sample
+        alone = sample_chunk(pi0, batch, step=step, noise_level=1e-6, noise=noise)
+        torch.testing.assert_close(mixed.actions[row], alone.actions[row], rtol=1e-4, atol=1e-4)
+        # x before the stochastic step is the ODE's x at that row's step, not another row's
+        torch.testing.assert_close(mixed.x_before[row], alone.x_before[row], rtol=1e-5, atol=1e-5)
+    assert (mixed.x_before[0] - mixed.x_before[1]).abs().max() > 1e-3
+    sample = sample_chunk(pi0, batch, step=steps, noise_level=0.5, generator=torch.Generator().manual_seed(3))
+    assert sample.step.tolist() == [2, 7, 4]
+    torch.testing.assert_close(chunk_log_prob(pi0, batch, sample, noise_level=0.5), sample.log_prob,
+                               rtol=1e-5, atol=1e-3)
+    # Recomputed at another step, the same x before/after is another transition: a wrong step shows.
+    shifted = dataclasses.replace(sample, step=torch.tensor([3, 6, 5]))
+    assert (chunk_log_prob(pi0, batch, shifted, noise_level=0.5) - sample.log_prob).abs().min() > 1e-2
+    with pytest.raises(ValueError, match="stochastic step"):
+        sample_chunk(pi0, batch, step=torch.tensor([1, 10, 4]), noise_level=0.5)
+    # The rollout policy draws each decision's step from its env's stream: 1..N-1, reproducible.
+    explore = Exploration(horizon=4, noise_level=0.5, sde_step=5, random_sde_step=True)
+    drawn = []
+    for _ in range(2):
+        policy = ExplorationPolicy(pi0, explore, version=1, cameras=("front", "wrist"))
+        policy.reset(torch.zeros(3, dtype=torch.long), batch.instructions, [11, 12, 13])
+        _, log_prob, record = policy._sample(batch)
+        assert isinstance(record, SDESample) and torch.isfinite(log_prob).all()
+        drawn.append(record.step.tolist())
+    num_steps = pi0.spec.num_inference_steps
+    assert drawn[0] == drawn[1] and all(1 <= s < num_steps for s in drawn[0]), drawn
+    assert len(set(drawn[0])) > 1, drawn  # per env, not one draw for the batch
 
 
 def test_gaussian_log_prob_matches_torch_distributions(pi0: PI0Policy) -> None:

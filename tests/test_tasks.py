@@ -12,7 +12,7 @@ import math
 import torch
 
 from vla_dist.sim.task_names import TASK_NAMES
-from vla_dist.sim.tasks import check_success
+from vla_dist.sim.tasks import check_success, goal_distance
 
 PICK, PUSH, STACK = (TASK_NAMES.index(name) for name in ("pick_cube", "push_cube", "stack_cube"))
 RESTING_CUBE_Z = 0.02  # the red cube (4 cm) resting on the table
@@ -73,3 +73,20 @@ def test_each_env_is_judged_by_its_own_task() -> None:
         torch.ones(9, dtype=torch.bool),
     )
     assert got.tolist() == [True, False, False, False, True, False, False, False, True]
+
+
+def test_goal_distance_is_each_tasks_distance_to_its_success_region() -> None:
+    """The progress measure agrees with check_success: zero (pick) or within tolerance exactly where a
+    task's position condition holds, and it grows with the distance the task cares about."""
+    base, target = (0.50, -0.10, 0.03), (0.55, 0.05, 0.001)
+    cubes = [
+        (0.45, 0.10, RESTING_CUBE_Z), (0.45, 0.10, 0.06), (0.45, 0.10, 0.12),  # pick: 8, 4, 0 cm to lift
+        (0.55, 0.05, RESTING_CUBE_Z), (0.55 + 0.04, 0.05 - 0.03, RESTING_CUBE_Z), (0.55, 0.05, 0.30),  # push
+        (0.50, -0.10, 0.08), (0.50 + 0.03, -0.10, 0.08 + 0.04), (0.50, -0.10, RESTING_CUBE_Z),  # stack
+    ]
+    tasks = [PICK] * 3 + [PUSH] * 3 + [STACK] * 3
+    got = goal_distance(torch.tensor(tasks), torch.tensor(cubes), torch.tensor([base] * 9),
+                        torch.tensor([target] * 9))
+    # push ignores height (a cube held over the target is 0 away in xy); stack measures 3-D, 5 cm and 6 cm.
+    expected = [0.08, 0.04, 0.0, 0.0, 0.05, 0.0, 0.0, 0.05, 0.06]
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-6), got.tolist()

@@ -74,6 +74,10 @@ def test_eval_rows_at_their_steps_with_intervals(eval_run) -> None:
         for task in row["per_task"].values():
             low, high = wilson_interval(task["successes"], 1)
             assert task["episodes"] == 1 and task["ci95"] == [round(low, 4), round(high, 4)]
+            # how near the cube came to its success region, over the failed episodes (none: no figure);
+            # every layout starts the cube 8 cm (pick) to 19 cm (stack) from it
+            goal = task["failures_closest_goal_cm"]
+            assert goal is None if task["successes"] == 1 else (goal["failures"] == 1 and 0 < goal["median"] < 30)
         assert row["export_s"] > 0 and row["eval_wall_s"] > 0 and row["closest_approach_cm"] > 0
         assert (Path(cfg.run.dir) / "evals" / f"step_{row['step']}" / "report.json").is_file()
         assert not (Path(cfg.run.dir) / "evals" / f"step_{row['step']}" / "weights").exists()  # consumed

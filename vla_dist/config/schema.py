@@ -284,6 +284,7 @@ class RLSection:
     horizon: int = 0  # control steps each sampled chunk is executed for (one PPO decision); 0: the whole chunk
     noise_level: float = 0.5  # pi0 Flow-SDE: exploration noise scale of the stochastic denoising step
     sde_step: int = 0  # pi0: which Euler step (1..model.num_inference_steps-1) is stochastic; 0: the middle one
+    random_sde_step: bool = False  # pi0: each decision draws its stochastic step uniformly (1..N-1) instead
     temperature: float = 1.0  # action tokens: sampling temperature
     lr: float = 1.0e-5  # constant, AdamW (train.weight_decay, train.grad_clip apply)
     epochs: int = 2  # passes over each iteration's decisions

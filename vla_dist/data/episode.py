@@ -22,6 +22,9 @@ class Episode:
     # state: a dense progress measure for eval (a policy that never succeeds can still learn to reach).
     # In-memory only, not in shards.
     closest_approach_m: float = float("nan")
+    # Closest the red cube came to its task's success region (m; `vla_dist.sim.tasks.goal_distance`):
+    # tells a push that stopped short of the target from one that never moved the cube. In-memory only.
+    closest_goal_m: float = float("nan")
 
     @property
     def num_frames(self) -> int:

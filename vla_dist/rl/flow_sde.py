@@ -13,7 +13,10 @@ Given x_t the step is Gaussian: the log-probability PPO/GRPO take ratios of is t
 stochastic transition, log N(x_{t+dt}; mean, std^2), with x_t (reached deterministically from the
 initial noise) treated as part of the state, as pi-RL does when it casts denoising as an MDP.
 Why one stochastic step and not all N: one model forward per sample recomputes the log-probability
-(the cost of an SFT step), where N would multiply the update cost by N on a CPU.
+(the cost of an SFT step), where N would multiply the update cost by N on a CPU. Which step is
+stochastic may differ per row (`step` a tensor): with `rl.random_sde_step` every decision draws its
+own, so updates reach the velocity field at every t the deterministic sampler passes through, not
+at one (Flow-GRPO samples the step the same way).
 Why Flow-SDE and not Flow-Noise (a learned noise head): it adds no parameters, so an SFT checkpoint
 starts RL unchanged and an exported policy stays a plain PI0.
 """
@@ -36,24 +39,32 @@ def step_time(step: int, num_steps: int) -> float:
     return 1.0 - step / num_steps
 
 
-def sde_transition(x: torch.Tensor, velocity: torch.Tensor, t: float, dt: float,
-                   noise_level: float) -> tuple[torch.Tensor, float]:
-    """(mean, std) of the reverse-SDE Euler-Maruyama step from time t to t + dt (dt < 0, 0 < t < 1)."""
-    if not 0.0 < t < 1.0 or dt >= 0:
+def sde_transition(x: torch.Tensor, velocity: torch.Tensor, t: float | torch.Tensor, dt: float,
+                   noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the reverse-SDE Euler-Maruyama step from time t to t + dt (dt < 0, 0 < t < 1).
+    `t` one float, or one per row of x ([B]); std is then [B, 1, ..., 1] (broadcasts against x)."""
+    times = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if not bool(((times > 0) & (times < 1)).all()) or dt >= 0:
         raise ValueError(f"a stochastic step needs 0 < t < 1 and dt < 0, got t={t}, dt={dt}")
-    sigma = noise_level * math.sqrt(t / (1.0 - t))
-    mean = x + (velocity + sigma**2 / (2.0 * t) * (x + (1.0 - t) * velocity)) * dt
+    if times.ndim:
+        times = times.reshape(-1, *([1] * (x.ndim - 1)))
+    sigma = noise_level * torch.sqrt(times / (1.0 - times))
+    mean = x + (velocity + sigma**2 / (2.0 * times) * (x + (1.0 - times) * velocity)) * dt
     return mean, sigma * math.sqrt(-dt)
 
 
-def gaussian_step_log_probs(value: torch.Tensor, mean: torch.Tensor, std: float, dims: int) -> torch.Tensor:
+def gaussian_step_log_probs(value: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor,
+                            dims: int) -> torch.Tensor:
     """[B, chunk] log N(value; mean, std^2 I) of each chunk step over its first `dims` action dims
-    (the padded dims are exact zeros on both sides and carry no probability mass)."""
+    (the padded dims are exact zeros on both sides and carry no probability mass). `std`: a scalar or
+    one per row ([B, 1, 1], as sde_transition gives it)."""
     diff = (value[..., :dims] - mean[..., :dims]).float()
-    return -0.5 * (diff / std).pow(2).sum(-1) - dims * (math.log(std) + 0.5 * math.log(2 * math.pi))
+    std = torch.as_tensor(std, dtype=torch.float32, device=value.device)
+    log_std = std.reshape(std.shape[0], 1).log() if std.ndim else std.log()
+    return -0.5 * (diff / std).pow(2).sum(-1) - dims * (log_std + 0.5 * math.log(2 * math.pi))
 
 
-def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float, dims: int) -> torch.Tensor:
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor, dims: int) -> torch.Tensor:
     """[B]: gaussian_step_log_probs summed over the chunk."""
     return gaussian_step_log_probs(value, mean, std, dims).sum(-1)
 
@@ -61,70 +72,77 @@ def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float, dims:
 @dataclass
 class SDESample:
     """One stochastic chunk per batch row: the normalized, padded actions [B, chunk, max_action_dim]
-    and what recomputing its log-probability needs (the step, x before and after it)."""
+    and what recomputing its log-probability needs (each row's stochastic step, x before and after it)."""
 
     actions: torch.Tensor
-    step: int
+    step: torch.Tensor  # long [B]: the denoising step that was stochastic, per row
     x_before: torch.Tensor
     x_after: torch.Tensor
     log_prob: torch.Tensor  # [B] float32, under the sampling weights
 
     @classmethod
     def cat(cls, samples: list[SDESample]) -> SDESample:
-        """Samples of the same step, their rows concatenated."""
-        return cls(actions=torch.cat([s.actions for s in samples]), step=samples[0].step,
+        """Their rows concatenated."""
+        return cls(actions=torch.cat([s.actions for s in samples]), step=torch.cat([s.step for s in samples]),
                    x_before=torch.cat([s.x_before for s in samples]), x_after=torch.cat([s.x_after for s in samples]),
                    log_prob=torch.cat([s.log_prob for s in samples]))
 
     def rows(self, count: int) -> SDESample:
         """The first `count` rows."""
-        return SDESample(actions=self.actions[:count], step=self.step, x_before=self.x_before[:count],
+        return SDESample(actions=self.actions[:count], step=self.step[:count], x_before=self.x_before[:count],
                          x_after=self.x_after[:count], log_prob=self.log_prob[:count])
 
 
-def _velocity(policy: PI0Policy, prefix: dict[str, torch.Tensor], x: torch.Tensor, t: float) -> torch.Tensor:
-    time = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+def _velocity(policy: PI0Policy, prefix: dict[str, torch.Tensor], x: torch.Tensor,
+              t: float | torch.Tensor) -> torch.Tensor:
+    time = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
     return policy.hf_model(**prefix, noise=x.to(policy.dtype), timestep=time).logits.float()
 
 
 @torch.no_grad()
-def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int, noise_level: float,
+def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int | torch.Tensor, noise_level: float,
                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> SDESample:
-    """pi0's Euler sampler with denoising step `step` made stochastic (module docstring).
-    `noise` (the initial x, [B, chunk, A or max_action_dim]) and the SDE's noise come from
-    `generator` when not given, so a seeded generator reproduces the sample."""
+    """pi0's Euler sampler with denoising step `step` (one for all rows, or long [B], one per row)
+    made stochastic (module docstring). `noise` (the initial x, [B, chunk, A or max_action_dim]) and
+    the SDE's noise come from `generator` when not given, so a seeded generator reproduces the sample."""
     num_steps = policy.spec.num_inference_steps
-    if not 1 <= step < num_steps:
-        raise ValueError(f"the stochastic step must lie in [1, {num_steps - 1}] (t=1 has infinite sigma), got {step}")
     batch = policy.check_inputs(inputs)
+    steps = torch.as_tensor(step, dtype=torch.long).expand(batch).clone()
+    if not bool(((steps >= 1) & (steps < num_steps)).all()):
+        raise ValueError(f"the stochastic step must lie in [1, {num_steps - 1}] (t=1 has infinite sigma), got {step}")
     prefix = policy.prepare_prefix(inputs)
     if noise is None:
         noise = policy.make_noise(batch, generator)
     x = policy.full_noise(noise, batch).float()
+    x_before, x_after = torch.empty_like(x), torch.empty_like(x)
+    log_prob = torch.zeros(batch, dtype=torch.float32, device=x.device)
     dt = -1.0 / num_steps
     for k in range(num_steps):
         t = step_time(k, num_steps)
         velocity = _velocity(policy, prefix, x, t)
-        if k != step:
+        here = (steps == k).to(x.device)
+        if not bool(here.any()):
             x = x + dt * velocity
             continue
         mean, std = sde_transition(x, velocity, t, dt, noise_level)
         eps = torch.randn(x.shape, generator=generator).to(x.device)
         eps[..., policy.action_dim :] = 0
-        x_before, x = x, mean + std * eps
-        x_after = x
-        log_prob = gaussian_log_prob(x_after, mean, std, policy.action_dim)
-    return SDESample(actions=x, step=step, x_before=x_before, x_after=x_after, log_prob=log_prob)
+        stochastic = mean + std * eps
+        x_before[here], x_after[here] = x[here], stochastic[here]
+        log_prob[here] = gaussian_log_prob(stochastic, mean, std, policy.action_dim)[here]
+        x = torch.where(here[:, None, None], stochastic, x + dt * velocity)
+    return SDESample(actions=x, step=steps, x_before=x_before, x_after=x_after, log_prob=log_prob)
 
 
 def step_log_probs(policy: PI0Policy, inputs: PolicyInputs, sample: SDESample, noise_level: float) -> torch.Tensor:
     """[B, chunk] log-probability of `sample`'s stochastic step per chunk step, under the policy's
     current weights, with gradients: one forward of the model per row (the cost of a flow-matching
-    loss). RL sums it over the steps that ran (rl/objective.py)."""
+    loss), each row at its own step's t. RL sums it over the steps that ran (rl/objective.py)."""
     prefix = policy.prepare_prefix(inputs)
     num_steps = policy.spec.num_inference_steps
-    t, dt = step_time(sample.step, num_steps), -1.0 / num_steps
     x_before = sample.x_before.to(policy.device).float()
+    t = 1.0 - sample.step.to(device=x_before.device, dtype=torch.float32) / num_steps  # step_time, per row
+    dt = -1.0 / num_steps
     velocity = _velocity(policy, prefix, x_before, t)
     mean, std = sde_transition(x_before, velocity, t, dt, noise_level)
     return gaussian_step_log_probs(sample.x_after.to(policy.device).float(), mean, std, policy.action_dim)

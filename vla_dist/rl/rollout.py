@@ -32,20 +32,22 @@ def _stream_seed(seed: int, stream: int, version: int) -> int:
 
 @dataclass(frozen=True)
 class Exploration:
-    """How the policy explores: pi0 through Flow-SDE (`sde_step`, `noise_level`), action tokens by
-    sampling at `temperature`. `horizon`: control steps each sampled chunk is executed for."""
+    """How the policy explores: pi0 through Flow-SDE (`sde_step`, `noise_level`; `random_sde_step`:
+    each decision draws its stochastic step from 1..N-1 with its env's generator instead), action
+    tokens by sampling at `temperature`. `horizon`: control steps each sampled chunk is executed for."""
 
     horizon: int = 4
     noise_level: float = 0.5
     sde_step: int = 5
     temperature: float = 1.0
+    random_sde_step: bool = False
 
 
 def exploration_from(cfg: RunConfig) -> Exploration:
     """The `rl` section's exploration, its 0 defaults resolved (the whole chunk, the middle step)."""
     horizon, sde_step = rl_exploration_steps(cfg)
     return Exploration(horizon=horizon, noise_level=cfg.rl.noise_level, sde_step=sde_step,
-                       temperature=cfg.rl.temperature)
+                       temperature=cfg.rl.temperature, random_sde_step=cfg.rl.random_sde_step)
 
 
 class ExplorationPolicy:
@@ -101,7 +103,11 @@ class ExplorationPolicy:
         for i, generator in enumerate(self.generators):  # per env: batching never changes a sample
             row = PolicyInputs(inputs.images[i : i + 1], inputs.state[i : i + 1], inputs.instructions[i : i + 1])
             if model.family == "pi0":
-                sample = sample_chunk(model, row, step=exploration.sde_step,  # type: ignore[arg-type]
+                step = exploration.sde_step
+                if exploration.random_sde_step:  # drawn from the env's stream: reproducible like the noise
+                    steps = model.spec.num_inference_steps  # type: ignore[attr-defined]
+                    step = int(torch.randint(1, steps, (1,), generator=generator))
+                sample = sample_chunk(model, row, step=step,  # type: ignore[arg-type]
                                       noise_level=exploration.noise_level, generator=generator)
                 actions = model.unnormalize_actions(sample.actions[..., : model.action_dim])
                 rows.append((actions, sample.log_prob, sample))

@@ -4,7 +4,7 @@ noise), each decision's sampler record and sampling-time log-probability, and th
 dones, success). Kept apart from shard encoding: nothing here is written to a dataset.
 
 The sampler record a log-probability is recomputed from: pi0 (Flow-SDE) the stochastic step's x
-before and after it (`x_before`, `x_after` [E, D, chunk, max_action_dim], step `sde_step`); action
+before and after it (`x_before`, `x_after` [E, D, chunk, max_action_dim], its step `sde_steps`); action
 tokens the sampled bins (`bins` long [E, D, chunk, A]).
 """
 
@@ -35,7 +35,7 @@ class Trajectories:
     success: torch.Tensor  # bool [E]
     reach: torch.Tensor | None  # float32 [E, D] or None
     version: int
-    sde_step: int = 0
+    sde_steps: torch.Tensor | None = None  # long [E, D]: pi0, each decision's stochastic denoising step
     x_before: torch.Tensor | None = None
     x_after: torch.Tensor | None = None
     bins: torch.Tensor | None = None
@@ -59,7 +59,8 @@ class Trajectories:
         if self.bins is not None:
             return self.bins[e, d]
         assert self.x_before is not None and self.x_after is not None
-        return SDESample(actions=self.x_after[e, d], step=self.sde_step, x_before=self.x_before[e, d],
+        assert self.sde_steps is not None
+        return SDESample(actions=self.x_after[e, d], step=self.sde_steps[e, d], x_before=self.x_before[e, d],
                          x_after=self.x_after[e, d], log_prob=self.sample_log_probs[e, d])
 
     def shaped_rewards(self, weight: float) -> torch.Tensor:
@@ -93,9 +94,9 @@ def join_rollouts(batches: list[RolloutBatch], tasks: list[list[str]], seeds: li
     pi0 = isinstance(batches[0].records[0], SDESample)
     per_decision: dict[str, torch.Tensor] = {}
     if pi0:
-        for field in ("x_before", "x_after"):
-            per_decision[field] = torch.cat([pad(torch.stack([getattr(r, field) for r in b.records], dim=1))
-                                             for b in batches])
+        for field, key in (("x_before", "x_before"), ("x_after", "x_after"), ("step", "sde_steps")):
+            per_decision[key] = torch.cat([pad(torch.stack([getattr(r, field) for r in b.records], dim=1))
+                                            for b in batches])
     else:
         per_decision["bins"] = torch.cat([pad(torch.stack(list(b.records), dim=1)) for b in batches])  # type: ignore[arg-type]
     reach = cat("reach") if all(b.reach is not None for b in batches) else None
@@ -108,5 +109,5 @@ def join_rollouts(batches: list[RolloutBatch], tasks: list[list[str]], seeds: li
         groups=torch.tensor([g for gs in groups for g in gs], dtype=torch.long),
         sample_log_probs=cat("log_probs"), valid=cat("valid"), executed=cat("executed"), rewards=cat("rewards"),
         dones=cat("dones"), success=torch.cat([b.success for b in batches]), reach=reach, version=versions.pop(),
-        sde_step=batches[0].records[0].step if pi0 else 0, **per_decision,  # type: ignore[union-attr]
+        **per_decision,
     )

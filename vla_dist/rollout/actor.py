@@ -31,6 +31,7 @@ class EpisodeOutcome:
     actions: np.ndarray
     sample: dict[str, object]  # WebDataset sample from `encode_episode`
     closest_approach_m: float = float("nan")  # grasp point to red cube centre, closest over the episode
+    closest_goal_m: float = float("nan")  # red cube to its task's success region, closest over the episode
 
 
 @dataclass
@@ -118,6 +119,7 @@ class SimActor:
                 actions=ep.actions,
                 sample=encode_episode(ep, self.codec) if render else {},  # no frames: nothing to encode
                 closest_approach_m=ep.closest_approach_m,
+                closest_goal_m=ep.closest_goal_m,
             )
             for req, ep in zip(requests, episodes, strict=True)
         ]

@@ -95,6 +95,17 @@ def closest_approach_cm(outcomes: list[EpisodeOutcome]) -> float | None:
     return round(100 * float(np.mean(values)), 2) if values else None
 
 
+def closest_goal_cm(outcomes: list[EpisodeOutcome]) -> dict[str, float] | None:
+    """The closest the cube came to its success region (`goal_distance`), over the failed episodes:
+    median and quartiles (cm). A near miss (push 4 cm short of a 3 cm tolerance) and a policy that never
+    touched the cube both score 0 successes; this tells them apart."""
+    values = [o.closest_goal_m for o in outcomes if not o.success and math.isfinite(o.closest_goal_m)]
+    if not values:
+        return None
+    q25, q50, q75 = (round(100 * float(v), 2) for v in np.quantile(values, [0.25, 0.5, 0.75]))
+    return {"failures": len(values), "median": q50, "q25": q25, "q75": q75}
+
+
 def eval_requests(cfg: RunConfig, episodes_per_task: int) -> tuple[list[str], list[EpisodeRequest]]:
     """(tasks, requests): the same seeds for the same run.seed, so evals of one run score the same layouts.
     Episode i runs tasks[i % len(tasks)] on a held-out layout, or (eval.seeds="collection") on the layout
@@ -154,6 +165,7 @@ def success_summary(outcomes: list[EpisodeOutcome], tasks: list[str]) -> dict[st
             "ci95": [round(low, 4), round(high, 4)],
             "mean_length": float(np.mean([o.num_frames for o in mine])) if mine else 0.0,
             "closest_approach_cm": closest_approach_cm(mine),
+            "failures_closest_goal_cm": closest_goal_cm(mine),
         }
     wins = sum(o.success for o in outcomes)
     low, high = wilson_interval(wins, len(outcomes))

@@ -19,6 +19,7 @@ from vla_dist.sim.scene import STATE_SPACE, TabletopScene
 from vla_dist.sim.tasks import (
     TASKS,
     check_success,
+    goal_distance,
     pick_instruction,
     sample_layout,
     stack_layouts,
@@ -143,6 +144,7 @@ def run_batch(
     done = torch.zeros(n, dtype=torch.bool)
     success = torch.zeros(n, dtype=torch.bool)
     closest = torch.full((n,), float("inf"))
+    closest_goal = torch.full((n,), float("inf"))
     noise = ExecutionNoise([r.action_noise for r in padded], [r.seed for r in padded])
     while not bool(done.all()):
         privileged = scene.object_state()
@@ -160,6 +162,8 @@ def run_batch(
             task_ids, after["cube_pos"], after["base_pos"], after["target_pos"], ~after["gripper_closed"]
         )
         held = torch.where(ok, held + 1, torch.zeros_like(held))
+        to_goal = goal_distance(task_ids, after["cube_pos"], after["base_pos"], after["target_pos"])
+        closest_goal = torch.where(done, closest_goal, torch.minimum(closest_goal, to_goal))
         finished = ~done & ((held >= SUCCESS_HOLD_STEPS) | (length >= limits))
         success |= finished & (held >= SUCCESS_HOLD_STEPS)
         done |= finished
@@ -182,6 +186,7 @@ def run_batch(
                 state=np.ascontiguousarray(state_arr[i, :t]),
                 actions=np.ascontiguousarray(action_arr[i, :t]),
                 closest_approach_m=float(closest[i]),
+                closest_goal_m=float(closest_goal[i]),
             )
         )
     return episodes

@@ -204,7 +204,7 @@ class TrainingEvals:
     def _record(self, step: int, report: dict[str, Any]) -> None:
         row = {k: report[k] for k in ROW_KEYS}
         row["per_task"] = {task: {k: stats[k] for k in ("success_rate", "ci95", "episodes", "successes",
-                                                         "closest_approach_cm")}
+                                                         "closest_approach_cm", "failures_closest_goal_cm")}
                            for task, stats in report["per_task"].items()}
         row.update(export_s=round(self.export_s[step], 3), eval_wall_s=report["eval_wall_s"],
                    decode_ms_per_chunk=report["decode_ms_per_chunk"])
