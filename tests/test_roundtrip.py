@@ -5,8 +5,8 @@ Everything between the shards and the simulator is on this path: window cutting 
 exported policy, `ModelPolicy.act` with temporal ensembling (as the recipes evaluate), the control
 rate. A unit, sign, order or off-by-one bug anywhere in it makes the memorized policy miss on the
 very layouts it learned; a policy that cannot even do that cannot be expected to generalize. The
-floor (some success, the grasp point near the cube) must hold; below the 90% target the test
-reports xfail with the figures.
+floor (at least 3 of the 4 layouts, the grasp point near the cube) must hold; below the 90% target
+(4 of 4) the test reports xfail with the figures.
 Real commands end to end: `vla-dist collect`, `vla-dist train` (DeepSpeed, one Ray-placed rank), `vla-dist eval
 eval.seeds=collection` on the session's sim actors. No mocks.
 """
@@ -28,14 +28,19 @@ LAYOUTS = 4  # layouts memorized per task (collection episodes 0..3 of run.seed 
 MIN_SUCCESS = 0.9
 MAX_APPROACH_CM = 5.0  # mean closest grasp-point approach to the cube over the memorized layouts
 
-# Per family: what it takes to memorize 4 layouts (tiny-pi0 after 500 steps: 3 of 4, loss 0.094).
+# Per family: what it takes to memorize 4 layouts (tiny-pi0 after 500 steps: 3 of 4, loss 0.094;
+# action tokens after 1000 steps: 3 of 4, after 2000: 4 of 4, closest 0.54 cm).
 FAMILIES = {
     "tiny-pi0": ["model.state_inputs=[gripper_width]", "train.steps=1000", "train.lr=1e-3"],
-    "tiny-openvla": ["train.steps=1000", "train.lr=1e-3"],
+    "tiny-openvla": ["train.steps=2000", "train.lr=1e-3"],
 }
-# Both families on pick; push (where held-out success is lowest) with the recipes' family: a miss
-# there would point at the path, not at generalization.
-CASES = [("tiny-pi0", "pick_cube"), ("tiny-openvla", "pick_cube"), ("tiny-pi0", "push_cube")]
+# Both families on pick, in CI (~5 and ~8 min on 2 cores); push (where held-out success is lowest)
+# with the recipes' family, by hand: a miss there would point at the path, not at generalization.
+CASES = [
+    pytest.param("tiny-pi0", "pick_cube", marks=pytest.mark.ci),
+    pytest.param("tiny-openvla", "pick_cube", marks=pytest.mark.ci),
+    ("tiny-pi0", "push_cube"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +83,11 @@ def test_memorized_layouts_succeed_in_closed_loop(preset: str, task: str, memori
           f"{report['closest_approach_cm']} cm, final loss {final_loss:.4f}")
     assert report["seeds"] == "collection" and report["episodes"] == LAYOUTS
     # A unit, sign, camera-order or chunking bug leaves the arm nowhere near the cube (an untrained
-    # policy: 0%, ~40 cm). This floor must hold; it failed for every policy before the funnel expert.
-    assert report["successes"] >= 1 and report["closest_approach_cm"] < MAX_APPROACH_CM, report
+    # policy: 0%, ~40 cm). This floor must hold: at most one of the four layouts missed (a float
+    # difference between CPUs can move one memorized grasp), the grasp point near the cube.
+    assert report["successes"] >= LAYOUTS - 1 and report["closest_approach_cm"] < MAX_APPROACH_CM, report
     if report["success_rate"] < MIN_SUCCESS:
-        # Known gap (issue #10), measured on 2 cores with temporal ensembling: pick, pi0 4/4 (0.65 cm),
-        # action tokens 3/4 (0.59 cm) after 1000 steps (chunks of 4 before: 3/4 and 2/4); the miss drifts
-        # off the 4 memorized trajectories, where no data is; push, pi0 4/4 (3.4 cm). Target stays 90%.
+        # 3 of 4: reported with the figures rather than failed. Measured on 2 cores with temporal
+        # ensembling (2026-12-01): pick, pi0 4/4 (0.65 cm), action tokens 4/4 (0.54 cm); push, pi0 4/4.
         pytest.xfail(f"{preset} {task} replays {report['successes']}/{LAYOUTS} memorized layouts (target "
                      f"{MIN_SUCCESS:.0%}), closest approach {report['closest_approach_cm']} cm")
