@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     from vla_dist.models.policy import PolicyInputs
 
 
-def step_time(step: int, num_steps: int) -> float:
-    """t at the start of Euler step `step` (0-based) of `num_steps`, as PI0 counts: 1 - step / N."""
+def step_time(step: int | torch.Tensor, num_steps: int) -> float | torch.Tensor:
+    """t at the start of Euler step `step` (0-based; or one per row) of `num_steps`, as PI0 counts:
+    1 - step / N."""
     return 1.0 - step / num_steps
 
 
@@ -141,7 +142,7 @@ def step_log_probs(policy: PI0Policy, inputs: PolicyInputs, sample: SDESample, n
     prefix = policy.prepare_prefix(inputs)
     num_steps = policy.spec.num_inference_steps
     x_before = sample.x_before.to(policy.device).float()
-    t = 1.0 - sample.step.to(device=x_before.device, dtype=torch.float32) / num_steps  # step_time, per row
+    t = step_time(sample.step.to(device=x_before.device, dtype=torch.float32), num_steps)  # per row
     dt = -1.0 / num_steps
     velocity = _velocity(policy, prefix, x_before, t)
     mean, std = sde_transition(x_before, velocity, t, dt, noise_level)

@@ -105,8 +105,8 @@ class ExplorationPolicy:
             if model.family == "pi0":
                 step = exploration.sde_step
                 if exploration.random_sde_step:  # drawn from the env's stream: reproducible like the noise
-                    steps = model.spec.num_inference_steps  # type: ignore[attr-defined]
-                    step = int(torch.randint(1, steps, (1,), generator=generator))
+                    num_steps = model.spec.num_inference_steps  # type: ignore[attr-defined]
+                    step = int(torch.randint(1, num_steps, (1,), generator=generator))
                 sample = sample_chunk(model, row, step=step,  # type: ignore[arg-type]
                                       noise_level=exploration.noise_level, generator=generator)
                 actions = model.unnormalize_actions(sample.actions[..., : model.action_dim])

@@ -103,6 +103,16 @@ def pick_instruction(task: str, seed: int) -> str:
     return options[seed % len(options)]
 
 
+def _resting_on_base(base_pos: torch.Tensor) -> torch.Tensor:
+    """[B, 3] where the red cube's centre rests when stacked on the blue cube."""
+    return base_pos + torch.tensor([0.0, 0.0, BASE_SIZE / 2 + CUBE_SIZE / 2])
+
+
+def _for_each_task(task_ids: torch.Tensor, pick: torch.Tensor, push: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """[B] each env's value of its own task (columns in TASK_NAMES order)."""
+    return torch.stack((pick, push, stack), dim=-1).gather(1, task_ids[:, None]).squeeze(1)
+
+
 def check_success(
     task_ids: torch.Tensor, cube_pos: torch.Tensor, base_pos: torch.Tensor, target_pos: torch.Tensor,
     gripper_open: torch.Tensor,
@@ -110,14 +120,13 @@ def check_success(
     """Per-env success from simulator state. `task_ids` index TASK_NAMES; returns bool [B]."""
     lifted = cube_pos[:, 2] > LIFT_HEIGHT
     on_target = (cube_pos[:, :2] - target_pos[:, :2]).norm(dim=-1) < PUSH_TOLERANCE
-    resting_height = base_pos[:, 2] + BASE_SIZE / 2 + CUBE_SIZE / 2
+    resting = _resting_on_base(base_pos)
     stacked = (
-        ((cube_pos[:, :2] - base_pos[:, :2]).norm(dim=-1) < STACK_XY_TOLERANCE)
-        & ((cube_pos[:, 2] - resting_height).abs() < STACK_Z_TOLERANCE)
+        ((cube_pos[:, :2] - resting[:, :2]).norm(dim=-1) < STACK_XY_TOLERANCE)
+        & ((cube_pos[:, 2] - resting[:, 2]).abs() < STACK_Z_TOLERANCE)
         & gripper_open  # released: the blue cube holds it, not the hand
     )
-    per_task = torch.stack((lifted, on_target, stacked), dim=-1)
-    return per_task.gather(1, task_ids[:, None]).squeeze(1)
+    return _for_each_task(task_ids, lifted, on_target, stacked)
 
 
 def goal_distance(
@@ -130,7 +139,5 @@ def goal_distance(
     the hold, and (stack) the release, which `check_success` checks."""
     below_lift = (LIFT_HEIGHT - cube_pos[:, 2]).clamp_min(0.0)
     to_target = (cube_pos[:, :2] - target_pos[:, :2]).norm(dim=-1)
-    resting = base_pos + torch.tensor([0.0, 0.0, BASE_SIZE / 2 + CUBE_SIZE / 2])
-    to_resting = (cube_pos - resting).norm(dim=-1)
-    per_task = torch.stack((below_lift, to_target, to_resting), dim=-1)
-    return per_task.gather(1, task_ids[:, None]).squeeze(1)
+    to_resting = (cube_pos - _resting_on_base(base_pos)).norm(dim=-1)
+    return _for_each_task(task_ids, below_lift, to_target, to_resting)
