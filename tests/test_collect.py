@@ -130,3 +130,38 @@ def test_expert_failures_are_counted_kept_on_request_and_reported(tmp_path: Path
     assert all(ep.num_frames == 3 for ep in kept)
     partial = json.loads((tmp_path / "data" / "manifest.partial.json").read_text())
     assert partial["complete"] is False and partial["episodes"] == 4
+
+
+def test_paraphrase_subset_reaches_collected_and_evaluated_episodes(tmp_path: Path, local_ray: None) -> None:
+    """task.paraphrases=[2]: every episode, collected or evaluated, reads its task's third phrasing
+    (the task-comprehension recipe trains on some phrasings and evaluates on another)."""
+    from vla_dist.errors import VlaDistError
+    from vla_dist.rollout.evaluate import eval_requests
+    from vla_dist.sim.tasks import pick_instruction
+    from vla_dist.spaces import TASK_INSTRUCTIONS
+
+    cfg = validate(load_config(None, [
+        f"run.dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}", "collect.episodes=3", "task.name=all",
+        "task.max_steps=2", "collect.keep_failures=true", "collect.max_attempts_factor=1", "task.image_size=32",
+        "task.paraphrases=[2]",
+    ]))
+    with pytest.raises(VlaDistError, match=r"only 0 of 3 episodes succeeded"):
+        run_collect(cfg)
+    kept = list(iter_episodes(tmp_path / "data", decode_images=False))
+    assert sorted(ep.task for ep in kept) == sorted(TASK_INSTRUCTIONS)
+    assert all(ep.instruction == TASK_INSTRUCTIONS[ep.task][2] for ep in kept)
+    _, requests = eval_requests(cfg, episodes_per_task=4)
+    drawn = {pick_instruction(r.task, r.seed, r.paraphrases) for r in requests}
+    assert drawn == {texts[2] for texts in TASK_INSTRUCTIONS.values()}
+    # without the key every phrasing is drawn somewhere among 40 episodes per task
+    everything = eval_requests(validate(load_config(None, ["task.name=all"])), episodes_per_task=40)[1]
+    assert {pick_instruction(r.task, r.seed, r.paraphrases) for r in everything} == {
+        text for texts in TASK_INSTRUCTIONS.values() for text in texts}
+
+
+@pytest.mark.parametrize("value", ["[4]", "[0,0]", "[-1]"])
+def test_bad_paraphrases_exit_2_naming_key(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from vla_dist.cli import main
+
+    assert main(["config", f"task.paraphrases={value}"]) == 2
+    assert "task.paraphrases" in capsys.readouterr().err

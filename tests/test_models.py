@@ -335,6 +335,15 @@ def test_pi0_reads_only_its_state_inputs(tmp_path: Path) -> None:
     assert torch.equal(loaded.predict_chunk(hidden, noise=noise), before)
     with pytest.raises(ConfigError, match="model.state_inputs"):
         build("pi0", state_inputs=["s7", "gripper"])
+    # [] (the no-proprioception recipe): no state dim changes an action, and that is saved too
+    blind = build("pi0", state_inputs=[]).eval()
+    assert blind.spec.state_inputs == []
+    everything = copy.copy(batch)
+    everything.state = batch.state + 5.0
+    reference = blind.predict_chunk(batch, noise=noise)
+    assert torch.equal(blind.predict_chunk(everything, noise=noise), reference)
+    blind.save_pretrained(tmp_path / "blind")
+    assert load_policy(tmp_path / "blind").spec.state_inputs == []
 
 
 def test_pi0_log_prob_is_the_negative_per_sample_flow_loss() -> None:

@@ -134,7 +134,8 @@ def _cfg(run_dir: Path, *extra: str):
 def test_a_kept_stage_keeps_the_time_it_took(tmp_path: Path) -> None:
     """A re-run keeps finished stages: the summary counts the time each took when it ran (from its
     own report) and marks it kept, rather than the 0 s of finding its report."""
-    from vla_dist.quickstart import Stage, _markdown, _run_stage, _summarize
+    from vla_dist.quickstart import Stage, _markdown, _summarize
+    from vla_dist.stages import run_stage
 
     logged: list[str] = []
     eval_dir, train_dir = tmp_path / "eval-full", tmp_path / "train-full"
@@ -143,9 +144,9 @@ def test_a_kept_stage_keeps_the_time_it_took(tmp_path: Path) -> None:
     (eval_dir / "report.json").write_text(json.dumps({"command": "eval", "wall_seconds": 61.37}))
     (train_dir / "report.json").write_text(json.dumps({"command": "train", "steps": 300, "last_step": 300,
                                                        "wall_s": 95.21}))
-    _, seconds = _run_stage(Stage("eval-full", "eval", ()), _cfg(eval_dir), logged.append)
+    _, seconds = run_stage("eval", _cfg(eval_dir), logged.append)
     assert seconds == pytest.approx(61.37)
-    _, seconds = _run_stage(Stage("train-full", "train", ()), _cfg(train_dir, "train.steps=300"), logged.append)
+    _, seconds = run_stage("train", _cfg(train_dir, "train.steps=300"), logged.append)
     assert seconds == pytest.approx(95.21)
     assert all("exists: keeping it" in line for line in logged) and len(logged) == 2
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from vla_dist import __version__
@@ -180,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", metavar="NAME", choices=list(BENCHES), help=f"one of: {', '.join(BENCHES)}")
     _add_config_arguments(bench)
 
+    recipes = commands.add_parser(
+        "recipes",
+        help="post-training recipes against a baseline: same seeds, budget and held-out layouts",
+        description="run NAME...: for every seed in recipes.seeds, collect (once per recipe; a data.dir that "
+        "already holds the episodes is reused), train or rl, and evaluate every recipes.evals variant, each "
+        "recipe from configs/recipe/NAME.yaml (or a .yaml path) and the baseline recipes.baseline first, as "
+        "separate stages under recipes.dir/NAME/seed_S/; a finished stage is kept on a re-run. Every config "
+        "and the budgets (each SFT recipe trains the baseline's samples) are checked before anything runs. "
+        "Then, like report, writes recipes.dir/recipes.{md,json,png}: success per recipe, eval and task "
+        "pooled over seeds with 95% Wilson intervals, the difference to the baseline, and 'better'/'worse' "
+        "only where the intervals separate. KEY=VALUE overrides apply to every recipe.",
+    )
+    recipes.add_argument("action", choices=("run", "report"), help="run NAME... | report")
+    _add_config_arguments(recipes)
+
     config = commands.add_parser(
         "config",
         help="print the resolved, validated config as YAML",
@@ -216,6 +232,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     start_command()  # quiet the libraries' noise before any of them is imported
+    if args.command == "recipes":
+        return _run_recipes(args)
     cfg = validate(load_config(args.config, args.overrides))
     if args.command == "quickstart":
         from vla_dist.quickstart import run_quickstart
@@ -278,6 +296,36 @@ def _run(args: argparse.Namespace) -> int:
         report = _run_bench(args.name, cfg)
         stop_command_ray()  # no actor line after the JSON line
         print(json.dumps(report, default=str), flush=True)
+    return 0
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    """Words without '=' are recipe names, the rest overrides; the baseline's file is the config."""
+    from vla_dist.recipes.run import baseline_name, recipe_file
+
+    if args.config is not None:
+        raise ConfigError(None, "vla-dist recipes takes recipe names (configs/recipe/NAME.yaml or .yaml paths), "
+                          "not --config; the baseline is recipes.baseline")
+    names = [word for word in args.overrides if "=" not in word]
+    overrides = [word for word in args.overrides if "=" in word]
+    cfg = validate(load_config(recipe_file(baseline_name(overrides)), overrides))
+    if args.action == "report":
+        if names:
+            raise ConfigError(None, f"vla-dist recipes report takes no recipe names, got {names}")
+        from vla_dist.recipes.report import write_report
+
+        report = write_report(cfg.recipes.dir)
+        print(Path(report["report"]).read_text(encoding="utf-8"))
+        _print_summary("recipes report", report, f"report: {report['report']}   plot: {report['plot']}")
+        return 0
+    if not names:
+        raise ConfigError(None, "vla-dist recipes run needs at least one recipe name, e.g. `vla-dist recipes run "
+                          "perception-jitter`")
+    from vla_dist.recipes.run import run_recipes
+
+    report = run_recipes(names, overrides)
+    print(Path(report["report"]).read_text(encoding="utf-8"))
+    _print_summary("recipes run", report, f"report: {report['report']}   plot: {report['plot']}")
     return 0
 
 

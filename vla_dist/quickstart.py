@@ -33,9 +33,7 @@ from typing import Any
 from vla_dist.config import load_config, validate
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
-
-REPORT = "report.json"
-
+from vla_dist.stages import run_stage
 
 # What turns the tiny CPU default (configs/quickstart.yaml) into a run whose policy learns a task within
 # the quickstart's 20-30 minutes on 2 cores: the sft-pick recipe (configs/recipe/sft-pick.yaml, every
@@ -110,7 +108,7 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
         command = _command_line(config, overrides, stage, root)
         log(f"[{number}/{len(stages)}] {stage.name}: {command}")
         stage_started = time.perf_counter()
-        reports[stage.name], kept_seconds = _run_stage(stage, cfg, log)
+        reports[stage.name], kept_seconds = run_stage(stage.command, cfg, log)
         if kept_seconds is None:
             seconds[stage.name] = round(time.perf_counter() - stage_started, 1)
         else:  # not run now: the time the run that made it took, from its own report
@@ -127,67 +125,12 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
             "summary": str(root / "summary.md"), "summary_png": str(root / "summary.png")}
 
 
-def _run_stage(stage: Stage, cfg: RunConfig, log: Callable[[str], None]) -> tuple[dict[str, Any], float | None]:
-    """(the stage's report, None) after running it; (its report, the seconds it took then) when an
-    earlier run's result is kept (collect: a reused dataset this stage collected before; one collected
-    elsewhere is timed like a run stage, the check that it holds enough episodes)."""
-    report_path = Path(cfg.run.dir) / REPORT
-    if stage.command == "collect":
-        reused = _existing_dataset(cfg)
-        if reused is not None:
-            log(f"    {cfg.data.dir} already holds {reused['episodes']} episodes: reusing it")
-            earlier = _read_report(report_path)  # this stage's own collection of that dataset, if it was one
-            same = earlier is not None and Path(str(earlier.get("data_dir"))).resolve() == Path(cfg.data.dir).resolve()
-            return ({"command": "collect", "reused": True, "episodes": reused["episodes"]},
-                    _report_seconds(earlier) if same else None)
-    report = _read_report(report_path) if stage.command != "collect" else None  # collect: the dataset decides
-    if report is not None:  # a finished stage
-        # a train stopped early (a signal, for a requeue) reports its own last_step: resume it
-        finished = report.get("last_step", report.get("steps")) == cfg.train.steps and not report.get("stopped_by")
-        if stage.command != "train" or finished:
-            log(f"    {report_path} exists: keeping it (delete {cfg.run.dir} to redo this stage)")
-            return report, _report_seconds(report)
-    if stage.command == "collect":
-        from vla_dist.rollout.collect import run_collect
-
-        save_resolved(cfg, cfg.run.dir)
-        return run_collect(cfg), None
-    if stage.command == "train":
-        from vla_dist.train import run_train
-
-        return run_train(cfg), None
-    from vla_dist.rollout.evaluate import run_eval
-
-    save_resolved(cfg, cfg.run.dir)
-    return run_eval(cfg), None
-
-
-def _read_report(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _report_seconds(report: dict[str, Any] | None) -> float:
-    """A stage's wall time as its command reported it (train: wall_s; collect, eval: wall_seconds)."""
-    report = report or {}
-    return float(report.get("wall_s", report.get("wall_seconds")) or 0.0)
-
-
 def _dataset_episodes(cfg: RunConfig) -> int:
     """Episodes in the dataset the stages used, from its manifest: the same whether the collect
     stage wrote it or reused it (their reports differ)."""
     from vla_dist.data.manifest import read_manifest
 
     return int(read_manifest(cfg.data.dir)["episodes"])
-
-
-def _existing_dataset(cfg: RunConfig) -> dict[str, Any] | None:
-    from vla_dist.data.manifest import ManifestError, read_manifest
-
-    try:
-        manifest = read_manifest(cfg.data.dir)
-    except (ManifestError, OSError):
-        return None
-    return dict(manifest) if int(manifest["episodes"]) >= cfg.collect.episodes else None
 
 
 def _stage_overrides(stage: Stage, overrides: Sequence[str], root: Path) -> list[str]:

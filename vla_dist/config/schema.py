@@ -28,6 +28,9 @@ class TaskSection:
     cameras: list[str] = field(default_factory=lambda: list(CAMERAS))
     control_hz: int = 10  # policy/action rate; physics runs at 1/sim.dt
     max_steps: int = 0  # episode step limit at control_hz; 0: the task's own default
+    # indices into each task's instruction paraphrases (vla_dist/spaces.py) that episodes draw from;
+    # []: all. Collect on [0, 1, 2] and evaluate on [3]: success on a phrasing never trained on
+    paraphrases: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +73,8 @@ class DataSection:
     window_stride: int = 1  # a window every this many steps of an episode
     # training images move by up to this many pixels, edges repeated (vla_dist/data/augment.py); 0: off
     random_shift: int = 0
+    color_jitter: float = 0.0  # brightness, contrast, saturation each scaled by a factor in [1 - j, 1 + j]; 0: off
+    state_noise: float = 0.0  # std of Gaussian noise on the training state (raw units: m, rad); 0: off
 
 
 @dataclass
@@ -304,6 +309,23 @@ class RLSection:
 
 
 @dataclass
+class RecipesSection:
+    """`vla-dist recipes run/report` (vla_dist/recipes/): post-training recipes compared with a baseline
+    on the same seeds, data budget and held-out layouts. dir, seeds, baseline and evals are the
+    comparison's (read from the baseline recipe's file and the command line); command and start_from
+    are each recipe's own."""
+
+    dir: str = "runs/recipes"  # one directory per recipe and seed, and recipes.{md,json,png}
+    seeds: list[int] = field(default_factory=lambda: [0])  # run.seed of each repetition (init, data order, layouts)
+    baseline: str = "base-pick"  # configs/recipe/<name>.yaml that every other recipe is compared with
+    command: str = "train"  # how the recipe post-trains: "train" (SFT on its data) or "rl" (vla-dist rl)
+    start_from: str | None = None  # a recipe whose policy (same seed) this one continues; null: model.pretrained
+    # held-out evaluations of every recipe: name -> overrides of the eval stage only, e.g.
+    # {default: [], new_phrasing: ["task.paraphrases=[3]"]}
+    evals: dict[str, list[str]] = field(default_factory=lambda: {"default": []})
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     task: TaskSection = field(default_factory=TaskSection)
@@ -316,3 +338,4 @@ class RunConfig:
     rl: RLSection = field(default_factory=RLSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     bench: BenchSection = field(default_factory=BenchSection)
+    recipes: RecipesSection = field(default_factory=RecipesSection)

@@ -26,7 +26,7 @@ from vla_dist.models.files import (
     check_pretrained_dir,
     check_state_inputs,
 )
-from vla_dist.spaces import CAMERAS, TASK_NAMES
+from vla_dist.spaces import CAMERAS, TASK_INSTRUCTIONS, TASK_NAMES
 
 MIB = 1024 * 1024
 SIM_BACKENDS = ("cpu", "gpu")
@@ -45,6 +45,34 @@ def _random_shift_fits_images(cfg: RunConfig) -> None:
     if cfg.data.random_shift * 4 > cfg.task.image_size:
         raise ConfigError("data.random_shift", f"must be at most a quarter of task.image_size "
                           f"({cfg.task.image_size // 4} px), got {cfg.data.random_shift}")
+
+
+def _paraphrases(cfg: RunConfig) -> None:
+    chosen = list(cfg.task.paraphrases)
+    available = min(len(texts) for texts in TASK_INSTRUCTIONS.values())
+    outside = [i for i in chosen if not 0 <= i < available]
+    if outside:
+        raise ConfigError("task.paraphrases", f"indices must be in 0..{available - 1} (every task has {available} "
+                          f"phrasings, vla_dist/spaces.py), got {outside}")
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError("task.paraphrases", f"lists an index twice: {chosen}")
+
+
+def _recipes(cfg: RunConfig) -> None:
+    r = cfg.recipes
+    if not r.seeds or len(set(r.seeds)) != len(r.seeds):
+        raise ConfigError("recipes.seeds", f"must list at least one seed, each once, got {list(r.seeds)}")
+    if not r.evals:
+        raise ConfigError("recipes.evals", "must name at least one evaluation, e.g. {default: []}")
+    for name in r.evals:
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"recipes.evals.{name}", "eval names become directory names: letters, digits, - and _")
+        bad = [o for o in r.evals[name] if "=" not in o or o.split("=", 1)[0].strip() in ("run.dir", "eval.checkpoint")]
+        if bad:
+            raise ConfigError(f"recipes.evals.{name}", f"takes KEY=VALUE overrides of the eval stage other than "
+                              f"run.dir and eval.checkpoint (the plan sets those), got {bad}")
+    if r.command == "rl" and not r.start_from:
+        raise ConfigError("recipes.start_from", "an rl recipe continues another recipe's policy: name that recipe")
 
 
 def _cameras(cfg: RunConfig) -> None:
@@ -270,6 +298,7 @@ CHECKS: list[Check] = [
     one_of("task.name", (*TASK_NAMES, "all")),
     in_range("task.image_size", 16, 512),
     _image_size_even,
+    _paraphrases,
     _cameras,
     in_range("task.control_hz", 1, 100),
     at_least("task.max_steps", 0),
@@ -296,6 +325,8 @@ CHECKS: list[Check] = [
     at_least("data.shuffle_buffer", 0),
     at_least("data.window_stride", 1),
     at_least("data.random_shift", 0),
+    in_range("data.color_jitter", 0.0, 0.9),
+    at_least("data.state_noise", 0.0),
     _random_shift_fits_images,
     # model
     one_of("model.family", FAMILIES),
@@ -322,6 +353,9 @@ CHECKS: list[Check] = [
     output_dir("cluster.cache_dir", optional=True, expanduser=True),  # (shared_dir: a path on the cluster's nodes)
     _cluster_address,
     *CLUSTER_CHECKS,  # collect placement keys and cluster.slurm/kuberay/cloud (config/cluster_checks.py)
+    # recipes
+    one_of("recipes.command", ("train", "rl")),
+    _recipes,
     # bench
     at_least("bench.rollout_actors", 1),
     at_least("bench.rollout_steps", 1),

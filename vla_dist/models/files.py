@@ -133,12 +133,13 @@ def foundation_architecture(path: str | os.PathLike[str]) -> dict[str, int]:
 
 def check_state_inputs(names: Sequence[str], known: Sequence[str] | None) -> None:
     """model.state_inputs: distinct names, each a state dim of the dataset (`known`, its manifest's
-    state_space names; None when no dataset is there yet: then only the names themselves). Torch-free,
-    so config validation and policy building share it. Raises ConfigError."""
+    state_space names; None when no dataset is there yet: then only the names themselves), or none at
+    all ([]: the policy reads its cameras and the instruction only). Torch-free, so config validation
+    and policy building share it. Raises ConfigError."""
     unknown = [name for name in names if name not in known] if known is not None else []
-    if unknown or not names or len(set(names)) != len(names):
-        raise ConfigError("model.state_inputs", f"{list(names)}: need null (every state dim) or distinct names of "
-                          f"the dataset's state dims {list(known or [])}"
+    if unknown or len(set(names)) != len(names):
+        raise ConfigError("model.state_inputs", f"{list(names)}: need null (every state dim), [] (none) or "
+                          f"distinct names of the dataset's state dims {list(known or [])}"
                           + (f"; unknown: {unknown}" if unknown else ""))
 
 

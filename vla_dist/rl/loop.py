@@ -47,7 +47,8 @@ def rollout_requests(cfg: RunConfig, iteration: int) -> tuple[list[EpisodeReques
     requests, groups = [], []
     for index in range(rl.episodes_per_iteration):
         group = index // size
-        requests.append(EpisodeRequest(index, tasks[group % len(tasks)], rl_seed(cfg.run.seed, iteration, group)))
+        requests.append(EpisodeRequest(index, tasks[group % len(tasks)], rl_seed(cfg.run.seed, iteration, group),
+                                        paraphrases=tuple(cfg.task.paraphrases)))
         groups.append(group)
     return requests, groups
 
@@ -174,6 +175,7 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     report = {
         "command": "rl", "algorithm": rl.algorithm, "family": cfg.model.family, "iterations": rl.iterations,
         "first_iteration": first, "last_iteration": iteration, "lora": cfg.train.lora.enabled,
+        "rollout_episodes": iteration * rl.episodes_per_iteration,  # every iteration's, before a resume too
         "world_size": cfg.train.world_size, "zero_stage": cfg.train.zero_stage,
         "trainable_parameters": info["trainable"], "parameters": info["parameters"],
         "first_rollout_success": rows[0]["success_rate"] if rows else None,

@@ -94,7 +94,8 @@ def run_collect(
             return None
         size = min(c.envs_per_actor, max_attempts - state.next_index)
         chunk = [
-            EpisodeRequest(i, tasks[i % len(tasks)], episode_seed(cfg.run.seed, i), action_noise=c.action_noise)
+            EpisodeRequest(i, tasks[i % len(tasks)], episode_seed(cfg.run.seed, i), action_noise=c.action_noise,
+                           paraphrases=tuple(cfg.task.paraphrases))
             for i in range(state.next_index, state.next_index + size)
         ]
         state.next_index += size
@@ -250,6 +251,7 @@ def _write_manifest(
             "sim": {"dt": cfg.sim.dt, "substeps": cfg.sim.substeps, "backend": cfg.sim.backend},
             # DART noise on the executed actions (the recorded ones are the expert's): replay re-applies it
             "action_noise": cfg.collect.action_noise,
+            "paraphrases": list(cfg.task.paraphrases),  # the instruction phrasings drawn from ([]: all)
         },
     )
 

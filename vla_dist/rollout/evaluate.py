@@ -113,7 +113,9 @@ def eval_requests(cfg: RunConfig, episodes_per_task: int) -> tuple[list[str], li
     tasks = selected_tasks(cfg.task.name)
     total = episodes_per_task * len(tasks)
     seed_of = episode_seed if cfg.eval.seeds == "collection" else eval_seed
-    return tasks, [EpisodeRequest(i, tasks[i % len(tasks)], seed_of(cfg.run.seed, i)) for i in range(total)]
+    paraphrases = tuple(cfg.task.paraphrases)
+    return tasks, [EpisodeRequest(i, tasks[i % len(tasks)], seed_of(cfg.run.seed, i), paraphrases=paraphrases)
+                   for i in range(total)]
 
 
 @dataclass

@@ -106,6 +106,7 @@ class EpisodeRequest:
     # executed; the recorded action stays the policy's. Drawn from a generator seeded by the episode
     # seed alone, so a replay with the same setting executes exactly the same noisy actions.
     action_noise: float = 0.0
+    paraphrases: tuple[int, ...] = ()  # task.paraphrases: the instruction indices to draw from; (): all
 
     @property
     def episode_id(self) -> str:
@@ -129,7 +130,7 @@ def run_batch(
         raise ValueError(f"a batch holds 1..{scene.n_envs} episodes, got {len(requests)}")
     padded = requests + [requests[-1]] * (scene.n_envs - len(requests))
     task_ids = torch.tensor([TASK_NAMES.index(r.task) for r in padded])
-    instructions = [pick_instruction(r.task, r.seed) for r in padded]
+    instructions = [pick_instruction(r.task, r.seed, r.paraphrases) for r in padded]
     limits = torch.tensor([r.max_steps or max_steps or TASKS[r.task].max_steps for r in padded])
 
     scene.reset(stack_layouts([sample_layout(r.task, r.seed) for r in padded]))

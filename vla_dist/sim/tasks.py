@@ -12,6 +12,7 @@ same for all tasks, and lets one batch mix tasks env by env.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,8 +99,13 @@ def stack_layouts(layouts: list[dict[str, torch.Tensor]]) -> Layout:
     return Layout(**{key: torch.stack([lay[key] for lay in layouts]) for key in layouts[0]})
 
 
-def pick_instruction(task: str, seed: int) -> str:
+def pick_instruction(task: str, seed: int, paraphrases: Sequence[int] = ()) -> str:
+    """The episode's instruction: one of the task's paraphrases, drawn by the seed; `paraphrases`
+    (task.paraphrases) restricts the draw to those indices, so a policy can be trained on some phrasings
+    and evaluated on one it never read (the task-comprehension recipes)."""
     options = TASKS[task].instructions
+    if paraphrases:
+        options = tuple(options[i] for i in paraphrases)
     return options[seed % len(options)]
 
 

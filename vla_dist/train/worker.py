@@ -106,7 +106,9 @@ class SFTWorker(DeepSpeedRank):
                         used.append(batch)
                     else:
                         batch = self.windows.batch(t.micro_batch_size, key)
-                    batch = augment_batch(batch, self.cfg.data.random_shift, seed=hash((*key, 1)) & 0x7FFF_FFFF)
+                    aug = self.cfg.data
+                    batch = augment_batch(batch, aug.random_shift, seed=hash((*key, 1)) & 0x7FFF_FFFF,
+                                          jitter=aug.color_jitter, state_noise=aug.state_noise)
                 # noise and flow-matching time are drawn from torch's generator: seed it per micro-batch
                 # so a resumed run continues the uninterrupted one exactly
                 torch.manual_seed(hash(key) & 0x7FFF_FFFF)

@@ -1,0 +1,127 @@
+"""`vla-dist recipes`: the plan (order, directories, seeds, what each stage reads), the checks that fail
+before anything runs (budgets, unknown or cyclic recipes, bad keys), and the report's arithmetic
+(pooling over seeds, Wilson intervals, an effect only where the intervals separate). The same
+commands run for real at tiny size in tests/test_recipes_run.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vla_dist.cli import main
+from vla_dist.config import ConfigError, load_config, validate
+from vla_dist.recipes.report import collect_rows, markdown, write_report
+from vla_dist.recipes.run import check_budgets, ordered, plan, recipe_file, samples_trained
+from vla_dist.rollout.evaluate import wilson_interval
+
+
+def _base(*overrides: str):
+    return validate(load_config(recipe_file("base-pick"), list(overrides)))
+
+
+def test_plan_runs_the_baseline_first_and_rl_after_the_policy_it_starts_from(tmp_path: Path) -> None:
+    overrides = [f"recipes.dir={tmp_path}", "recipes.seeds=[3,4]",
+                 "recipes.evals={default: [], new_phrasing: ['task.paraphrases=[3]']}"]
+    recipes = ordered(["rl-ppo", "perception-jitter"], "base-pick", overrides)
+    assert list(recipes) == ["base-pick", "rl-ppo", "perception-jitter"]
+    stages = plan(recipes, _base(*overrides))
+    names = [(s.recipe, s.seed, s.name) for s in stages]
+    # collection once per SFT recipe, seed-independent; then per seed every recipe's run and evals
+    assert names[:2] == [("base-pick", None, "collect"), ("perception-jitter", None, "collect")]
+    per_seed = [("base-pick", "train"), ("base-pick", "eval-default"), ("base-pick", "eval-new_phrasing"),
+                ("rl-ppo", "rl"), ("rl-ppo", "eval-default"), ("rl-ppo", "eval-new_phrasing"),
+                ("perception-jitter", "train"), ("perception-jitter", "eval-default"),
+                ("perception-jitter", "eval-new_phrasing")]
+    assert names[2:] == [(r, seed, n) for seed in (3, 4) for r, n in per_seed]
+    by_name = {(s.recipe, s.seed, s.name): s for s in stages}
+    rl = by_name[("rl-ppo", 4, "rl")]
+    assert f"model.pretrained={tmp_path / 'base-pick' / 'seed_4' / 'eval-default' / 'policy'}" in rl.overrides
+    assert "run.seed=4" in rl.overrides and rl.overrides[-1] == f"run.dir={tmp_path / 'rl-ppo' / 'seed_4' / 'rl'}"
+    first = by_name[("perception-jitter", 3, "eval-default")]
+    assert f"eval.checkpoint={tmp_path / 'perception-jitter' / 'seed_3' / 'train'}" in first.overrides
+    second = by_name[("perception-jitter", 3, "eval-new_phrasing")]
+    exported = tmp_path / "perception-jitter" / "seed_3" / "eval-default" / "policy"
+    assert f"eval.checkpoint={exported}" in second.overrides
+    assert "task.paraphrases=[3]" in second.overrides
+    # collection keeps the recipe's own run.seed: a dataset does not depend on which seed ran first
+    assert not any(o.startswith("run.seed=") for o in by_name[("base-pick", None, "collect")].overrides)
+
+
+def test_recipes_with_another_budget_or_a_missing_start_fail_before_anything_runs(tmp_path: Path) -> None:
+    recipes = ordered(["perception-jitter"], "base-pick", [f"recipes.dir={tmp_path}"])
+    check_budgets(recipes, "base-pick")  # same samples: fine
+    assert samples_trained(recipes["base-pick"]) == 2500 * 32
+    recipes["perception-jitter"].train.steps = 3000
+    with pytest.raises(ConfigError, match=r"train.steps.*80,000"):
+        check_budgets(recipes, "base-pick")
+    recipes["perception-jitter"].train.steps = 2500
+    recipes["perception-jitter"].collect.episodes = 400
+    with pytest.raises(ConfigError, match="collect.episodes"):
+        check_budgets(recipes, "base-pick")
+    with pytest.raises(ConfigError, match="recipes.start_from.*name it in the same"):
+        ordered(["rl-ppo"], "perception-jitter", [])
+    with pytest.raises(ConfigError, match="no recipe 'perception-nope'.*perception-jitter"):
+        recipe_file("perception-nope")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["recipes", "run"], "needs at least one recipe name"),
+    (["recipes", "run", "perception-jitter", "--config", "configs/quickstart.yaml"], "not --config"),
+    (["recipes", "run", "nope"], "no recipe 'nope'"),
+    (["recipes", "run", "perception-jitter", "recipes.seeds=[]"], "recipes.seeds"),
+    (["recipes", "run", "perception-jitter", "recipes.evals={x: [run.dir=elsewhere]}"], "recipes.evals.x"),
+    (["recipes", "run", "perception-jitter", "data.color_jiter=0.1"], "data.color_jiter"),
+    (["recipes", "report", "perception-jitter"], "takes no recipe names"),
+])
+def test_bad_recipes_commands_exit_2_naming_what_is_wrong(argv: list[str], message: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, f"recipes.dir={tmp_path}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "comparison.json").exists()  # nothing was started
+
+
+def _eval_report(directory: Path, per_task: dict[str, tuple[int, int]], seconds: float = 60.0) -> None:
+    directory.mkdir(parents=True)
+    report = {"command": "eval", "wall_seconds": seconds,
+              "per_task": {task: {"successes": s, "episodes": n} for task, (s, n) in per_task.items()}}
+    (directory / "report.json").write_text(json.dumps(report))
+
+
+def test_report_pools_seeds_and_calls_effects_only_where_intervals_separate(tmp_path: Path) -> None:
+    comparison = {"baseline": "base", "seeds": [0, 1], "evals": ["default"],
+                  "recipes": {"base": {"start_from": None}, "good": {"start_from": None},
+                              "same": {"start_from": None}, "bad": {"start_from": None}}}
+    (tmp_path / "comparison.json").write_text(json.dumps(comparison))
+    counts = {"base": [(25, 50), (26, 50)], "good": [(45, 50), (47, 50)], "same": [(30, 50), (27, 50)],
+              "bad": [(3, 50), (5, 50)]}
+    for name, per_seed in counts.items():
+        for seed, (wins, n) in enumerate(per_seed):
+            _eval_report(tmp_path / name / f"seed_{seed}" / "eval-default", {"pick_cube": (wins, n)})
+            train = tmp_path / name / f"seed_{seed}" / "train"
+            train.mkdir()
+            (train / "report.json").write_text(json.dumps({"steps": 100, "global_batch_size": 32, "wall_s": 30.0}))
+    rows = {row["recipe"]: row for row in collect_rows(tmp_path, comparison)}
+    assert rows["base"]["successes"] == 51 and rows["base"]["episodes"] == 100
+    assert rows["base"]["ci95"] == [round(v, 4) for v in wilson_interval(51, 100)]
+    assert rows["good"]["effect"] == "better" and rows["good"]["delta"] == pytest.approx(0.41)
+    assert rows["same"]["effect"] == "not separated" and rows["bad"]["effect"] == "worse"
+    assert rows["good"]["per_seed"] == {"0": [45, 50], "1": [47, 50]}
+    assert rows["good"]["train_samples"] == 2 * 100 * 32 and rows["good"]["wall_s"] == pytest.approx(180.0)
+    result = write_report(tmp_path)
+    assert result["effects"] == 2
+    text = (tmp_path / "recipes.md").read_text()
+    assert "| good | all | 92/100 (92%) |" in text and "| +41% | better |" in text
+    assert (tmp_path / "recipes.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "recipes.json").read_text())["rows"][0]["effect"] == "baseline"
+
+
+def test_report_of_a_multi_task_recipe_has_a_pooled_row_and_one_per_task(tmp_path: Path) -> None:
+    comparison = {"baseline": "base", "seeds": [0], "evals": ["default"], "recipes": {"base": {}}}
+    _eval_report(tmp_path / "base" / "seed_0" / "eval-default", {"pick_cube": (9, 10), "push_cube": (2, 10)})
+    rows = collect_rows(tmp_path, comparison)
+    assert [(r["task"], r["successes"], r["episodes"]) for r in rows] == [
+        ("all", 11, 20), ("pick_cube", 9, 10), ("push_cube", 2, 10)]
+    assert "| base | push_cube | 2/10 (20%) |" in markdown({"baseline": "base", "seeds": [0], "evals": ["default"],
+                                                             "rows": rows})

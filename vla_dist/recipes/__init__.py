@@ -1,0 +1,1 @@
+"""Post-training recipes compared against a baseline (`vla-dist recipes run/report`, docs/recipes.md)."""

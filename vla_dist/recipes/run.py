@@ -1,0 +1,214 @@
+"""`vla-dist recipes run NAME...`: each recipe and the baseline, on the same seeds, data budget and layouts.
+
+A recipe is a config file, `configs/recipe/<NAME>.yaml` (or a path), composed like any other (its
+`defaults` usually name the baseline and change a few keys: the survey family it belongs to and why
+are in its header and in docs/recipes.md). For every seed in `recipes.seeds` each recipe runs as the
+commands a user would type, each a stage with its own run.dir (vla_dist/stages.py):
+
+    RECIPES_DIR/NAME/collect                  vla-dist collect   (once per recipe; a data.dir that
+                                                                  already holds the episodes is reused)
+    RECIPES_DIR/NAME/seed_S/train | rl        vla-dist train     (recipes.command=train: SFT)
+                                              vla-dist rl        (recipes.command=rl: from the policy of
+                                                                  recipes.start_from at the same seed)
+    RECIPES_DIR/NAME/seed_S/eval-VARIANT      vla-dist eval      (per recipes.evals variant, held out)
+
+The seed is `run.seed` of the train, rl and eval stages: initialization, data order, augmentation
+draws and the held-out layouts, which are therefore the same for every recipe at one seed (a paired
+comparison). Collection keeps the recipe's own run.seed, so a dataset does not depend on which seed
+ran first. A stage whose report says it finished is kept, a stopped one resumes: re-running the same
+command continues an interrupted comparison, and adding a recipe later runs only that recipe.
+
+Fairness is checked before anything runs: every SFT recipe trains the baseline's number of samples
+(train.steps x global batch) and collects at most its number of episodes, or the plan fails naming
+the key; an RL recipe's extra budget (its iterations and episodes) is reported beside its result.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vla_dist import atomic
+from vla_dist.config import ConfigError, load_config, validate
+from vla_dist.config.load import find_config_file
+from vla_dist.config.schema import RunConfig
+from vla_dist.stages import run_stage
+
+Log = Callable[[str], None]
+RECIPE_DIR = Path("configs/recipe")
+COMPARISON = "comparison.json"  # RECIPES_DIR/comparison.json: the baseline, the recipes and their files
+
+
+def recipe_file(name: str) -> Path:
+    """NAME -> configs/recipe/NAME.yaml (from the cwd or the checkout); a path ending in .yaml as given."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPE_DIR / f"{name}.yaml"
+    try:
+        return find_config_file(path)
+    except ConfigError:
+        known = sorted(p.stem for p in find_config_file(RECIPE_DIR / "sft-pick.yaml").parent.glob("*.yaml"))
+        raise ConfigError(None, f"no recipe {name!r}: {path} not found; recipes: {', '.join(known)}") from None
+
+
+def recipe_name(name: str) -> str:
+    return Path(name).stem if name.endswith((".yaml", ".yml")) else name
+
+
+@dataclass(frozen=True)
+class RecipeStage:
+    recipe: str
+    seed: int | None  # None: the recipe's collect stage (seed-independent)
+    name: str  # its directory: RECIPES_DIR/recipe/[seed_S/]name
+    command: str  # collect | train | rl | eval
+    overrides: tuple[str, ...]  # after the user's: what makes this stage what it is (run.dir last)
+    made_earlier: tuple[str, ...] = ()  # keys naming an earlier stage's output: null when checked up front
+
+
+def plan(recipes: dict[str, RunConfig], base: RunConfig) -> list[RecipeStage]:
+    """Every stage of the comparison in order: per seed, each recipe in `recipes`' order (`ordered`:
+    the baseline first, every recipe after the one it starts from). `base` is the baseline's config
+    (recipes.* of the comparison)."""
+    root = Path(base.recipes.dir)
+    evals = list(base.recipes.evals)
+    stages: list[RecipeStage] = []
+    for name, cfg in recipes.items():
+        if cfg.recipes.command == "train":
+            stages.append(RecipeStage(name, None, "collect", "collect", (f"run.dir={root / name / 'collect'}",)))
+    for seed in base.recipes.seeds:
+        for name, cfg in recipes.items():
+            here = root / name / f"seed_{seed}"
+            seeded = (f"run.seed={seed}",)
+            start = cfg.recipes.start_from
+            pretrained = (f"model.pretrained={policy_dir(root, recipe_name(start), seed, evals[0])}",) if start else ()
+            command = cfg.recipes.command
+            stages.append(RecipeStage(name, seed, command, command,
+                                      (*seeded, *pretrained, f"run.dir={here / command}"),
+                                      ("model.pretrained",) if start else ()))
+            for variant in evals:
+                # the first evaluation exports the run's latest checkpoint (train or rl) to its policy/,
+                # which the other evaluations and any recipe starting from this one read
+                checkpoint = here / command if variant == evals[0] else policy_dir(root, name, seed, evals[0])
+                stages.append(RecipeStage(name, seed, f"eval-{variant}", "eval", (
+                    *seeded, "eval.policy=model", f"eval.checkpoint={checkpoint}",
+                    *base.recipes.evals[variant], f"run.dir={here / f'eval-{variant}'}"), ("eval.checkpoint",)))
+    return stages
+
+
+def policy_dir(root: Path, name: str, seed: int, first_eval: str) -> Path:
+    """The saved policy a recipe's seed produced: what its first evaluation exported."""
+    return root / name / f"seed_{seed}" / f"eval-{first_eval}" / "policy"
+
+
+def ordered(names: Sequence[str], baseline: str, overrides: Sequence[str]) -> dict[str, RunConfig]:
+    """name -> the recipe's config (up-front form), the baseline first and every recipe after the one
+    it starts from; a recipe named twice runs once."""
+    wanted = [recipe_name(baseline)] + [recipe_name(n) for n in names if recipe_name(n) != recipe_name(baseline)]
+    files = {recipe_name(n): n for n in [baseline, *names]}
+    configs = {name: _recipe_config(files[name], overrides, made_earlier=("model.pretrained",))
+               for name in dict.fromkeys(wanted)}
+    ordered: dict[str, RunConfig] = {}
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in ordered:
+            return
+        if name in chain:
+            cycle = " -> ".join((*chain, name))
+            raise ConfigError("recipes.start_from", f"recipes start from each other in a cycle: {cycle}")
+        start = configs[name].recipes.start_from
+        if start:
+            if recipe_name(start) not in configs:
+                raise ConfigError("recipes.start_from", f"recipe {name!r} starts from {start!r}: name it in the "
+                                  "same `vla-dist recipes run` (or make it the baseline)")
+            visit(recipe_name(start), (*chain, name))
+        ordered[name] = configs[name]
+
+    for name in configs:
+        visit(name, ())
+    return ordered
+
+
+def _recipe_config(name: str, overrides: Sequence[str], made_earlier: Sequence[str] = ()) -> RunConfig:
+    return validate(load_config(recipe_file(name), [*overrides, *(f"{key}=null" for key in made_earlier)]))
+
+
+def check_budgets(recipes: dict[str, RunConfig], baseline: str) -> None:
+    """Same data and compute as the baseline for every SFT recipe, else fail naming the key."""
+    base = recipes[baseline]
+    for name, cfg in recipes.items():
+        if cfg.recipes.command != "train" or name == baseline:
+            continue
+        if samples_trained(cfg) != samples_trained(base):
+            raise ConfigError("train.steps", f"recipe {name!r} trains {samples_trained(cfg):,} samples (train.steps x "
+                              f"global batch), the baseline {baseline!r} {samples_trained(base):,}: a comparison "
+                              "needs the same budget")
+        if cfg.collect.episodes > base.collect.episodes:
+            raise ConfigError("collect.episodes", f"recipe {name!r} collects {cfg.collect.episodes} demonstrations, "
+                              f"more than the baseline's {base.collect.episodes}")
+
+
+def samples_trained(cfg: RunConfig) -> int:
+    t = cfg.train
+    return t.steps * t.micro_batch_size * t.grad_accum * t.world_size
+
+
+def run_recipes(names: Sequence[str], overrides: Sequence[str], log: Log = print) -> dict[str, Any]:
+    """Run the plan (every config checked first), then write the report."""
+    base = _recipe_config(baseline_name(overrides), overrides)
+    root = Path(base.recipes.dir)
+    recipes = ordered(names, base.recipes.baseline, overrides)
+    check_budgets(recipes, recipe_name(base.recipes.baseline))
+    stages = plan(recipes, base)
+    files = {recipe_name(n): n for n in [base.recipes.baseline, *names]}
+    for stage in stages:  # every stage's config fails here, before any stage runs
+        _stage_config(files[stage.recipe], stage, overrides, up_front=True)
+    _record_comparison(root, base, {name: (files[name], cfg) for name, cfg in recipes.items()}, overrides)
+    started = time.perf_counter()
+    for number, stage in enumerate(stages, 1):
+        line = shlex.join(["vla-dist", stage.command, "--config", str(recipe_file(files[stage.recipe])),
+                           *overrides, *stage.overrides])
+        log(f"[{number}/{len(stages)}] {stage.recipe} seed {stage.seed if stage.seed is not None else '-'} "
+            f"{stage.name}: {line}")
+        run_stage(stage.command, _stage_config(files[stage.recipe], stage, overrides), log)
+    from vla_dist.recipes.report import write_report
+    from vla_dist.runtime import stop_command_ray
+
+    stop_command_ray()
+    report = write_report(root)
+    return {"command": "recipes run", "recipes": len(recipes), "seeds": len(base.recipes.seeds),
+            "stages": len(stages), "wall_s": round(time.perf_counter() - started, 1), **report}
+
+
+def baseline_name(overrides: Sequence[str]) -> str:
+    """recipes.baseline from the command line, else the schema's default (it names the baseline file)."""
+    for override in reversed(overrides):
+        key, _, value = override.partition("=")
+        if key.strip() == "recipes.baseline":
+            return value.strip()
+    return RunConfig().recipes.baseline
+
+
+def _stage_config(file: str, stage: RecipeStage, overrides: Sequence[str], up_front: bool = False) -> RunConfig:
+    extra = [f"{key}=null" for key in stage.made_earlier] if up_front else []
+    return validate(load_config(recipe_file(file), [*overrides, *stage.overrides, *extra]))
+
+
+def _record_comparison(root: Path, base: RunConfig, files: dict[str, tuple[str, RunConfig]],
+                       overrides: Sequence[str]) -> None:
+    """RECIPES_DIR/comparison.json: what the report compares. A later run adding recipes extends it."""
+    path = root / COMPARISON
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    recipes = {**earlier.get("recipes", {}), **{
+        name: {"file": str(recipe_file(file)), "command": cfg.recipes.command, "start_from": cfg.recipes.start_from}
+        for name, (file, cfg) in files.items()}}
+    if earlier and earlier.get("baseline") != recipe_name(base.recipes.baseline):
+        raise ConfigError("recipes.baseline", f"{root} compares against {earlier.get('baseline')!r}: use another "
+                          f"recipes.dir for a comparison against {base.recipes.baseline!r}")
+    seeds = sorted({*earlier.get("seeds", []), *base.recipes.seeds})
+    record = {"baseline": recipe_name(base.recipes.baseline), "seeds": seeds,
+              "evals": list(base.recipes.evals), "recipes": recipes, "overrides": list(overrides)}
+    root.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(path, json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,92 @@
+"""Running one command as a stage of a larger plan (`vla-dist quickstart`, `vla-dist recipes run`).
+
+A stage is a `vla-dist COMMAND` run in this process with its own `run.dir`, so it leaves exactly the
+files the command leaves and the plan's printed command lines reproduce it alone. What makes plans
+resumable lives here, once: a stage whose report.json says it finished is kept (not re-run), a train
+or rl stage that stopped early (a signal, for a requeue) is run again and resumes from its own
+checkpoint, and a collect stage reuses a dataset that already holds enough episodes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vla_dist.config.load import save_resolved
+from vla_dist.config.schema import RunConfig
+
+REPORT = "report.json"
+COMMANDS = ("collect", "train", "rl", "eval")
+
+Log = Callable[[str], None]
+
+
+def run_stage(command: str, cfg: RunConfig, log: Log) -> tuple[dict[str, Any], float | None]:
+    """(the stage's report, None) after running it; (its report, the seconds it took then) when an
+    earlier run's result is kept (collect: a reused dataset this stage collected before; one collected
+    elsewhere is timed like a run stage, the check that it holds enough episodes)."""
+    if command not in COMMANDS:
+        raise ValueError(f"a stage runs one of {COMMANDS}, got {command!r}")
+    report_path = Path(cfg.run.dir) / REPORT
+    if command == "collect":
+        reused = existing_dataset(cfg)
+        if reused is not None:
+            log(f"    {cfg.data.dir} already holds {reused['episodes']} episodes: reusing it")
+            earlier = read_report(report_path)  # this stage's own collection of that dataset, if it was one
+            same = earlier is not None and Path(str(earlier.get("data_dir"))).resolve() == Path(cfg.data.dir).resolve()
+            return ({"command": "collect", "reused": True, "episodes": reused["episodes"]},
+                    report_seconds(earlier) if same else None)
+    report = read_report(report_path) if command != "collect" else None  # collect: the dataset decides
+    if report is not None and _finished(command, report, cfg):
+        log(f"    {report_path} exists: keeping it (delete {cfg.run.dir} to redo this stage)")
+        return report, report_seconds(report)
+    if command == "collect":
+        from vla_dist.rollout.collect import run_collect
+
+        save_resolved(cfg, cfg.run.dir)
+        return run_collect(cfg), None
+    if command == "train":
+        from vla_dist.train import run_train
+
+        return run_train(cfg), None  # writes its config.yaml itself (after the resume checks)
+    if command == "rl":
+        from vla_dist.rl.loop import run_rl
+
+        return run_rl(cfg), None
+    from vla_dist.rollout.evaluate import run_eval
+
+    save_resolved(cfg, cfg.run.dir)
+    return run_eval(cfg), None
+
+
+def _finished(command: str, report: dict[str, Any], cfg: RunConfig) -> bool:
+    """A train or rl run stopped by a signal reports how far it got: resume it; one run to a smaller
+    budget than asked (train.steps / rl.iterations raised since) continues too."""
+    if command == "train":
+        return report.get("last_step", report.get("steps")) == cfg.train.steps and not report.get("stopped_by")
+    if command == "rl":
+        return report.get("last_iteration") == cfg.rl.iterations and not report.get("stopped_by")
+    return True
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def report_seconds(report: dict[str, Any] | None) -> float:
+    """A stage's wall time as its command reported it (train, rl: wall_s; collect, eval: wall_seconds)."""
+    report = report or {}
+    return float(report.get("wall_s", report.get("wall_seconds")) or 0.0)
+
+
+def existing_dataset(cfg: RunConfig) -> dict[str, Any] | None:
+    """data.dir's manifest when it holds at least collect.episodes episodes, else None."""
+    from vla_dist.data.manifest import ManifestError, read_manifest
+
+    try:
+        manifest = read_manifest(cfg.data.dir)
+    except (ManifestError, OSError):
+        return None
+    return dict(manifest) if int(manifest["episodes"]) >= cfg.collect.episodes else None
