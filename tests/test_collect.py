@@ -165,3 +165,20 @@ def test_bad_paraphrases_exit_2_naming_key(value: str, capsys: pytest.CaptureFix
 
     assert main(["config", f"task.paraphrases={value}"]) == 2
     assert "task.paraphrases" in capsys.readouterr().err
+
+
+def test_a_dataset_collected_otherwise_is_not_reused(quickstart_run: tuple[Path, Path, subprocess.CompletedProcess],
+                                                     tmp_path: Path) -> None:
+    """A plan's collect stage (quickstart, recipes) reuses a data.dir holding enough episodes only when
+    they were collected the way the stage asks: other phrasings or DART noise fail naming the key."""
+    from vla_dist.config import ConfigError
+    from vla_dist.stages import run_stage
+
+    _, data_dir, _ = quickstart_run
+    base = [f"run.dir={tmp_path / 'run'}", f"data.dir={data_dir}", f"collect.episodes={EPISODES}"]
+    report, _ = run_stage("collect", validate(load_config(None, base)), lambda line: None)
+    assert report["reused"] and report["episodes"] == EPISODES
+    for key, value in (("task.paraphrases", "[3]"), ("collect.action_noise", "0.01")):
+        extra = f"{key}={value}"
+        with pytest.raises(ConfigError, match=key):
+            run_stage("collect", validate(load_config(None, [*base, extra])), lambda line: None)

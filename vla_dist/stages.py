@@ -16,6 +16,8 @@ from typing import Any
 
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
+from vla_dist.errors import ConfigError
+from vla_dist.rollout.episodes import selected_tasks
 
 REPORT = "report.json"
 COMMANDS = ("collect", "train", "rl", "eval")
@@ -33,6 +35,7 @@ def run_stage(command: str, cfg: RunConfig, log: Log) -> tuple[dict[str, Any], f
     if command == "collect":
         reused = existing_dataset(cfg)
         if reused is not None:
+            _check_collected_alike(reused, cfg)
             log(f"    {cfg.data.dir} already holds {reused['episodes']} episodes: reusing it")
             earlier = read_report(report_path)  # this stage's own collection of that dataset, if it was one
             same = earlier is not None and Path(str(earlier.get("data_dir"))).resolve() == Path(cfg.data.dir).resolve()
@@ -79,6 +82,25 @@ def report_seconds(report: dict[str, Any] | None) -> float:
     """A stage's wall time as its command reported it (train, rl: wall_s; collect, eval: wall_seconds)."""
     report = report or {}
     return float(report.get("wall_s", report.get("wall_seconds")) or 0.0)
+
+
+def _check_collected_alike(manifest: dict[str, Any], cfg: RunConfig) -> None:
+    """A reused dataset must have been collected the way this stage would collect it: a recipe that
+    changes collection (instruction phrasings, DART noise, tasks) sharing another's data.dir would
+    otherwise train on data it did not ask for."""
+    extra = manifest.get("extra") or {}
+    recorded = {"task.paraphrases": list(extra.get("paraphrases") or []),
+                "collect.action_noise": float(extra.get("action_noise") or 0.0)}
+    wanted = {"task.paraphrases": list(cfg.task.paraphrases), "collect.action_noise": float(cfg.collect.action_noise)}
+    for key, value in wanted.items():
+        if recorded[key] != value:
+            raise ConfigError(key, f"{cfg.data.dir} was collected with {key}={recorded[key]}, this run asks for "
+                              f"{value}: give it its own data.dir")
+    tasks = set(selected_tasks(cfg.task.name))
+    missing = tasks - set(manifest.get("tasks") or tasks)
+    if missing:
+        raise ConfigError("task.name", f"{cfg.data.dir} holds no episodes of {sorted(missing)}: give this run its "
+                          "own data.dir")
 
 
 def existing_dataset(cfg: RunConfig) -> dict[str, Any] | None:
