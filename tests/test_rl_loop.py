@@ -55,7 +55,7 @@ def weights(policy_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("family", "algorithm"), [
-    pytest.param("pi0", "ppo", marks=pytest.mark.heavy),  # four RL iterations with sim actors: ~80 s
+    pytest.param("pi0", "ppo", marks=[pytest.mark.heavy, pytest.mark.ci]),  # 2 RL iterations + 2 evals: ~80 s
     pytest.param("action_tokens", "grpo", marks=pytest.mark.heavy),  # token-by-token sampling: ~2x pi0's time
 ])
 def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_ray: None, tmp_path: Path,
@@ -94,6 +94,7 @@ def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_r
 
 
 @pytest.mark.heavy  # three runs
+@pytest.mark.ci
 def test_rerun_with_more_iterations_continues_the_uninterrupted_run(pretrained: dict[str, Path], local_ray: None,
                                                                      tmp_path: Path) -> None:
     """2 iterations in one go == 1, then the same command with rl.iterations=2 (resume auto): the
