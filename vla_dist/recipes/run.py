@@ -104,16 +104,17 @@ def policy_dir(root: Path, name: str, seed: int, first_eval: str) -> Path:
 
 
 def ordered(names: Sequence[str], baseline: str, overrides: Sequence[str]) -> dict[str, RunConfig]:
-    """name -> the recipe's config (up-front form), the baseline first and every recipe after the one
-    it starts from; a recipe named twice runs once."""
+    """name -> the recipe's config in its up-front form (model.pretrained nulled: it may name a policy an
+    earlier stage makes; each stage loads its own config when it runs), the baseline first and every
+    recipe after the one it starts from; a recipe named twice runs once."""
     wanted = [recipe_name(baseline)] + [recipe_name(n) for n in names if recipe_name(n) != recipe_name(baseline)]
     files = {recipe_name(n): n for n in [baseline, *names]}
     configs = {name: _recipe_config(files[name], overrides, made_earlier=("model.pretrained",))
                for name in dict.fromkeys(wanted)}
-    ordered: dict[str, RunConfig] = {}
+    result: dict[str, RunConfig] = {}
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
-        if name in ordered:
+        if name in result:
             return
         if name in chain:
             cycle = " -> ".join((*chain, name))
@@ -124,11 +125,11 @@ def ordered(names: Sequence[str], baseline: str, overrides: Sequence[str]) -> di
                 raise ConfigError("recipes.start_from", f"recipe {name!r} starts from {start!r}: name it in the "
                                   "same `vla-dist recipes run` (or make it the baseline)")
             visit(recipe_name(start), (*chain, name))
-        ordered[name] = configs[name]
+        result[name] = configs[name]
 
     for name in configs:
         visit(name, ())
-    return ordered
+    return result
 
 
 def _recipe_config(name: str, overrides: Sequence[str], made_earlier: Sequence[str] = ()) -> RunConfig:
