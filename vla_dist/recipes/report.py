@@ -76,19 +76,14 @@ def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: 
         if rl is not None:
             budget["rl_episodes"] += int(rl.get("rollout_episodes") or 0)
             budget["wall_s"] += report_seconds(rl)
-    if len(counts) > 1:  # several tasks: a pooled row first
-        pooled: dict[int, tuple[int, int]] = {}
-        for per_seed in counts.values():
-            for seed, (wins, n) in per_seed.items():
-                old = pooled.get(seed, (0, 0))
-                pooled[seed] = (old[0] + wins, old[1] + n)
-        counts = {ALL: pooled, **counts}
-    elif counts:
-        counts = {ALL: next(iter(counts.values())), **counts}
+    pooled: dict[int, tuple[int, int]] = {}  # the row over every task; with one task, that task's
+    for per_seed in counts.values():
+        for seed, (wins, n) in per_seed.items():
+            old = pooled.get(seed, (0, 0))
+            pooled[seed] = (old[0] + wins, old[1] + n)
+    per_task = counts if len(counts) > 1 else {}
     rows = []
-    for task, per_seed in counts.items():
-        if task != ALL and len(counts) == 2:  # one task: its row is the pooled row
-            continue
+    for task, per_seed in ({ALL: pooled, **per_task} if counts else {}).items():
         wins = sum(w for w, _ in per_seed.values())
         episodes = sum(n for _, n in per_seed.values())
         low, high = wilson_interval(wins, episodes)
