@@ -13,7 +13,7 @@ import pytest
 from vla_dist.cli import main
 from vla_dist.config import ConfigError, load_config, validate
 from vla_dist.recipes.report import collect_rows, markdown, write_report
-from vla_dist.recipes.run import check_budgets, ordered, plan, recipe_file, samples_trained
+from vla_dist.recipes.run import check_budgets, ordered, plan, recipe_file, record_comparison, samples_trained
 from vla_dist.rollout.evaluate import wilson_interval
 
 
@@ -80,6 +80,26 @@ def test_bad_recipes_commands_exit_2_naming_what_is_wrong(argv: list[str], messa
     assert main([*argv, f"recipes.dir={tmp_path}"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "comparison.json").exists()  # nothing was started
+
+
+def test_a_later_run_extends_the_comparison_and_keeps_earlier_variants(tmp_path: Path) -> None:
+    """A recipe run later with fewer evaluation variants or other seeds adds to comparison.json: the
+    report keeps every row finished before (here the held-out phrasing) beside the new recipe's."""
+    phrasing = [f"recipes.dir={tmp_path}", "recipes.seeds=[0]",
+                "recipes.evals={default: [], new_phrasing: ['task.paraphrases=[3]']}"]
+    record_comparison(tmp_path, _base(*phrasing), {
+        name: (name, cfg) for name, cfg in ordered(["task-new-phrasing"], "base-pick", phrasing).items()}, phrasing)
+    later = [f"recipes.dir={tmp_path}", "recipes.seeds=[1]"]
+    record_comparison(tmp_path, _base(*later), {
+        name: (name, cfg) for name, cfg in ordered(["rl-ppo"], "base-pick", later).items()}, later)
+    record = json.loads((tmp_path / "comparison.json").read_text())
+    assert record["evals"] == ["default", "new_phrasing"] and record["seeds"] == [0, 1]
+    assert list(record["recipes"]) == ["base-pick", "task-new-phrasing", "rl-ppo"]
+    _eval_report(tmp_path / "base-pick" / "seed_0" / "eval-new_phrasing", {"pick_cube": (9, 10)})
+    _eval_report(tmp_path / "task-new-phrasing" / "seed_0" / "eval-new_phrasing", {"pick_cube": (2, 10)})
+    _eval_report(tmp_path / "rl-ppo" / "seed_1" / "eval-default", {"pick_cube": (5, 10)})
+    rows = {(r["recipe"], r["eval"]) for r in collect_rows(tmp_path, record)}
+    assert rows == {("base-pick", "new_phrasing"), ("task-new-phrasing", "new_phrasing"), ("rl-ppo", "default")}
 
 
 def _eval_report(directory: Path, per_task: dict[str, tuple[int, int]], seconds: float = 60.0) -> None:

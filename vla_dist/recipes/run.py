@@ -166,7 +166,7 @@ def run_recipes(names: Sequence[str], overrides: Sequence[str], log: Log = print
     files = {recipe_name(n): n for n in [base.recipes.baseline, *names]}
     for stage in stages:  # every stage's config fails here, before any stage runs
         _stage_config(files[stage.recipe], stage, overrides, up_front=True)
-    _record_comparison(root, base, {name: (files[name], cfg) for name, cfg in recipes.items()}, overrides)
+    record_comparison(root, base, {name: (files[name], cfg) for name, cfg in recipes.items()}, overrides)
     started = time.perf_counter()
     for number, stage in enumerate(stages, 1):
         line = shlex.join(["vla-dist", stage.command, "--config", str(recipe_file(files[stage.recipe])),
@@ -197,9 +197,10 @@ def _stage_config(file: str, stage: RecipeStage, overrides: Sequence[str], up_fr
     return validate(load_config(recipe_file(file), [*overrides, *stage.overrides, *extra]))
 
 
-def _record_comparison(root: Path, base: RunConfig, files: dict[str, tuple[str, RunConfig]],
+def record_comparison(root: Path, base: RunConfig, files: dict[str, tuple[str, RunConfig]],
                        overrides: Sequence[str]) -> None:
-    """RECIPES_DIR/comparison.json: what the report compares. A later run adding recipes extends it."""
+    """RECIPES_DIR/comparison.json: what the report compares. A later run adding recipes, seeds or evaluation
+    variants extends it."""
     path = root / COMPARISON
     earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     recipes = {**earlier.get("recipes", {}), **{
@@ -209,7 +210,10 @@ def _record_comparison(root: Path, base: RunConfig, files: dict[str, tuple[str, 
         raise ConfigError("recipes.baseline", f"{root} compares against {earlier.get('baseline')!r}: use another "
                           f"recipes.dir for a comparison against {base.recipes.baseline!r}")
     seeds = sorted({*earlier.get("seeds", []), *base.recipes.seeds})
+    # a later run with fewer evaluation variants (e.g. an RL recipe scored on the default scene only)
+    # must not drop the rows of the variants earlier runs evaluated
+    evals = list(dict.fromkeys([*earlier.get("evals", []), *base.recipes.evals]))
     record = {"baseline": recipe_name(base.recipes.baseline), "seeds": seeds,
-              "evals": list(base.recipes.evals), "recipes": recipes, "overrides": list(overrides)}
+              "evals": evals, "recipes": recipes, "overrides": list(overrides)}
     root.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, json.dumps(record, indent=2) + "\n")
