@@ -442,4 +442,7 @@ def test_recipe_configs_compose_and_validate(recipe: Path, tmp_path: Path) -> No
     base = validate(load_config(PROJECT_ROOT / "configs" / "recipe" / "base-pick.yaml",
                                 [f"run.dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}"]))
     assert to_yaml(cfg) != to_yaml(base)
+    if cfg.recipes.start_from:  # a continuation (rl, dagger, more SFT): its budget comes on top, reported
+        assert cfg.recipes.start_from == "base-pick"
+        return
     assert samples_trained(cfg) == samples_trained(base) and cfg.collect.episodes == base.collect.episodes

@@ -49,6 +49,29 @@ def test_plan_runs_the_baseline_first_and_rl_after_the_policy_it_starts_from(tmp
     assert not any(o.startswith("run.seed=") for o in by_name[("base-pick", None, "collect")].overrides)
 
 
+def test_dagger_continues_the_baseline_and_is_evaluated_on_its_own_policy(tmp_path: Path) -> None:
+    """recipes.command=dagger: its stage is `vla-dist dagger` from the baseline's exported policy at the
+    same seed; its evaluations read the policy the last round exported (dagger/policy), and a recipe
+    continuing it starts there. A continuing SFT recipe (sft-continue) is not held to the baseline's
+    budget: it spends one on top, reported."""
+    overrides = [f"recipes.dir={tmp_path}", "recipes.seeds=[2]"]
+    recipes = ordered(["dagger", "sft-continue"], "base-pick", overrides)
+    check_budgets(recipes, "base-pick")  # sft-continue trains 1500 steps on top of base-pick's: allowed
+    stages = {(s.recipe, s.name): s for s in plan(recipes, _base(*overrides))}
+    assert [name for recipe, name in stages if recipe == "dagger"] == ["dagger", "eval-default"]
+    dagger, evaluation = stages[("dagger", "dagger")], stages[("dagger", "eval-default")]
+    baseline_policy = tmp_path / "base-pick" / "seed_2" / "eval-default" / "policy"
+    assert dagger.command == "dagger" and f"model.pretrained={baseline_policy}" in dagger.overrides
+    assert f"eval.checkpoint={tmp_path / 'dagger' / 'seed_2' / 'dagger' / 'policy'}" in evaluation.overrides
+    assert f"model.pretrained={baseline_policy}" in stages[("sft-continue", "train")].overrides
+    config = _recipe_config_for(dagger)
+    assert (config.dagger.rounds, config.dagger.episodes_per_round, config.dagger.train_steps) == (3, 32, 500)
+
+
+def _recipe_config_for(stage):
+    return validate(load_config(recipe_file(stage.recipe), [*stage.overrides, "model.pretrained=null"]))
+
+
 def test_recipes_with_another_budget_or_a_missing_start_fail_before_anything_runs(tmp_path: Path) -> None:
     recipes = ordered(["perception-jitter"], "base-pick", [f"recipes.dir={tmp_path}"])
     check_budgets(recipes, "base-pick")  # same samples: fine

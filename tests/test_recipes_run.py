@@ -46,7 +46,8 @@ def test_recipes_run_and_report_from_real_tiny_runs(
     assert all(r["episodes"] == 2 and r["task"] == "all" for r in rows.values())
     assert rows[("base-pick", "default")]["effect"] == "baseline"
     assert rows[("base-pick", "default")]["train_samples"] == 4 * 4
-    assert rows[("rl-ppo", "default")]["rl_episodes"] == 2 and rows[("rl-ppo", "default")]["start_from"] == "base-pick"
+    rl_row = rows[("rl-ppo", "default")]
+    assert rl_row["rollout_episodes"] == 2 and rl_row["start_from"] == "base-pick"
     # each stage ran what its recipe says: RL from the baseline's exported policy at the same seed,
     # every evaluation on that seed's held-out layouts
     evaluation = yaml.safe_load((root / "rl-ppo" / "seed_0" / "eval-default" / "config.yaml").read_text())

@@ -124,3 +124,76 @@ def test_dart_noise_is_executed_not_recorded_and_replays_exactly(scene: Tabletop
     for seed in seeds:
         np.testing.assert_array_equal(replayed[seed].state, noisy[seed].state)
         assert replayed[seed].success == noisy[seed].success
+
+
+class DroppingExpert:
+    """The scripted expert that lets go of the cube once it has lifted it 5 cm, the kind of error a
+    learned policy makes and demonstrations never show. Without following the state its phase
+    machine still says "lift", so it keeps lifting an empty hand. Keeps every state it acted on."""
+
+    def __init__(self, follow_state: bool) -> None:
+        self.follow_state = follow_state
+
+    def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None:
+        from vla_dist.sim.expert import ScriptedExpert
+
+        self.expert = ScriptedExpert(task_ids, follow_state=self.follow_state)
+        self.opening = torch.zeros(len(task_ids), dtype=torch.long)  # steps left with the fingers forced open
+        self.dropped = torch.zeros(len(task_ids), dtype=torch.bool)
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def act(self, obs: Observation) -> torch.Tensor:
+        self.seen.append({key: value.clone() for key, value in obs.privileged.items()})
+        action = self.expert.act(obs.privileged)
+        lifted = (obs.privileged["cube_pos"][:, 2] > 0.07) & ~self.dropped
+        self.opening[lifted], self.dropped = 4, self.dropped | lifted
+        forced = self.opening > 0
+        action[forced, :6], action[forced, 6] = 0.0, -1.0
+        self.opening[forced] -= 1
+        return action
+
+
+def test_dagger_labels_are_the_state_following_experts_on_the_visited_states(scene: TabletopScene) -> None:
+    """run_batch's labeller (DAgger): a policy that drops the cube executes; every recorded action is
+    what the state-following expert says on the state reached (recomputed here from the visited
+    states), which after the drop is "open, go back down to the cube", not what executed. Driving
+    with those labels recovers; the expert that only follows its own history does not."""
+    from vla_dist.sim.expert import ScriptedExpert
+
+    requests = [EpisodeRequest(i, "pick_cube", 9300 + i) for i in range(6)]
+    dropping = DroppingExpert(follow_state=False)
+    labelled = run_batch(scene, requests, dropping, fps=10.0, render=False, labeller=ExpertPolicy(follow_state=True))
+    assert dropping.dropped.all() and not any(ep.success for ep in labelled)  # every env dropped it and failed
+    relabel = ScriptedExpert(torch.zeros(6, dtype=torch.long), follow_state=True)  # pick_cube: task 0
+    expected = torch.stack([relabel.act(state) for state in dropping.seen], dim=1).numpy()
+    for i, episode in enumerate(labelled):
+        np.testing.assert_allclose(episode.actions, expected[i, : episode.num_frames], atol=1e-6)
+    # at the end the dropping policy lifts an empty closed hand; the labels say open and approach
+    assert all(episode.actions[-1, 6] < 0 for episode in labelled)
+    assert all((episode.actions[-5:, 2] < 0).any() for episode in labelled)  # back down towards the cube
+
+    recovered = run_batch(scene, requests, DroppingExpert(follow_state=True), fps=10.0, render=False)
+    assert sum(ep.success for ep in recovered) >= 5, [ep.success for ep in recovered]
+
+
+def test_state_following_expert_lifts_a_cube_someone_else_grasped() -> None:
+    """The expert's phase history can be behind the state: the policy closed the fingers around the
+    cube while the expert still thought "approach". Following the state it lifts (closed, up);
+    following its history it would open the hand and let go."""
+    from vla_dist.sim.expert import TCP_OFFSET, ScriptedExpert
+
+    cube = torch.tensor([[0.5, 0.0, 0.02]])
+    state = {"cube_pos": cube, "cube_quat": torch.tensor([[1.0, 0, 0, 0]]),
+             "base_pos": torch.tensor([[0.6, 0.1, 0.02]]), "target_pos": torch.tensor([[0.6, -0.1, 0.0]]),
+             "hand_pos": cube + torch.tensor([[0.008, 0.0, TCP_OFFSET]]), "hand_quat": torch.tensor([[0.0, 1.0, 0, 0]]),
+             "gripper_width": torch.tensor([0.04]), "gripper_closed": torch.tensor([True])}
+    task = torch.zeros(1, dtype=torch.long)  # pick_cube
+    following = ScriptedExpert(task, follow_state=True).act(state)
+    assert following[0, 6] > 0 and following[0, 2] > 0.01  # keep it closed, lift
+    history = ScriptedExpert(task, follow_state=False).act(state)
+    assert history[0, 6] < 0  # approach: fingers open
+    state["gripper_closed"] = torch.tensor([False])  # the fingers opened around the held cube
+    lifting = ScriptedExpert(task, follow_state=True)
+    lifting.phase[:] = 2  # LIFT
+    closing = lifting.act(state)
+    assert closing[0, 6] > 0 and torch.linalg.vector_norm(closing[0, :3]) < 1e-6  # close in place first

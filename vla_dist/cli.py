@@ -149,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(rl)
 
+    dagger = commands.add_parser(
+        "dagger",
+        help="expert-in-the-loop post-training (DAgger) from model.pretrained",
+        description="Start from the policy at model.pretrained (trained on data.dir's demonstrations); each of "
+        "dagger.rounds rounds the sim-actor pool runs dagger.episodes_per_round episodes of the current policy (as "
+        "`vla-dist eval` runs it, on layouts of their own), the scripted expert labels every state they reach, the "
+        "labels join the demonstrations, and the policy trains on the aggregate for dagger.train_steps steps "
+        "(train.*: ranks, ZeRO, LoRA). Writes run.dir/round_R/{labels,data,train,policy}, report.json and "
+        "dagger.png (each round's rollout success, 95% intervals); run.dir/policy is the last round's policy. "
+        "Re-running continues from the last finished round.",
+    )
+    _add_config_arguments(dagger)
+
     export = commands.add_parser(
         "export",
         help="checkpoint -> HF-format policy directory, peft adapter, or merged model",
@@ -278,6 +291,14 @@ def _run(args: argparse.Namespace) -> int:
 
         report = run_rl(cfg)
         _print_summary("rl", report, f"run: {cfg.run.dir}   policy: {report['policy']}   plot: {report['success_png']}",
+                       outcome=f"stopped by {report['stopped_by']}" if report.get("stopped_by") else "done")
+    elif args.command == "dagger":
+        from vla_dist.dagger import run_dagger
+
+        config_path = save_resolved(cfg, cfg.run.dir)
+        report = run_dagger(cfg)
+        _print_summary("dagger", report, f"run: {cfg.run.dir}   policy: {report['policy']}   plot: {report['plot']}   "
+                       f"config: {config_path}",
                        outcome=f"stopped by {report['stopped_by']}" if report.get("stopped_by") else "done")
     elif args.command in DATA_COMMANDS:
         from vla_dist.data.cli import run as run_data_command

@@ -4,7 +4,8 @@ A stage is a `vla-dist COMMAND` run in this process with its own `run.dir`, so i
 files the command leaves and the plan's printed command lines reproduce it alone. What makes plans
 resumable lives here, once: a stage whose report.json says it finished is kept (not re-run), a train
 or rl stage that stopped early (a signal, for a requeue) is run again and resumes from its own
-checkpoint, and a collect stage reuses a dataset that already holds enough episodes.
+checkpoint (dagger: from its last finished round), and a collect stage reuses a dataset that
+already holds enough episodes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from vla_dist.errors import ConfigError
 from vla_dist.rollout.episodes import selected_tasks
 
 REPORT = "report.json"
-COMMANDS = ("collect", "train", "rl", "eval")
+COMMANDS = ("collect", "train", "rl", "dagger", "eval")
 
 Log = Callable[[str], None]
 
@@ -58,6 +59,11 @@ def run_stage(command: str, cfg: RunConfig, log: Log) -> tuple[dict[str, Any], f
         from vla_dist.rl.loop import run_rl
 
         return run_rl(cfg), None
+    if command == "dagger":
+        from vla_dist.dagger import run_dagger
+
+        save_resolved(cfg, cfg.run.dir)
+        return run_dagger(cfg, log), None
     from vla_dist.rollout.evaluate import run_eval
 
     save_resolved(cfg, cfg.run.dir)
@@ -71,6 +77,8 @@ def _finished(command: str, report: dict[str, Any], cfg: RunConfig) -> bool:
         return report.get("last_step", report.get("steps")) == cfg.train.steps and not report.get("stopped_by")
     if command == "rl":
         return report.get("last_iteration") == cfg.rl.iterations and not report.get("stopped_by")
+    if command == "dagger":
+        return report.get("last_round") == cfg.dagger.rounds and not report.get("stopped_by")
     return True
 
 
@@ -90,8 +98,10 @@ def _check_collected_alike(manifest: dict[str, Any], cfg: RunConfig) -> None:
     otherwise train on data it did not ask for."""
     extra = manifest.get("extra") or {}
     recorded = {"task.paraphrases": list(extra.get("paraphrases") or []),
-                "collect.action_noise": float(extra.get("action_noise") or 0.0)}
-    wanted = {"task.paraphrases": list(cfg.task.paraphrases), "collect.action_noise": float(cfg.collect.action_noise)}
+                "collect.action_noise": float(extra.get("action_noise") or 0.0),
+                "collect.relabel_policy": extra.get("relabel_policy")}
+    wanted = {"task.paraphrases": list(cfg.task.paraphrases), "collect.action_noise": float(cfg.collect.action_noise),
+              "collect.relabel_policy": cfg.collect.relabel_policy}
     for key, value in wanted.items():
         if recorded[key] != value:
             raise ConfigError(key, f"{cfg.data.dir} was collected with {key}={recorded[key]}, this run asks for "

@@ -51,6 +51,9 @@ class CollectSection:
     # DART: std (m per control step) of Gaussian noise on the hand translation the expert's actions
     # execute; the recorded actions stay the expert's, so the data shows recoveries (rollout/runner.py)
     action_noise: float = 0.0
+    # DAgger: a saved policy (an export) drives the arm and the scripted expert labels every state it
+    # reaches; every episode is written, success or not (vla_dist/rollout/collect.py); null: the expert
+    relabel_policy: str | None = None
     num_videos: int = 3  # episodes written as mp4 under run.dir/videos/
     cpus_per_actor: float = 1.0  # Ray resources a sim actor reserves
     overwrite: bool = False  # allow collecting into a data.dir that already holds shards
@@ -309,6 +312,16 @@ class RLSection:
 
 
 @dataclass
+class DaggerSection:
+    """`vla-dist dagger` (vla_dist/dagger.py): rounds of the policy's own rollouts labelled by the
+    scripted expert, aggregated with data.dir's demonstrations, and training continued on them."""
+
+    rounds: int = 3
+    episodes_per_round: int = 32  # rollouts of the current policy per round, every one labelled and kept
+    train_steps: int = 500  # optimizer steps per round on the aggregate (train.* as for `vla-dist train`)
+
+
+@dataclass
 class RecipesSection:
     """`vla-dist recipes run/report` (vla_dist/recipes/): post-training recipes compared with a baseline
     on the same seeds, data budget and held-out layouts. dir, seeds, baseline and evals are the
@@ -318,7 +331,7 @@ class RecipesSection:
     dir: str = "runs/recipes"  # one directory per recipe and seed, and recipes.{md,json,png}
     seeds: list[int] = field(default_factory=lambda: [0])  # run.seed of each repetition (init, data order, layouts)
     baseline: str = "base-pick"  # configs/recipe/<name>.yaml that every other recipe is compared with
-    command: str = "train"  # how the recipe post-trains: "train" (SFT on its data) or "rl" (vla-dist rl)
+    command: str = "train"  # how the recipe post-trains: "train" (SFT on its data), "rl" or "dagger" (those commands)
     start_from: str | None = None  # a recipe whose policy (same seed) this one continues; null: model.pretrained
     # held-out evaluations of every recipe: name -> overrides of the eval stage only, e.g.
     # {default: [], new_phrasing: ["task.paraphrases=[3]"]}
@@ -336,6 +349,7 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     train: TrainSection = field(default_factory=TrainSection)
     rl: RLSection = field(default_factory=RLSection)
+    dagger: DaggerSection = field(default_factory=DaggerSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     bench: BenchSection = field(default_factory=BenchSection)
     recipes: RecipesSection = field(default_factory=RecipesSection)

@@ -354,7 +354,11 @@ CHECKS: list[Check] = [
     _cluster_address,
     *CLUSTER_CHECKS,  # collect placement keys and cluster.slurm/kuberay/cloud (config/cluster_checks.py)
     # recipes
-    one_of("recipes.command", ("train", "rl")),
+    one_of("recipes.command", ("train", "rl", "dagger")),
+    # dagger
+    at_least("dagger.rounds", 1),
+    at_least("dagger.episodes_per_round", 1),
+    at_least("dagger.train_steps", 1),
     _recipes,
     # bench
     at_least("bench.rollout_actors", 1),

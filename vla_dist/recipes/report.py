@@ -2,7 +2,7 @@
 
 Per recipe, evaluation variant and task: successes pooled over the seeds that finished (each seed's
 held-out layouts are the same for every recipe), the 95% Wilson interval, each seed's own count, the
-difference to the baseline, and the budget (samples trained, rl episodes, wall time of the training
+difference to the baseline, and the budget (samples trained, rollouts of RL or DAgger, wall time of the training
 and evaluation stages). A difference is called an effect only when the two intervals do not overlap;
 everything else is "not separated", reported all the same (a null result is a result).
 """
@@ -59,7 +59,7 @@ def collect_rows(root: Path, comparison: dict[str, Any]) -> list[dict[str, Any]]
 
 def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: dict[str, Any]) -> list[dict[str, Any]]:
     counts: dict[str, dict[int, tuple[int, int]]] = {}  # task -> seed -> (successes, episodes)
-    budget = {"train_samples": 0, "rl_episodes": 0, "wall_s": 0.0, "seeds_finished": []}
+    budget = {"train_samples": 0, "rollout_episodes": 0, "wall_s": 0.0, "seeds_finished": []}
     for seed in seeds:
         here = root / name / f"seed_{seed}"
         evaluation = read_report(here / f"eval-{variant}" / "report.json")
@@ -70,12 +70,15 @@ def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: 
             counts.setdefault(task, {})[seed] = (int(stats["successes"]), int(stats["episodes"]))
         budget["wall_s"] += report_seconds(evaluation)
         train, rl = read_report(here / "train" / "report.json"), read_report(here / "rl" / "report.json")
+        dagger = read_report(here / "dagger" / "report.json")
         if train is not None:
             budget["train_samples"] += int(train["steps"]) * int(train["global_batch_size"])
             budget["wall_s"] += report_seconds(train)
-        if rl is not None:
-            budget["rl_episodes"] += int(rl.get("rollout_episodes") or 0)
-            budget["wall_s"] += report_seconds(rl)
+        for post_training in (rl, dagger):  # their rollouts; DAgger's also its training on the labels
+            if post_training is not None:
+                budget["rollout_episodes"] += int(post_training.get("rollout_episodes") or 0)
+                budget["train_samples"] += int(post_training.get("train_samples") or 0)
+                budget["wall_s"] += report_seconds(post_training)
     pooled: dict[int, tuple[int, int]] = {}  # the row over every task; with one task, that task's
     for per_seed in counts.values():
         for seed, (wins, n) in per_seed.items():
@@ -114,11 +117,12 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Recipes against `{summary['baseline']}` (seeds {seeds})", "",
              ("Success pooled over seeds on held-out layouts (the same layouts for every recipe at a seed), "
              "95% Wilson interval, each seed's count, difference to the baseline. An effect is called only "
-             "where the intervals do not overlap.")]
+             "where the intervals do not overlap. A recipe continuing another's policy (from X) counts the "
+             "samples and rollouts it added to X's.")]
     for variant in summary["evals"]:
         lines += ["", f"## eval: {variant}", "",
                   ("| recipe | task | success | 95% interval | per seed | vs baseline | effect | samples trained "
-                  "| rl episodes | wall (s) |"),
+                  "| rollouts (rl, dagger) | wall (s) |"),
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in summary["rows"] if r["eval"] == variant):
             per_seed = ", ".join(f"{w}/{n}" for w, n in row["per_seed"].values())
@@ -126,7 +130,7 @@ def markdown(summary: dict[str, Any]) -> str:
             name = row["recipe"] + (f" (from {row['start_from']})" if row.get("start_from") else "")
             lines.append(f"| {name} | {row['task']} | {row['successes']}/{row['episodes']} ({row['success_rate']:.0%}) "
                          f"| {row['ci95'][0]:.0%}-{row['ci95'][1]:.0%} | {per_seed} | {delta} | {row['effect']} "
-                         f"| {row['train_samples']:,} | {row['rl_episodes']} | {row['wall_s']:.0f} |")
+                         f"| {row['train_samples']:,} | {row['rollout_episodes']} | {row['wall_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -7,9 +7,11 @@ commands a user would type, each a stage with its own run.dir (vla_dist/stages.p
 
     RECIPES_DIR/NAME/collect                  vla-dist collect   (once per recipe; a data.dir that
                                                                   already holds the episodes is reused)
-    RECIPES_DIR/NAME/seed_S/train | rl        vla-dist train     (recipes.command=train: SFT)
+    RECIPES_DIR/NAME/seed_S/train | rl | dagger
+                                              vla-dist train     (recipes.command=train: SFT)
                                               vla-dist rl        (recipes.command=rl: from the policy of
                                                                   recipes.start_from at the same seed)
+                                              vla-dist dagger    (recipes.command=dagger: likewise)
     RECIPES_DIR/NAME/seed_S/eval-VARIANT      vla-dist eval      (per recipes.evals variant, held out)
 
 The seed is `run.seed` of the train, rl and eval stages: initialization, data order, augmentation
@@ -20,7 +22,8 @@ command continues an interrupted comparison, and adding a recipe later runs only
 
 Fairness is checked before anything runs: every SFT recipe trains the baseline's number of samples
 (train.steps x global batch) and collects at most its number of episodes, or the plan fails naming
-the key; an RL recipe's extra budget (its iterations and episodes) is reported beside its result.
+the key; a recipe continuing another's policy (RL, DAgger, more SFT) reports its extra budget (its
+rollouts and samples) beside its result.
 """
 
 from __future__ import annotations
@@ -82,24 +85,28 @@ def plan(recipes: dict[str, RunConfig], base: RunConfig) -> list[RecipeStage]:
         for name, cfg in recipes.items():
             here = root / name / f"seed_{seed}"
             seeded = (f"run.seed={seed}",)
-            start = cfg.recipes.start_from
-            pretrained = (f"model.pretrained={policy_dir(root, recipe_name(start), seed, evals[0])}",) if start else ()
+            start = recipe_name(cfg.recipes.start_from) if cfg.recipes.start_from else None
+            pretrained = (f"model.pretrained={policy_dir(root, start, seed, evals[0], recipes[start].recipes.command)}",
+                          ) if start else ()
             command = cfg.recipes.command
             stages.append(RecipeStage(name, seed, command, command,
                                       (*seeded, *pretrained, f"run.dir={here / command}"),
                                       ("model.pretrained",) if start else ()))
             for variant in evals:
                 # the first evaluation exports the run's latest checkpoint (train or rl) to its policy/,
-                # which the other evaluations and any recipe starting from this one read
-                checkpoint = here / command if variant == evals[0] else policy_dir(root, name, seed, evals[0])
+                # which the other evaluations and any recipe starting from this one read (dagger saves its own)
+                exports = variant == evals[0] and command != "dagger"
+                checkpoint = here / command if exports else policy_dir(root, name, seed, evals[0], command)
                 stages.append(RecipeStage(name, seed, f"eval-{variant}", "eval", (
                     *seeded, "eval.policy=model", f"eval.checkpoint={checkpoint}",
                     *base.recipes.evals[variant], f"run.dir={here / f'eval-{variant}'}"), ("eval.checkpoint",)))
     return stages
 
 
-def policy_dir(root: Path, name: str, seed: int, first_eval: str) -> Path:
-    """The saved policy a recipe's seed produced: what its first evaluation exported."""
+def policy_dir(root: Path, name: str, seed: int, first_eval: str, command: str = "train") -> Path:
+    """The saved policy a recipe's seed produced: what its first evaluation exported (dagger: its own)."""
+    if command == "dagger":
+        return root / name / f"seed_{seed}" / "dagger" / "policy"
     return root / name / f"seed_{seed}" / f"eval-{first_eval}" / "policy"
 
 
@@ -137,10 +144,12 @@ def _recipe_config(name: str, overrides: Sequence[str], made_earlier: Sequence[s
 
 
 def check_budgets(recipes: dict[str, RunConfig], baseline: str) -> None:
-    """Same data and compute as the baseline for every SFT recipe, else fail naming the key."""
+    """Same data and compute as the baseline for every SFT recipe, else fail naming the key. A recipe
+    that continues another's policy (recipes.start_from: rl, dagger, more SFT) spends a budget on top of
+    that one's, which the report shows beside its result."""
     base = recipes[baseline]
     for name, cfg in recipes.items():
-        if cfg.recipes.command != "train" or name == baseline:
+        if cfg.recipes.command != "train" or name == baseline or cfg.recipes.start_from:
             continue
         if samples_trained(cfg) != samples_trained(base):
             raise ConfigError("train.steps", f"recipe {name!r} trains {samples_trained(cfg):,} samples (train.steps x "

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vla_dist.config.schema import LoraSection, SimSection, TaskSection
-from vla_dist.rollout.policies import PolicySource, make_policy
+from vla_dist.rollout.policies import PolicySource, make_labeller, make_policy
 from vla_dist.rollout.runner import EpisodeRequest, measure_throughput, run_batch
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class SimActor:
         self.task, self.codec = task, image_codec
         self.policy_source = policy or PolicySource()
         self.policy = make_policy(self.policy_source)
+        self.labeller = make_labeller(self.policy_source)  # DAgger: the expert labels the policy's states
         self.scene = TabletopScene(
             n_envs=n_envs,
             image_size=task.image_size,
@@ -104,7 +105,7 @@ class SimActor:
         render = getattr(self.policy, "needs_images", True)  # replay: physics only (rendering is most of a step)
         episodes = run_batch(
             self.scene, requests, self.policy, fps=float(self.task.control_hz), render=render,
-            max_steps=self.task.max_steps,
+            max_steps=self.task.max_steps, labeller=self.labeller,
         )
         steps = max(ep.num_frames for ep in episodes) * self.scene.n_envs
         outcomes = [

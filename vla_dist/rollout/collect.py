@@ -4,6 +4,10 @@ Episode i of a collection has a fixed task (round-robin over the selected tasks)
 from run.seed and i). Chunks of consecutive episodes go to the actors; finished chunks are committed
 in index order, so the dataset is the first `collect.episodes` successful episodes by index: exactly
 that many, none twice, and the same dataset for the same config whatever actor died on the way.
+
+With `collect.relabel_policy` (DAgger) a saved policy drives the arm and the scripted expert labels
+every state it reaches: the episodes record the expert's actions on the policy's states, and every
+episode is written, success or not (a failure's states are where the labels teach most).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from vla_dist.atomic import write_json
@@ -26,6 +31,7 @@ from vla_dist.errors import ConfigError, VlaDistError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
 from vla_dist.rollout.episodes import episode_seed, selected_tasks
 from vla_dist.rollout.output import write_videos
+from vla_dist.rollout.policies import PolicySource
 from vla_dist.rollout.runner import EpisodeRequest
 from vla_dist.spaces import ACTION_SPACE, STATE_SPACE
 
@@ -38,6 +44,7 @@ class CollectionState:
 
     target: int
     keep_failures: bool
+    count_every: bool = False  # relabelled rollouts: every episode is written and counts toward the target
     next_index: int = 0  # next episode index to hand out
     next_commit: int = 0  # first episode index not yet committed
     buffered: dict[int, list[EpisodeOutcome]] = field(default_factory=dict)  # chunk start -> outcomes
@@ -46,11 +53,15 @@ class CollectionState:
     failures_written: int = 0
     attempts: Counter = field(default_factory=Counter)  # per task, committed episodes
     successes: Counter = field(default_factory=Counter)
+    written_tasks: Counter = field(default_factory=Counter)  # per task, episodes counted toward the target
     surplus: int = 0  # finished after the target was reached; dropped
 
+    def counts(self, outcome: EpisodeOutcome) -> bool:
+        return self.count_every or outcome.success
+
     def needed(self) -> int:
-        buffered_ok = sum(o.success for outcomes in self.buffered.values() for o in outcomes)
-        return self.target - self.written - buffered_ok - self.inflight
+        buffered = sum(self.counts(o) for outcomes in self.buffered.values() for o in outcomes)
+        return self.target - self.written - buffered - self.inflight
 
 
 @dataclass
@@ -64,8 +75,11 @@ class CollectProgress:
 
 
 def run_collect(
-    cfg: RunConfig, on_progress: Callable[[CollectProgress], None] | None = None
+    cfg: RunConfig, on_progress: Callable[[CollectProgress], None] | None = None,
+    seed_of: Callable[[int], int] | None = None, id_prefix: str = "",
 ) -> dict[str, object]:
+    """`seed_of`: episode index -> layout seed (default: the collection stream of run.seed; DAgger's
+    rounds draw their own, vla_dist/dagger.py); `id_prefix`: before every episode id (EpisodeRequest)."""
     from vla_dist.rollout.pool import SimActorPool
     from vla_dist.rollout.progress import episode_progress
     from vla_dist.runtime import init_ray
@@ -78,11 +92,13 @@ def run_collect(
                               "or set collect.overwrite=true to replace it")
         clear_shards(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path now, not after the sim is up
+    source = relabelling_source(cfg)  # checked before any actor starts
+    seed_of = seed_of or partial(episode_seed, cfg.run.seed)
 
     tasks = selected_tasks(cfg.task.name)
     c = cfg.collect
     max_attempts = int(c.episodes * c.max_attempts_factor)
-    state = CollectionState(target=c.episodes, keep_failures=c.keep_failures)
+    state = CollectionState(target=c.episodes, keep_failures=c.keep_failures, count_every=source is not None)
     action_stats, state_stats = StatsAccumulator(), StatsAccumulator()
     video_samples: list[dict[str, object]] = []
     frames_written = 0
@@ -94,8 +110,8 @@ def run_collect(
             return None
         size = min(c.envs_per_actor, max_attempts - state.next_index)
         chunk = [
-            EpisodeRequest(i, tasks[i % len(tasks)], episode_seed(cfg.run.seed, i), action_noise=c.action_noise,
-                           paraphrases=tuple(cfg.task.paraphrases))
+            EpisodeRequest(i, tasks[i % len(tasks)], seed_of(i), action_noise=c.action_noise,
+                           paraphrases=tuple(cfg.task.paraphrases), id_prefix=id_prefix)
             for i in range(state.next_index, state.next_index + size)
         ]
         state.next_index += size
@@ -103,7 +119,8 @@ def run_collect(
         return chunk
 
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
-    actor_kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": c.envs_per_actor, "image_codec": cfg.data.image_codec}
+    actor_kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": c.envs_per_actor, "image_codec": cfg.data.image_codec,
+                    "policy": source}
     with episode_progress() as progress:
         bar = progress.add_task("building sim actors", total=c.episodes, rate=0.0, success=0.0)
         pool = SimActorPool.from_config(c, actor_kwargs)
@@ -115,10 +132,11 @@ def run_collect(
         def commit(outcome: EpisodeOutcome) -> None:
             nonlocal frames_written
             state.attempts[outcome.task] += 1
-            if outcome.success and state.written < state.target:
-                state.successes[outcome.task] += 1
+            state.successes[outcome.task] += int(outcome.success)
+            if state.counts(outcome) and state.written < state.target:
                 writer.write(outcome.sample)
                 state.written += 1
+                state.written_tasks[outcome.task] += 1
                 frames_written += outcome.num_frames
                 action_stats.add(outcome.actions)
                 state_stats.add(outcome.state)
@@ -172,13 +190,15 @@ def run_collect(
     manifest_path = _write_manifest(cfg, data_dir, records, state, frames_written, action_stats, state_stats, tasks)
     videos = write_videos(run_dir / "videos", video_samples, cfg)
     attempted = sum(state.attempts.values())
+    succeeded = sum(state.successes.values())
     report = {
         "command": "collect",
         "episodes_written": state.written,
         "failures_written": state.failures_written,
         "attempts": attempted,
-        "failures": attempted - state.written,
-        "success_rate": state.written / max(attempted, 1),
+        "failures": attempted - succeeded,
+        "success_rate": succeeded / max(attempted, 1),  # relabelled: the policy's, on these layouts
+        "relabel_policy": cfg.collect.relabel_policy,
         "per_task": {
             task: {
                 "attempts": state.attempts[task],
@@ -210,6 +230,27 @@ def run_collect(
     return report
 
 
+def relabelling_source(cfg: RunConfig) -> PolicySource | None:
+    """collect.relabel_policy as the actors' policy (run as `vla-dist eval` runs it: eval.action_horizon,
+    eval.temporal_ensemble), or None for the expert's own demonstrations."""
+    path = cfg.collect.relabel_policy
+    if path is None:
+        return None
+    from vla_dist.spaces import simulator_mismatch
+
+    spec_file = Path(path) / "vla_dist.json"
+    if not spec_file.is_file():
+        raise ConfigError("collect.relabel_policy", f"{path} is not a saved policy (no vla_dist.json): export a "
+                          "checkpoint first (`vla-dist export`)")
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    why = simulator_mismatch(spec["cameras"], spec["action_dim"], spec["state_dim"])
+    if why:
+        raise ConfigError("collect.relabel_policy", f"{path} was trained on {why}: it cannot drive this simulator")
+    return PolicySource(kind="model", path=str(path), action_horizon=cfg.eval.action_horizon,
+                        temporal_ensemble=cfg.eval.temporal_ensemble, cameras=tuple(cfg.task.cameras),
+                        compile=cfg.model.compile, relabel=True)
+
+
 def _wants_video(chosen: list[dict[str, object]], outcome: EpisodeOutcome, tasks: list[str]) -> bool:
     """Spread videos over tasks: one per task first, then any."""
     shown = {json.loads(s["meta.json"])["task"] for s in chosen}
@@ -232,7 +273,7 @@ def _write_manifest(
         shards=records,
         episodes=state.written + state.failures_written,
         frames=frames,
-        tasks={task: state.successes[task] for task in tasks},
+        tasks={task: state.written_tasks[task] for task in tasks},
         action_space=ACTION_SPACE,
         state_space=STATE_SPACE,
         action_stats=action_stats.result(),
@@ -243,15 +284,18 @@ def _write_manifest(
         fps=float(cfg.task.control_hz),
         extra={
             "complete": complete,
-            "successful_episodes": state.written,
+            "successful_episodes": sum(state.successes.values()) if state.count_every else state.written,
             "failed_episodes": state.failures_written,
-            "stats_over": "successful episodes",
+            "stats_over": "every episode" if state.count_every else "successful episodes",
             "run_seed": cfg.run.seed,
             # the physics the actions were recorded under: `vla-dist replay` refuses other settings
             "sim": {"dt": cfg.sim.dt, "substeps": cfg.sim.substeps, "backend": cfg.sim.backend},
             # DART noise on the executed actions (the recorded ones are the expert's): replay re-applies it
             "action_noise": cfg.collect.action_noise,
             "paraphrases": list(cfg.task.paraphrases),  # the instruction phrasings drawn from ([]: all)
+            # DAgger: the policy that drove the arm; the recorded actions are the expert's labels of its
+            # states, not what executed (such a dataset cannot be replayed)
+            "relabel_policy": cfg.collect.relabel_policy,
         },
     )
 

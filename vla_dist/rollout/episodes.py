@@ -35,3 +35,11 @@ RL_SEED_STREAM = 2  # RL training rollouts: layouts apart from collection's (0) 
 def rl_seed(run_seed: int, iteration: int, index: int) -> int:
     """Layout seed of RL rollout group `index` of `iteration`."""
     return int(np.random.SeedSequence([run_seed, iteration, index, RL_SEED_STREAM]).generate_state(1)[0])
+
+
+DAGGER_SEED_STREAM = 3  # DAgger's rollouts (vla_dist/dagger.py): apart from demonstrations, held-out evals and RL
+
+
+def dagger_seed(run_seed: int, round_number: int, index: int) -> int:
+    """Layout seed of episode `index` of DAgger round `round_number`."""
+    return int(np.random.SeedSequence([run_seed, round_number, index, DAGGER_SEED_STREAM]).generate_state(1)[0])

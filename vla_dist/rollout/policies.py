@@ -3,7 +3,8 @@
 `expert`: the scripted expert on privileged state. `model`: a VLA loaded from an HF-format
 directory (`VLAPolicy.save_pretrained` output: an export, or an untrained preset the driver saved),
 run with action chunking: one `predict_chunk` per `action_horizon` control steps, batched over
-every env of the actor's scene. `replay`: a dataset's recorded actions played back open loop
+every env of the actor's scene (`relabel`: its episodes record the expert's labels, DAgger).
+`replay`: a dataset's recorded actions played back open loop
 (rollout/replay.py), looked up by episode seed.
 
 A policy whose `needs_images` is False runs without rendering (SimActor.run_chunk): rendering is
@@ -37,6 +38,9 @@ class PolicySource:
     cameras: tuple[str, ...] = CAMERAS
     torch_threads: int = 1  # per actor: actors already run in parallel, one per core
     compile: bool = False  # model: decode through the torch.compile'd kernels (model.compile)
+    # model: the scripted expert, following the state, labels every step the model's actions reach
+    # (DAgger, collect.relabel_policy): the episodes record its actions, the model's execute
+    relabel: bool = False
     # replay: episode seed -> recorded actions float32 [T, A]; shipped whole to each actor (7 floats
     # per step: ~3 MB per 100k steps), so actors need no access to the shards
     recorded: dict[int, np.ndarray] | None = None
@@ -140,6 +144,15 @@ class ReplayPolicy:
         rows = [actions[min(self.step, len(actions) - 1)] for actions in self.actions]
         self.step += 1
         return torch.stack(rows)
+
+
+def make_labeller(source: PolicySource) -> Policy | None:
+    """The policy whose actions the episodes record instead of the executed ones (None: the executed)."""
+    if not source.relabel:
+        return None
+    if source.kind != "model":
+        raise ValueError(f"relabelling needs a model policy to execute, got kind {source.kind!r}")
+    return ExpertPolicy(follow_state=True)
 
 
 def make_policy(source: PolicySource) -> Policy:

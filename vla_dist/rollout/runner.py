@@ -63,10 +63,14 @@ class Policy(Protocol):
 
 
 class ExpertPolicy:
-    """The scripted expert behind the `Policy` interface."""
+    """The scripted expert behind the `Policy` interface (`follow_state`: labelling another policy's
+    states, vla_dist/sim/expert.py)."""
+
+    def __init__(self, follow_state: bool = False) -> None:
+        self.follow_state = follow_state
 
     def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None:
-        self.expert = ScriptedExpert(task_ids)
+        self.expert = ScriptedExpert(task_ids, follow_state=self.follow_state)
 
     def act(self, obs: Observation) -> torch.Tensor:
         return self.expert.act(obs.privileged)
@@ -107,10 +111,13 @@ class EpisodeRequest:
     # seed alone, so a replay with the same setting executes exactly the same noisy actions.
     action_noise: float = 0.0
     paraphrases: tuple[int, ...] = ()  # task.paraphrases: the instruction indices to draw from; (): all
+    # before the id: datasets trained on together need distinct ids (readers skip a repeated one), e.g.
+    # DAgger's rounds beside the demonstrations ("dagger1-pick_cube-0000000")
+    id_prefix: str = ""
 
     @property
     def episode_id(self) -> str:
-        return f"{self.task}-{self.index:07d}"
+        return f"{self.id_prefix}{self.task}-{self.index:07d}"
 
 
 def run_batch(
@@ -120,9 +127,12 @@ def run_batch(
     fps: float,
     render: bool = True,
     max_steps: int = 0,
+    labeller: Policy | None = None,
 ) -> list[Episode]:
     """Run up to `scene.n_envs` episodes side by side; returns them in request order.
 
+    `labeller` (DAgger): the recorded action of every step is the labeller's on the state `policy`
+    reached (the scripted expert, following the state); `policy`'s own action is what executes.
     A short batch is padded with copies of its last request (their results are dropped) because a
     Genesis scene always steps all of its envs.
     """
@@ -135,6 +145,8 @@ def run_batch(
 
     scene.reset(stack_layouts([sample_layout(r.task, r.seed) for r in padded]))
     policy.reset(task_ids, instructions, [r.seed for r in padded])
+    if labeller is not None:
+        labeller.reset(task_ids, instructions, [r.seed for r in padded])
 
     n = scene.n_envs
     frames: list[dict[str, np.ndarray]] = []
@@ -154,7 +166,8 @@ def run_batch(
         action = policy.act(obs).to(torch.float32)
         frames.append(obs.images)
         states.append(obs.proprio)
-        actions.append(action)  # the label: what the policy (the expert) asked for
+        # the label: what the policy (the expert) asked for, or what the labeller says at this state
+        actions.append(action if labeller is None else labeller.act(obs).to(torch.float32))
         scene.step(noise.apply(action))
         length += (~done).long()
 

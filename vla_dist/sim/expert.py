@@ -17,6 +17,13 @@ every decision in it must be visible and forgiving:
 - Push uses the same funnel, onto the point behind the cube (seen from the target), turning to the
   push direction on the way. Its earlier hover-then-descend waited above that point for a 1 cm and
   3-degree match; imitations hovered there until the episode limit (push 2/30, closest 4.6 cm).
+
+Labelling another policy's states (DAgger, `follow_state=True`): the phase machine is driven by that
+policy's actions, not the expert's, so its history can be wrong about the scene. Before each label
+the phase is corrected from the state (`_follow`): a cube the policy grasped is lifted rather than let
+go of, fingers the policy opened on a held cube close first, and a grasp the policy lost is
+approached again. The expert's own runs never meet these states (`follow_state=False` keeps its
+collected demonstrations exactly as before).
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ RELEASE_STEPS = 4
 RETREAT_HEIGHT = 0.22  # m, where the hand goes once the job is done
 PUSH_HEIGHT = 0.02  # m, the tool centre point's height while pushing (the cube's centre height)
 PUSH_ALIGNED = 0.15  # rad: heading error at which pushing may start (the hand turns 0.2 rad per step)
+HELD_RADIUS = 0.025  # m from the grasp point to the cube centre within which closed fingers hold it
+LOST_RADIUS = 0.04  # m beyond which a grasp (or one being closed) has lost the cube
 
 PICK, PUSH, STACK = (TASK_NAMES.index(name) for name in ("pick_cube", "push_cube", "stack_cube"))
 
@@ -57,17 +66,22 @@ APPROACH, CLOSE, LIFT, CARRY, LOWER, RELEASE, RETREAT, PUSHING = range(8)
 
 
 class ScriptedExpert:
-    def __init__(self, task_ids: torch.Tensor) -> None:
+    def __init__(self, task_ids: torch.Tensor, follow_state: bool = False) -> None:
+        """`follow_state`: correct the phase from the state before every action (labelling another
+        policy's states, see the module docstring)."""
         self.task_ids = task_ids.clone()
         n = task_ids.shape[0]
         self.phase = torch.full((n,), APPROACH, dtype=torch.long)
         self.timer = torch.zeros(n, dtype=torch.long)
         self.grasp_yaw = torch.zeros(n)
+        self.follow_state = follow_state
 
     def act(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         hand_pos, hand_quat = state["hand_pos"], state["hand_quat"]
         cube, base, target = state["cube_pos"], state["base_pos"], state["target_pos"]
         tcp = hand_pos - torch.tensor([0.0, 0.0, TCP_OFFSET])  # hand points down throughout
+        if self.follow_state:
+            self._follow(tcp, cube, state["gripper_closed"])
         hand_yaw = quat_yaw(hand_quat)  # heading of the hand's x axis on the table plane
 
         # Default: hold position, keep the current heading, gripper open.
@@ -142,6 +156,19 @@ class ScriptedExpert:
 
         self._advance(tcp, goal_tcp, hand_yaw, goal_yaw, cube, move_cube_to, push_dist.squeeze(1), lost)
         return torch.cat((delta, rot, gripper), dim=1)
+
+    def _follow(self, tcp: torch.Tensor, cube: torch.Tensor, closed: torch.Tensor) -> None:
+        """The phase the state says, where the expert's own history (driven by another policy's
+        actions) says otherwise. Push needs none: its phases already follow the cube (`lost`)."""
+        distance = (cube - tcp).norm(dim=-1)
+        grasping = self.task_ids != PUSH
+        phase = self.phase.clone()
+        carrying = (phase == LIFT) | (phase == CARRY) | (phase == LOWER)
+        phase[grasping & (self.phase == APPROACH) & closed & (distance < HELD_RADIUS)] = LIFT  # the policy grasped it
+        phase[grasping & carrying & ~closed & (distance < HELD_RADIUS)] = CLOSE  # it opened the fingers on the cube
+        phase[grasping & (carrying | (self.phase == CLOSE)) & (distance >= LOST_RADIUS)] = APPROACH  # it lost the cube
+        self.timer[phase != self.phase] = 0
+        self.phase = phase
 
     def _advance(
         self,
