@@ -137,6 +137,27 @@ def test_expert_failures_are_counted_kept_on_request_and_reported(tmp_path: Path
     assert partial["complete"] is False and partial["episodes"] == 4
 
 
+@pytest.mark.heavy  # ~2 min of three tasks' scenes; in CI's heavy part (the main suite stays under 20 minutes)
+@pytest.mark.ci
+def test_kept_failures_beside_a_reached_target_are_counted_in_the_manifest(tmp_path: Path, local_ray: None) -> None:
+    """collect.keep_failures with the target reached: the manifest counts every episode it lists
+    per task, the kept failures too (it once counted successes only and refused to be written).
+    35 steps: the expert's pick takes 28-31, its stack 41-45, so every stack episode fails (episode
+    2 of the round-robin pick, push, stack is always attempted before 3 successes)."""
+    cfg = validate(load_config(None, [
+        f"run.dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}", "task.name=all", "collect.episodes=3",
+        "task.max_steps=35", "collect.keep_failures=true", "collect.num_actors=1", "task.image_size=32",
+        "collect.num_videos=0",
+    ]))
+    report = run_collect(cfg)
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    kept = list(iter_episodes(tmp_path / "data", decode_images=False))
+    assert report["episodes_written"] == 3 and report["failures_written"] >= 1
+    assert manifest["episodes"] == len(kept) == 3 + report["failures_written"] == sum(manifest["tasks"].values())
+    assert manifest["tasks"]["stack_cube"] >= 1 and not any(ep.success for ep in kept if ep.task == "stack_cube")
+    assert manifest["extra"]["successful_episodes"] == 3 == sum(ep.success for ep in kept)
+
+
 def test_paraphrase_subset_reaches_evaluated_episodes() -> None:
     """task.paraphrases=[2]: every evaluated episode reads its task's third phrasing (collection: the
     test above); without the key every phrasing is drawn somewhere."""

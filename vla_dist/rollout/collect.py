@@ -53,7 +53,7 @@ class CollectionState:
     failures_written: int = 0
     attempts: Counter = field(default_factory=Counter)  # per task, committed episodes
     successes: Counter = field(default_factory=Counter)
-    written_tasks: Counter = field(default_factory=Counter)  # per task, episodes counted toward the target
+    written_tasks: Counter = field(default_factory=Counter)  # per task, episodes in the dataset (kept failures too)
     surplus: int = 0  # finished after the target was reached; dropped
 
     def counts(self, outcome: EpisodeOutcome) -> bool:
@@ -145,6 +145,7 @@ def run_collect(
             elif not outcome.success and state.keep_failures:
                 writer.write(outcome.sample)
                 state.failures_written += 1
+                state.written_tasks[outcome.task] += 1
 
         def on_result(chunk: list[EpisodeRequest], result: ChunkResult) -> None:
             nonlocal env_steps
