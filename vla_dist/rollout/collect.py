@@ -31,7 +31,7 @@ from vla_dist.errors import ConfigError, VlaDistError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
 from vla_dist.rollout.episodes import episode_seed, selected_tasks
 from vla_dist.rollout.output import write_videos
-from vla_dist.rollout.policies import PolicySource
+from vla_dist.rollout.policies import PolicySource, model_source, simulator_mismatch_of
 from vla_dist.rollout.runner import EpisodeRequest
 from vla_dist.spaces import ACTION_SPACE, STATE_SPACE
 
@@ -237,19 +237,13 @@ def relabelling_source(cfg: RunConfig) -> PolicySource | None:
     path = cfg.collect.relabel_policy
     if path is None:
         return None
-    from vla_dist.spaces import simulator_mismatch
-
-    spec_file = Path(path) / "vla_dist.json"
-    if not spec_file.is_file():
+    if not (Path(path) / "vla_dist.json").is_file():
         raise ConfigError("collect.relabel_policy", f"{path} is not a saved policy (no vla_dist.json): export a "
                           "checkpoint first (`vla-dist export`)")
-    spec = json.loads(spec_file.read_text(encoding="utf-8"))
-    why = simulator_mismatch(spec["cameras"], spec["action_dim"], spec["state_dim"])
+    why = simulator_mismatch_of(path)
     if why:
         raise ConfigError("collect.relabel_policy", f"{path} was trained on {why}: it cannot drive this simulator")
-    return PolicySource(kind="model", path=str(path), action_horizon=cfg.eval.action_horizon,
-                        temporal_ensemble=cfg.eval.temporal_ensemble, cameras=tuple(cfg.task.cameras),
-                        compile=cfg.model.compile, relabel=True)
+    return model_source(cfg, path, relabel=True)
 
 
 def _wants_video(chosen: list[dict[str, object]], outcome: EpisodeOutcome, tasks: list[str]) -> bool:

@@ -25,7 +25,7 @@ from vla_dist.errors import ConfigError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
 from vla_dist.rollout.episodes import episode_seed, eval_seed, selected_tasks
 from vla_dist.rollout.output import write_videos
-from vla_dist.rollout.policies import PolicySource
+from vla_dist.rollout.policies import PolicySource, model_source, simulator_mismatch_of
 from vla_dist.rollout.runner import EpisodeRequest
 
 if TYPE_CHECKING:  # the pool imports ray: loaded by the functions that start one
@@ -44,12 +44,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 def _check_fits_the_simulator(path: Path, cfg: RunConfig) -> None:
     """A policy of another embodiment cannot run in the simulator: say so before any actor starts."""
-    from vla_dist.spaces import simulator_mismatch
-
     if cfg.eval.offline_data is not None:
         return
-    spec = json.loads((path / "vla_dist.json").read_text(encoding="utf-8"))
-    why = simulator_mismatch(spec["cameras"], spec["action_dim"], spec["state_dim"])
+    why = simulator_mismatch_of(path)
     if why:
         raise ConfigError("eval.checkpoint", f"{path} was trained on {why}: evaluate it on held-out episodes "
                           "with eval.offline_data=DIR instead")
@@ -84,10 +81,7 @@ def resolve_policy(cfg: RunConfig) -> PolicySource:
         exported = export_checkpoint(step_dir, Path(cfg.run.dir) / "policy", merge_lora=lora)
         path = str(exported["out"])
     _check_fits_the_simulator(Path(path), cfg)
-    return PolicySource(
-        kind="model", path=str(path), action_horizon=cfg.eval.action_horizon,
-        temporal_ensemble=cfg.eval.temporal_ensemble, cameras=cameras, compile=cfg.model.compile
-    )
+    return model_source(cfg, str(path))
 
 
 def closest_approach_cm(outcomes: list[EpisodeOutcome]) -> float | None:

@@ -13,8 +13,10 @@ most of a CPU step and does not touch the physics.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +26,7 @@ from vla_dist.rollout.runner import ExpertPolicy, Observation, Policy
 from vla_dist.spaces import CAMERAS
 
 if TYPE_CHECKING:
+    from vla_dist.config.schema import RunConfig
     from vla_dist.models import VLAPolicy
 
 
@@ -144,6 +147,22 @@ class ReplayPolicy:
         rows = [actions[min(self.step, len(actions) - 1)] for actions in self.actions]
         self.step += 1
         return torch.stack(rows)
+
+
+def model_source(cfg: RunConfig, path: str, relabel: bool = False) -> PolicySource:
+    """A saved policy as the sim actors run it, for `vla-dist eval` and relabelling collection alike:
+    eval.action_horizon, eval.temporal_ensemble, model.compile, the task's cameras."""
+    return PolicySource(kind="model", path=str(path), action_horizon=cfg.eval.action_horizon,
+                        temporal_ensemble=cfg.eval.temporal_ensemble, cameras=tuple(cfg.task.cameras),
+                        compile=cfg.model.compile, relabel=relabel)
+
+
+def simulator_mismatch_of(path: str | Path) -> str | None:
+    """Why the saved policy at `path` (its vla_dist.json) cannot run in the simulator, or None."""
+    from vla_dist.spaces import simulator_mismatch
+
+    spec = json.loads((Path(path) / "vla_dist.json").read_text(encoding="utf-8"))
+    return simulator_mismatch(spec["cameras"], spec["action_dim"], spec["state_dim"])
 
 
 def make_labeller(source: PolicySource) -> Policy | None:
