@@ -45,6 +45,7 @@ def test_collect_writes_exact_valid_dataset(quickstart_run: tuple[Path, Path, su
             np.testing.assert_allclose(manifest[key][stat], expected[stat], rtol=1e-5, atol=1e-6)
     assert manifest["frames"] == sum(ep.num_frames for ep in episodes)
     assert manifest["action_space"]["dim"] == 7 and len(manifest["action_space"]["names"]) == 7
+    assert manifest["extra"]["appearance"]["camera_jitter"] == 0.0 and not manifest["extra"]["appearance"]["distractor"]
     # Frames decode to the configured size for both cameras.
     assert episodes[0].frames["front"].shape[1:] == (64, 64, 3)
     assert episodes[0].frames["wrist"].shape[0] == episodes[0].num_frames

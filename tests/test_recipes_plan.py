@@ -168,3 +168,41 @@ def test_report_of_a_multi_task_recipe_has_a_pooled_row_and_one_per_task(tmp_pat
         ("all", 11, 20), ("pick_cube", 9, 10), ("push_cube", 2, 10)]
     assert "| base | push_cube | 2/10 (20%) |" in markdown({"baseline": "base", "seeds": [0], "evals": ["default"],
                                                              "rows": rows})
+
+
+def test_report_pairs_episodes_on_the_same_layouts(tmp_path: Path) -> None:
+    """With per-episode outcomes (eval report.json "outcomes"), each row counts the layouts it lost and
+    gained against the baseline in the same scene and against its own first-eval result, pooled over
+    seeds, with the exact McNemar p-value; evaluations without outcomes get no paired counts."""
+    comparison = {"baseline": "base", "seeds": [0, 1], "evals": ["default", "perturbed"],
+                  "recipes": {"base": {}, "robust": {}, "old": {}}}
+    (tmp_path / "comparison.json").write_text(json.dumps(comparison))
+    # successes by episode index, per (recipe, eval), the same at both seeds; 10 layouts each
+    wins = {("base", "default"): {0, 1, 2, 3, 4, 5, 6, 7}, ("base", "perturbed"): {0, 1, 2},
+            ("robust", "default"): {0, 1, 2, 3, 4, 5, 6, 8}, ("robust", "perturbed"): {0, 1, 2, 3, 4, 5, 9}}
+    for (name, variant), won in wins.items():
+        for seed in (0, 1):
+            directory = tmp_path / name / f"seed_{seed}" / f"eval-{variant}"
+            _eval_report(directory, {"pick_cube": (len(won), 10)})
+            report = json.loads((directory / "report.json").read_text())
+            report["outcomes"] = [{"index": i, "task": "pick_cube", "seed": 1000 + i, "success": i in won}
+                                  for i in range(10)]
+            (directory / "report.json").write_text(json.dumps(report))
+    _eval_report(tmp_path / "old" / "seed_0" / "eval-perturbed", {"pick_cube": (5, 10)})  # recorded no outcomes
+    rows = {(r["recipe"], r["eval"]): r for r in collect_rows(tmp_path, comparison)}
+    assert rows[("base", "default")]["paired_vs_baseline"] is None
+    assert rows[("robust", "default")]["paired_vs_baseline"] == {"episodes": 20, "lost": 2, "gained": 2, "p": 1.0}
+    # perturbed, against the baseline in the perturbed scene: robust keeps 3, 4, 5, 9 that base lost
+    assert rows[("robust", "perturbed")]["paired_vs_baseline"] == {
+        "episodes": 20, "lost": 0, "gained": 8, "p": round(2 / 2**8, 4)}
+    # what the perturbed scene cost each recipe on its own default-scene successes
+    assert rows[("base", "perturbed")]["paired_vs_default"] == {"episodes": 20, "lost": 10, "gained": 0,
+                                                                 "p": round(2 / 2**10, 4)}
+    assert rows[("robust", "perturbed")]["paired_vs_default"]["lost"] == 4
+    assert rows[("robust", "perturbed")]["paired_vs_default"]["gained"] == 2
+    assert rows[("old", "perturbed")]["paired_vs_baseline"] is None
+    assert rows[("old", "perturbed")]["paired_vs_default"] is None
+    assert all("_outcomes" not in row for row in rows.values())
+    write_report(tmp_path)
+    text = (tmp_path / "recipes.md").read_text()
+    assert "| robust | all | 14/20 (70%) |" in text and "| -0/+8 (0.0078) | -4/+2 (0.69) |" in text

@@ -52,6 +52,13 @@ def test_recipes_run_and_report_from_real_tiny_runs(
     # every evaluation on that seed's held-out layouts
     evaluation = yaml.safe_load((root / "rl-ppo" / "seed_0" / "eval-default" / "config.yaml").read_text())
     assert evaluation["run"]["seed"] == 0 and evaluation["eval"]["seeds"] == "heldout"
+    # every episode's outcome is recorded, so the two recipes are compared layout by layout
+    outcomes = json.loads((root / "rl-ppo" / "seed_0" / "eval-default" / "report.json").read_text())["outcomes"]
+    base_outcomes = json.loads((root / "base-pick" / "seed_0" / "eval-default" / "report.json").read_text())["outcomes"]
+    assert [(o["index"], o["seed"]) for o in outcomes] == [(o["index"], o["seed"]) for o in base_outcomes]
+    assert sum(o["success"] for o in outcomes) == rl_row["successes"]
+    paired = rl_row["paired_vs_baseline"]
+    assert paired["episodes"] == 2 and paired["lost"] + paired["gained"] <= 2
     rl = yaml.safe_load((root / "rl-ppo" / "seed_0" / "rl" / "config.yaml").read_text())
     assert rl["model"]["pretrained"] == str(root / "base-pick" / "seed_0" / "eval-default" / "policy")
     text = (root / "recipes.md").read_text()

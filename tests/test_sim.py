@@ -197,3 +197,49 @@ def test_state_following_expert_lifts_a_cube_someone_else_grasped() -> None:
     lifting.phase[:] = 2  # LIFT
     closing = lifting.act(state)
     assert closing[0, 6] > 0 and torch.linalg.vector_norm(closing[0, :3]) < 1e-6  # close in place first
+
+
+def _yellow_pixels(images: np.ndarray, mask: bool = False) -> np.ndarray:
+    """[N] count of distractor-yellow pixels per image (uint8 [N, H, W, 3]), or (mask) [N, H, W] where
+    they are: the table is brown (blue at ~0.8 of green), the red cube has little green; yellow has
+    much green and almost no blue."""
+    rgb = images.astype(np.int32)
+    yellow = (rgb[..., 1] > 60) & (rgb[..., 2] < rgb[..., 1] // 2) & (rgb[..., 0] > rgb[..., 1] // 2)
+    return yellow if mask else yellow.sum(axis=(1, 2))
+
+
+def test_perturbed_appearance_changes_what_the_cameras_see_not_the_physics(scene: TabletopScene) -> None:
+    """A moved front camera and a distractor (vla_dist/sim/appearance.py) on the same layouts: the
+    front images differ and show the distractor, while every state and action of the expert's
+    episodes is the same bit for bit (the distractor has no collision, the camera no body), so a
+    policy's success in the perturbed scene is paired layout by layout with the default one. Other
+    lights are a scene-build option: a second, one-env scene shows they change the pixels too."""
+    from vla_dist.sim.appearance import Appearance
+
+    requests = [EpisodeRequest(i, TASK_NAMES[i % 3], 9400 + i) for i in range(6)]
+    default = run_batch(scene, requests, ExpertPolicy(), fps=10.0, render=True, max_steps=12)
+    built = scene.appearance
+    scene.appearance = Appearance(camera_offset=(0.0, 0.06, 0.03), camera_jitter=0.01, distractor=True)
+    try:
+        perturbed = run_batch(scene, requests, ExpertPolicy(), fps=10.0, render=True, max_steps=12)
+    finally:
+        scene.appearance = built
+    again = run_batch(scene, requests, ExpertPolicy(), fps=10.0, render=True, max_steps=12)
+    for plain, moved, back in zip(default, perturbed, again, strict=True):
+        assert np.array_equal(plain.state, moved.state) and np.array_equal(plain.actions, moved.actions)
+        first_plain, first_moved = plain.frames["front"][0].astype(int), moved.frames["front"][0].astype(int)
+        not_yellow = _yellow_pixels(first_moved[None], mask=True)[0] == 0
+        changed = (np.abs(first_plain - first_moved).max(axis=-1) > 30) & not_yellow
+        assert changed.mean() > 0.01, changed.mean()  # robot and cube seen from elsewhere, not just the distractor
+        assert np.array_equal(back.frames["front"], plain.frames["front"])  # the camera is put back after
+    assert (_yellow_pixels(np.stack([ep.frames["front"][0] for ep in perturbed])) > 0).all()
+    assert (_yellow_pixels(np.stack([ep.frames["front"][0] for ep in default])) == 0).all()
+
+    from vla_dist.sim.appearance import sample_scene
+    from vla_dist.sim.tasks import stack_layouts
+
+    dim = TabletopScene(n_envs=1, image_size=32, appearance=Appearance(light_dir=(1.0, -1.0, -1.0),
+                                                                           light_intensity=2.0, ambient_light=0.1))
+    dim.reset(stack_layouts([sample_scene("pick_cube", 9400, dim.appearance)]))
+    darker = dim.render()["front"][0].astype(int)
+    assert darker.mean() < default[0].frames["front"][0].astype(int).mean() - 10

@@ -19,6 +19,7 @@ from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 from vla_dist.rollout.episodes import selected_tasks
+from vla_dist.sim.appearance import Appearance, appearance_of
 
 REPORT = "report.json"
 COMMANDS = ("collect", "train", "rl", "dagger", "eval")
@@ -102,6 +103,10 @@ def _check_collected_alike(manifest: dict[str, Any], cfg: RunConfig) -> None:
                 "collect.relabel_policy": extra.get("relabel_policy")}
     wanted = {"task.paraphrases": list(cfg.task.paraphrases), "collect.action_noise": float(cfg.collect.action_noise),
               "collect.relabel_policy": cfg.collect.relabel_policy}
+    seen = extra.get("appearance") or Appearance().to_dict()  # datasets from before it was recorded: the default
+    for name, value in appearance_of(cfg.sim, cfg.collect.camera_jitter).to_dict().items():
+        key = "collect.camera_jitter" if name == "camera_jitter" else f"sim.{name}"
+        recorded[key], wanted[key] = seen.get(name), value
     for key, value in wanted.items():
         if recorded[key] != value:
             raise ConfigError(key, f"{cfg.data.dir} was collected with {key}={recorded[key]}, this run asks for "

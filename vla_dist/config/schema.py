@@ -38,6 +38,14 @@ class SimSection:
     backend: str = "cpu"  # "cpu" or "gpu" (Genesis backend)
     dt: float = 0.01  # physics step, seconds
     substeps: int = 2
+    # What the cameras see, none of which changes physics or success (vla_dist/sim/appearance.py): the
+    # defaults are the scene every dataset and policy so far was made in; the perception recipes'
+    # perturbed evaluation changes them (docs/recipes.md)
+    camera_offset: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # m, front camera (look-at kept)
+    light_dir: list[float] = field(default_factory=lambda: [-1.0, -1.0, -1.0])  # directional light
+    light_intensity: float = 5.0
+    ambient_light: float = 0.3  # grey level, 0..1
+    distractor: bool = False  # a yellow cube on the table, per episode away from the task's objects
 
 
 @dataclass
@@ -51,6 +59,9 @@ class CollectSection:
     # DART: std (m per control step) of Gaussian noise on the hand translation the expert's actions
     # execute; the recorded actions stay the expert's, so the data shows recoveries (rollout/runner.py)
     action_noise: float = 0.0
+    # camera randomization: each episode's front camera stands at a uniform offset in +-this (m) per axis
+    # from sim.camera_offset, so the policy cannot rely on one viewpoint (perception recipes); 0: fixed
+    camera_jitter: float = 0.0
     # DAgger: a saved policy (an export) drives the arm and the scripted expert labels every state it
     # reaches; every episode is written, success or not (vla_dist/rollout/collect.py); null: the expert
     relabel_policy: str | None = None

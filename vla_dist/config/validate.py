@@ -87,6 +87,17 @@ def _cameras(cfg: RunConfig) -> None:
         raise ConfigError("task.cameras", f"lists a camera twice: {cameras}")
 
 
+def _appearance(cfg: RunConfig) -> None:
+    for key, bound in (("sim.camera_offset", 0.3), ("sim.light_dir", None)):
+        vector = list(getattr(cfg.sim, key.split(".")[1]))
+        if len(vector) != 3:
+            raise ConfigError(key, f"must be [x, y, z], got {vector}")
+        if bound is not None and any(abs(v) > bound for v in vector):
+            raise ConfigError(key, f"each component must be within +-{bound} m, got {vector}")
+    if not any(cfg.sim.light_dir):
+        raise ConfigError("sim.light_dir", "must not be [0, 0, 0]")
+
+
 def _control_period_fits_dt(cfg: RunConfig) -> None:
     # One action is held for a whole number of physics steps; anything else drifts the control clock.
     period = 1.0 / cfg.task.control_hz
@@ -307,6 +318,9 @@ CHECKS: list[Check] = [
     greater_than("sim.dt", 0),
     in_range("sim.dt", 0, 0.05),
     at_least("sim.substeps", 1),
+    _appearance,
+    in_range("sim.light_intensity", 0, 20),
+    in_range("sim.ambient_light", 0, 1),
     # collect
     at_least("collect.episodes", 1),
     at_least("collect.num_actors", 1),
@@ -315,6 +329,7 @@ CHECKS: list[Check] = [
     at_least("collect.max_actor_restarts", 0),
     at_least("collect.num_videos", 0),
     in_range("collect.action_noise", 0, 0.05),
+    in_range("collect.camera_jitter", 0, 0.1),
     greater_than("collect.cpus_per_actor", 0),
     # data
     output_dir("data.dir"),

@@ -10,6 +10,7 @@ everything else is "not separated", reported all the same (a null result is a re
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ def collect_rows(root: Path, comparison: dict[str, Any]) -> list[dict[str, Any]]
     baseline = comparison["baseline"]
     names = [baseline, *(n for n in comparison["recipes"] if n != baseline)]
     rows: list[dict[str, Any]] = []
+    first = comparison["evals"][0]
+    firsts: dict[tuple[str, str], dict[str, Any]] = {}  # (recipe, task) -> its row on the first eval
     for variant in comparison["evals"]:
         base_rows: dict[str, dict[str, Any]] = {}
         for name in names:
@@ -53,13 +56,44 @@ def collect_rows(root: Path, comparison: dict[str, Any]) -> list[dict[str, Any]]
                     base_rows[row["task"]] = row
                 reference = base_rows.get(row["task"])
                 row.update(_against(row, reference) if name != baseline else {"delta": 0.0, "effect": "baseline"})
+                # the same layouts, episode by episode: against the baseline in this scene, and against
+                # this recipe on the first eval (what a perturbed scene costs it)
+                row["paired_vs_baseline"] = _paired(reference, row) if name != baseline else None
+                if variant == first:
+                    firsts[(name, row["task"])] = row
+                row[f"paired_vs_{first}"] = _paired(firsts.get((name, row["task"])), row) if variant != first else None
                 rows.append(row)
+    for row in rows:
+        row.pop("_outcomes")
     return rows
+
+
+def _paired(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any] | None:
+    """Episode by episode on the layouts both evaluated (same seed and index: the same layout):
+    how many `after` lost and gained against `before`, and the exact McNemar p-value of that split
+    (two-sided). None when either evaluation did not record its episodes."""
+    if before is None or not before["_outcomes"] or not after["_outcomes"]:
+        return None
+    shared = before["_outcomes"].keys() & after["_outcomes"].keys()
+    lost = sum(before["_outcomes"][k] and not after["_outcomes"][k] for k in shared)
+    gained = sum(after["_outcomes"][k] and not before["_outcomes"][k] for k in shared)
+    return {"episodes": len(shared), "lost": lost, "gained": gained, "p": round(mcnemar_exact_p(lost, gained), 4)}
+
+
+def mcnemar_exact_p(lost: int, gained: int) -> float:
+    """Two-sided exact McNemar test: under no difference each discordant layout is lost or gained
+    with probability 1/2, so the smaller count is binomial(lost + gained, 1/2)."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: dict[str, Any]) -> list[dict[str, Any]]:
     counts: dict[str, dict[int, tuple[int, int]]] = {}  # task -> seed -> (successes, episodes)
     budget = {"train_samples": 0, "rollout_episodes": 0, "wall_s": 0.0, "seeds_finished": []}
+    outcomes: dict[str, dict[str, bool]] = {}  # task -> "seed/index" -> success (evals that recorded them)
     for seed in seeds:
         here = root / name / f"seed_{seed}"
         evaluation = read_report(here / f"eval-{variant}" / "report.json")
@@ -68,6 +102,10 @@ def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: 
         budget["seeds_finished"].append(seed)
         for task, stats in evaluation["per_task"].items():
             counts.setdefault(task, {})[seed] = (int(stats["successes"]), int(stats["episodes"]))
+        for episode in evaluation.get("outcomes") or []:
+            key, success = f"{seed}/{episode['index']}", bool(episode["success"])
+            outcomes.setdefault(episode["task"], {})[key] = success
+            outcomes.setdefault(ALL, {})[key] = success
         budget["wall_s"] += report_seconds(evaluation)
         train, rl = read_report(here / "train" / "report.json"), read_report(here / "rl" / "report.json")
         dagger = read_report(here / "dagger" / "report.json")
@@ -94,7 +132,8 @@ def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: 
                      "success_rate": round(wins / episodes, 4) if episodes else 0.0,
                      "ci95": [round(low, 4), round(high, 4)],
                      "per_seed": {str(seed): [w, n] for seed, (w, n) in sorted(per_seed.items())},
-                     "start_from": recipe.get("start_from"), **budget})
+                     "start_from": recipe.get("start_from"), **budget,
+                     "_outcomes": outcomes.get(task, {})})  # for the paired counts; not written out
     return rows
 
 
@@ -117,21 +156,30 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Recipes against `{summary['baseline']}` (seeds {seeds})", "",
              ("Success pooled over seeds on held-out layouts (the same layouts for every recipe at a seed), "
              "95% Wilson interval, each seed's count, difference to the baseline. An effect is called only "
-             "where the intervals do not overlap. A recipe continuing another's policy (from X) counts the "
+             "where the intervals do not overlap. Same layouts: episode by episode on the layouts both "
+             "evaluations ran, the successes lost and gained and the exact McNemar p-value of that split (paired; "
+             "listed, not used to call effects). A recipe continuing another's policy (from X) counts the "
              "samples and rollouts it added to X's.")]
+    first = summary["evals"][0]
     for variant in summary["evals"]:
         lines += ["", f"## eval: {variant}", "",
-                  ("| recipe | task | success | 95% interval | per seed | vs baseline | effect | samples trained "
-                  "| rollouts (rl, dagger) | wall (s) |"),
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  ("| recipe | task | success | 95% interval | per seed | vs baseline | effect | same layouts: "
+                  f"lost/gained vs baseline (p) | vs {first} eval (p) | samples trained | rollouts (rl, dagger) "
+                  "| wall (s) |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in summary["rows"] if r["eval"] == variant):
             per_seed = ", ".join(f"{w}/{n}" for w, n in row["per_seed"].values())
             delta = "" if row["delta"] is None or row["effect"] == "baseline" else f"{row['delta']:+.0%}"
             name = row["recipe"] + (f" (from {row['start_from']})" if row.get("start_from") else "")
             lines.append(f"| {name} | {row['task']} | {row['successes']}/{row['episodes']} ({row['success_rate']:.0%}) "
                          f"| {row['ci95'][0]:.0%}-{row['ci95'][1]:.0%} | {per_seed} | {delta} | {row['effect']} "
+                         f"| {_paired_text(row['paired_vs_baseline'])} | {_paired_text(row[f'paired_vs_{first}'])} "
                          f"| {row['train_samples']:,} | {row['rollout_episodes']} | {row['wall_s']:.0f} |")
     return "\n".join(lines)
+
+
+def _paired_text(paired: dict[str, Any] | None) -> str:
+    return "" if paired is None else f"-{paired['lost']}/+{paired['gained']} ({paired['p']:.2g})"
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:

@@ -58,8 +58,10 @@ class SimActor:
     """Wrapped by `ray.remote` in the pool; plain class so it can also run in-process (benchmarks)."""
 
     def __init__(
-        self, task: TaskSection, sim: SimSection, n_envs: int, image_codec: str, policy: PolicySource | None = None
+        self, task: TaskSection, sim: SimSection, n_envs: int, image_codec: str, policy: PolicySource | None = None,
+        camera_jitter: float = 0.0,
     ) -> None:
+        from vla_dist.sim.appearance import appearance_of
         from vla_dist.sim.scene import TabletopScene
 
         started = time.perf_counter()
@@ -75,6 +77,7 @@ class SimActor:
             substeps=sim.substeps,
             control_hz=task.control_hz,
             backend=sim.backend,
+            appearance=appearance_of(sim, camera_jitter),  # collection's camera randomization rides on sim.*
         )
         self.build_seconds = time.perf_counter() - started
         self.rl_model: Any = None  # RL: the policy whose weights set_weights replaces

@@ -33,6 +33,7 @@ from vla_dist.rollout.episodes import episode_seed, selected_tasks
 from vla_dist.rollout.output import write_videos
 from vla_dist.rollout.policies import PolicySource, model_source, simulator_mismatch_of
 from vla_dist.rollout.runner import EpisodeRequest
+from vla_dist.sim.appearance import appearance_of
 from vla_dist.spaces import ACTION_SPACE, STATE_SPACE
 
 log = logging.getLogger("vla_dist.rollout")
@@ -120,7 +121,7 @@ def run_collect(
 
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
     actor_kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": c.envs_per_actor, "image_codec": cfg.data.image_codec,
-                    "policy": source}
+                    "policy": source, "camera_jitter": c.camera_jitter}
     with episode_progress() as progress:
         bar = progress.add_task("building sim actors", total=c.episodes, rate=0.0, success=0.0)
         pool = SimActorPool.from_config(c, actor_kwargs)
@@ -285,6 +286,8 @@ def _write_manifest(
             "run_seed": cfg.run.seed,
             # the physics the actions were recorded under: `vla-dist replay` refuses other settings
             "sim": {"dt": cfg.sim.dt, "substeps": cfg.sim.substeps, "backend": cfg.sim.backend},
+            # what the cameras saw (camera placement and its per-episode jitter, lights, distractor)
+            "appearance": appearance_of(cfg.sim, cfg.collect.camera_jitter).to_dict(),
             # DART noise on the executed actions (the recorded ones are the expert's): replay re-applies it
             "action_noise": cfg.collect.action_noise,
             "paraphrases": list(cfg.task.paraphrases),  # the instruction phrasings drawn from ([]: all)

@@ -27,6 +27,7 @@ from vla_dist.rollout.episodes import episode_seed, eval_seed, selected_tasks
 from vla_dist.rollout.output import write_videos
 from vla_dist.rollout.policies import PolicySource, model_source, simulator_mismatch_of
 from vla_dist.rollout.runner import EpisodeRequest
+from vla_dist.sim.appearance import appearance_of
 
 if TYPE_CHECKING:  # the pool imports ray: loaded by the functions that start one
     from vla_dist.rollout.pool import PoolStats, SimActorPool
@@ -224,11 +225,16 @@ def run_eval(cfg: RunConfig) -> dict[str, object]:
         "policy": source.kind,
         "checkpoint": source.path,
         "seeds": cfg.eval.seeds,  # held-out layouts, or the collection's (a policy's own training layouts)
+        "appearance": appearance_of(cfg.sim).to_dict(),  # the scene the cameras saw (default or perturbed)
         **success_summary(ordered, tasks),
         **decode_summary(tally, bool(source.compile)),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "actor_failures": stats.actor_failures,
         "chunks_retried": stats.chunks_retried,
+        # per episode, so two evals of the same run.seed (two policies, or one policy in two scenes)
+        # can be compared layout by layout
+        "outcomes": [{"index": o.index, "task": o.task, "seed": o.seed, "success": bool(o.success),
+                      "length": o.num_frames} for o in ordered],
     }
     picked = pick_videos(ordered, cfg.eval.num_videos)
     videos = write_videos(Path(cfg.run.dir) / "videos", picked, cfg, label_outcome=True)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from vla_dist.data.episode import Episode
+from vla_dist.sim.appearance import sample_scene
 from vla_dist.sim.expert import TCP_OFFSET, ScriptedExpert
 from vla_dist.sim.geometry import quat_rotate
 from vla_dist.sim.scene import STATE_SPACE, TabletopScene
@@ -143,7 +144,7 @@ def run_batch(
     instructions = [pick_instruction(r.task, r.seed, r.paraphrases) for r in padded]
     limits = torch.tensor([r.max_steps or max_steps or TASKS[r.task].max_steps for r in padded])
 
-    scene.reset(stack_layouts([sample_layout(r.task, r.seed) for r in padded]))
+    scene.reset(stack_layouts([sample_scene(r.task, r.seed, scene.appearance) for r in padded]))
     policy.reset(task_ids, instructions, [r.seed for r in padded])
     if labeller is not None:
         labeller.reset(task_ids, instructions, [r.seed for r in padded])

@@ -16,6 +16,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vla_dist.sim.appearance import (
+    DISTRACTOR_COLOR,
+    DISTRACTOR_PARKED,
+    DISTRACTOR_SIZE,
+    FRONT_CAMERA_LOOKAT,
+    FRONT_CAMERA_POS,
+    Appearance,
+)
 from vla_dist.sim.geometry import axis_angle_to_quat, quat_mul, yaw_quat
 from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE, PARKED, TARGET_RADIUS, Layout
 from vla_dist.spaces import ACTION_SPACE, CAMERAS, STATE_SPACE  # noqa: F401 (the spaces: still importable here)
@@ -61,18 +69,23 @@ class TabletopScene:
         substeps: int = 2,
         control_hz: int = 10,
         backend: str = "cpu",
+        appearance: Appearance | None = None,
     ) -> None:
         init_genesis(backend)
         import genesis as gs
 
         self.n_envs = n_envs
+        self.appearance = appearance or Appearance()
+        look = self.appearance
         self.camera_names = tuple(cameras)
         self.decimation = max(1, round(1.0 / (control_hz * dt)))
         self.scene = gs.Scene(
             sim_options=gs.options.SimOptions(dt=dt, substeps=substeps),
             rigid_options=gs.options.RigidOptions(enable_self_collision=False),
             vis_options=gs.options.VisOptions(
-                shadow=False, show_world_frame=False, split_envs=True, ambient_light=(0.3, 0.3, 0.3)
+                shadow=False, show_world_frame=False, split_envs=True, ambient_light=(look.ambient_light,) * 3,
+                lights=[gs.options.vis.DirectionalLight(dir=look.light_dir, color=(1.0, 1.0, 1.0),
+                                                        intensity=look.light_intensity)],
             ),
             show_viewer=False,
         )
@@ -92,10 +105,16 @@ class TabletopScene:
             gs.morphs.Cylinder(radius=TARGET_RADIUS, height=0.002, pos=PARKED["target"], fixed=True, collision=False),
             surface=gs.surfaces.Default(color=(0.1, 0.75, 0.2)),
         )
+        # Visual-only too, and always present (parked unless sim.distractor): one scene structure keeps
+        # Genesis' compiled kernels the same for the default and the perturbed scenes.
+        self.distractor = scene.add_entity(
+            gs.morphs.Box(size=(DISTRACTOR_SIZE,) * 3, pos=DISTRACTOR_PARKED, fixed=True, collision=False),
+            surface=gs.surfaces.Default(color=DISTRACTOR_COLOR),
+        )
         self.cameras = {}
         if "front" in self.camera_names:
             self.cameras["front"] = scene.add_camera(
-                res=(image_size, image_size), pos=(0.95, 0.0, 0.42), lookat=(0.5, 0.0, 0.05), fov=45, GUI=False
+                res=(image_size, image_size), pos=FRONT_CAMERA_POS, lookat=FRONT_CAMERA_LOOKAT, fov=45, GUI=False
             )
         if "wrist" in self.camera_names:
             self.cameras["wrist"] = scene.add_camera(
@@ -115,6 +134,9 @@ class TabletopScene:
         if "wrist" in self.cameras:
             self.cameras["wrist"].attach(self.hand, _wrist_camera_offset())
         self._gripper_closed = torch.zeros(n_envs, dtype=torch.bool)
+        self._camera_moved = False
+        if "front" in self.cameras:
+            self._front_built = np.array(self.cameras["front"].transform, dtype=np.float64, copy=True)
 
     # ----------------------------------------------------------------------------------------------
     def reset(self, layout: Layout) -> None:
@@ -132,6 +154,26 @@ class TabletopScene:
         self.base.set_quat(yaw_quat(torch.zeros(self.n_envs)), zero_velocity=True)
         self.target.set_pos(layout.target_pos)
         self._gripper_closed.zero_()
+        self._place_look(layout)
+
+    def _place_look(self, layout: Layout) -> None:
+        """Per-episode appearance (vla_dist/sim/appearance.py): each env's front camera position and
+        the distractor's place; a layout without them gets the default scene."""
+        parked = torch.tensor(DISTRACTOR_PARKED).repeat(self.n_envs, 1)
+        self.distractor.set_pos(parked if layout.distractor_pos is None else layout.distractor_pos)
+        front = self.cameras.get("front")
+        offset = layout.camera_offset
+        moves = offset is not None and bool(offset.abs().max() > 0)
+        if front is None or not (moves or self._camera_moved):
+            return  # the camera stands where it was built: leave it bit for bit
+        envs = np.arange(self.n_envs)
+        if moves:
+            pos = (torch.tensor(FRONT_CAMERA_POS) + offset).numpy()
+            lookat = np.tile(FRONT_CAMERA_LOOKAT, (self.n_envs, 1))
+            front.set_pose(pos=pos, lookat=lookat, up=np.tile((0.0, 0.0, 1.0), (self.n_envs, 1)), envs_idx=envs)
+        else:  # back to the pose it was built with, exactly (a recomputed pose differs in the last bits)
+            front.set_pose(transform=self._front_built, envs_idx=envs)
+        self._camera_moved = moves
 
     def step(self, actions: torch.Tensor) -> None:
         """Apply one control action per env [B, 7] and advance physics `decimation` steps."""

@@ -60,6 +60,9 @@ class Layout:
     base_pos: torch.Tensor  # [B, 3]
     target_pos: torch.Tensor  # [B, 3]
     arm_noise: torch.Tensor  # [B, 7] perturbation of the home joint configuration, rad
+    # appearance (vla_dist/sim/appearance.py; None: the default scene)
+    camera_offset: torch.Tensor | None = None  # [B, 3] front camera position offset, m
+    distractor_pos: torch.Tensor | None = None  # [B, 3]
 
 
 def _uniform(gen: torch.Generator, low: float, high: float, n: int = 1) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""What the cameras see apart from the task: where the front camera stands, the lighting, and a
+distractor object. None of it changes the physics or the task's success, so one layout seed gives
+the same episode to the expert in every appearance, and a policy's success in a perturbed scene is
+paired layout by layout with its success in the default one.
+
+Two uses (the perception recipes, docs/recipes.md):
+- a perturbed evaluation scene (`sim.camera_offset`, `sim.light_*`, `sim.ambient_light`,
+  `sim.distractor`): how much of a policy's success survives what should not matter;
+- camera randomization in collection (`collect.camera_jitter`): every demonstration episode sees the
+  scene from its own camera position, so the policy cannot rely on one viewpoint.
+
+The per-episode draws (camera jitter, distractor place) come from their own generator seeded by the
+episode seed, never from the layout's: a scene with a distractor keeps every object where the
+default scene puts it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from vla_dist.sim.tasks import CUBE_SIZE, TASKS, sample_layout
+
+if TYPE_CHECKING:
+    from vla_dist.config.schema import SimSection
+
+FRONT_CAMERA_POS = (0.95, 0.0, 0.42)
+FRONT_CAMERA_LOOKAT = (0.5, 0.0, 0.05)
+DISTRACTOR_SIZE = CUBE_SIZE  # the red cube's size in another colour: the sharpest visual confusion
+DISTRACTOR_COLOR = (0.9, 0.75, 0.1)  # yellow
+DISTRACTOR_PARKED = (0.0, -1.8, CUBE_SIZE / 2)  # out of every camera's view, like the unused objects
+# clearance (m, centre to centre) the distractor keeps from the red cube and any object the task uses,
+# so it never hides them from the front camera or sits where the hand must go
+DISTRACTOR_CLEARANCE = 0.10
+LOOK_STREAM = 1 << 40  # offset of the appearance generator's seed from the layout's
+
+
+@dataclass(frozen=True)
+class Appearance:
+    camera_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # m added to the front camera's position
+    camera_jitter: float = 0.0  # m: each episode adds a uniform draw in +-this per axis to the position
+    light_dir: tuple[float, float, float] = (-1.0, -1.0, -1.0)  # the directional light (Genesis' default)
+    light_intensity: float = 5.0
+    ambient_light: float = 0.3  # grey level of the ambient light
+    distractor: bool = False  # a yellow cube on the table, placed per episode away from the task's objects
+
+    @property
+    def moves_camera(self) -> bool:
+        return self.camera_jitter > 0 or any(v != 0 for v in self.camera_offset)
+
+    def to_dict(self) -> dict[str, object]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+def appearance_of(sim: SimSection, camera_jitter: float = 0.0) -> Appearance:
+    """The Appearance a config asks for: `sim.*` (the scene) and collection's camera jitter."""
+    x, y, z = (float(v) for v in sim.camera_offset)
+    dx, dy, dz = (float(v) for v in sim.light_dir)
+    return Appearance(
+        camera_offset=(x, y, z), camera_jitter=float(camera_jitter), light_dir=(dx, dy, dz),
+        light_intensity=float(sim.light_intensity), ambient_light=float(sim.ambient_light),
+        distractor=bool(sim.distractor),
+    )
+
+
+def sample_scene(task: str, seed: int, appearance: Appearance) -> dict[str, torch.Tensor]:
+    """One env's episode start: its layout (`sample_layout`, the same in every appearance) and its
+    appearance draws {camera_offset [3], distractor_pos [3]}; a pure function of its arguments."""
+    layout = sample_layout(task, seed)
+    return {**layout, **_sample_look(appearance, seed, layout, task)}
+
+
+def _sample_look(appearance: Appearance, seed: int, layout: dict[str, torch.Tensor], task: str
+                 ) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed + LOOK_STREAM)
+    offset = torch.tensor(appearance.camera_offset, dtype=torch.float32)
+    if appearance.camera_jitter > 0:
+        offset = offset + appearance.camera_jitter * (2 * torch.rand(3, generator=gen) - 1)
+    distractor = torch.tensor(DISTRACTOR_PARKED, dtype=torch.float32)
+    if appearance.distractor:
+        distractor = _distractor_place(gen, layout, (TASKS[task].uses_base, TASKS[task].uses_target))
+    return {"camera_offset": offset, "distractor_pos": distractor}
+
+
+def _distractor_place(gen: torch.Generator, layout: dict[str, torch.Tensor], uses: tuple[bool, bool]) -> torch.Tensor:
+    """A free spot on the workspace in front of the camera (the cube's sampling box, widened), at
+    least DISTRACTOR_CLEARANCE from the red cube and the objects the task uses."""
+    keep_clear = [layout["cube_pos"][:2]]
+    if uses[0]:
+        keep_clear.append(layout["base_pos"][:2])
+    if uses[1]:
+        keep_clear.append(layout["target_pos"][:2])
+    for _ in range(200):  # three 10 cm discs leave most of a 26 x 44 cm area free: a few draws suffice
+        xy = torch.stack((0.40 + 0.26 * torch.rand((), generator=gen), -0.22 + 0.44 * torch.rand((), generator=gen)))
+        if all(float((xy - other).norm()) >= DISTRACTOR_CLEARANCE for other in keep_clear):
+            return torch.cat((xy, torch.tensor([DISTRACTOR_SIZE / 2])))
+    raise RuntimeError("no free spot for the distractor on the workspace")
