@@ -206,3 +206,43 @@ def test_report_pairs_episodes_on_the_same_layouts(tmp_path: Path) -> None:
     write_report(tmp_path)
     text = (tmp_path / "recipes.md").read_text()
     assert "| robust | all | 14/20 (70%) |" in text and "| -0/+8 (0.0078) | -4/+2 (0.69) |" in text
+
+
+def test_selection_recipes_choose_per_seed_with_the_starting_policy_and_train_anew(tmp_path: Path) -> None:
+    """A recipe with select.pool has a `vla-dist select` stage per seed instead of a collection: the
+    first (select-seed) draws at random; select-loss and select-random start from it: its policy scores
+    (loss only: random needs none), its data is excluded from the choice and kept ahead of it, and
+    their training starts from scratch on their own seed's choice at the baseline's budget."""
+    overrides = [f"recipes.dir={tmp_path}", "recipes.seeds=[5]"]
+    recipes = ordered(["select-loss", "select-random", "select-seed"], "base-pick", overrides)
+    assert list(recipes) == ["base-pick", "select-seed", "select-loss", "select-random"]
+    check_budgets(recipes, "base-pick")
+    stages = plan(recipes, _base(*overrides))
+    assert [(s.recipe, s.name) for s in stages if s.seed is None] == [("base-pick", "collect")]
+    by_name = {(s.recipe, s.name): s for s in stages}
+    seed_dir = tmp_path / "select-seed" / "seed_5"
+    first = by_name[("select-seed", "select")]
+    assert not any(o.startswith(("select.exclude", "select.keep", "eval.checkpoint")) for o in first.overrides)
+    assert f"data.dir={seed_dir / 'data'}" in first.overrides and "run.seed=5" in first.overrides
+    scored = by_name[("select-loss", "select")]
+    assert f"eval.checkpoint={seed_dir / 'eval-default' / 'policy'}" in scored.overrides
+    assert scored.made_earlier == ("eval.checkpoint",)
+    assert f"select.exclude=[{seed_dir / 'data'}]" in scored.overrides
+    assert f"select.keep=[{seed_dir / 'data'}]" in scored.overrides
+    assert not any(o.startswith("eval.checkpoint") for o in by_name[("select-random", "select")].overrides)
+    train = by_name[("select-loss", "train")]
+    assert f"data.dir={tmp_path / 'select-loss' / 'seed_5' / 'data'}" in train.overrides
+    assert not any(o.startswith("model.pretrained") for o in train.overrides)
+    order = [(s.recipe, s.name) for s in stages]
+    assert order.index(("select-seed", "eval-default")) < order.index(("select-loss", "select"))
+    assert order.index(("select-loss", "select")) < order.index(("select-loss", "train"))
+    # the stages' configs hold together before anything runs (the scoring policy is made earlier)
+    config = validate(load_config(recipe_file("select-loss"), [*scored.overrides, "eval.checkpoint=null"]))
+    assert (config.select.score, config.select.episodes) == ("loss", 64)
+
+
+def test_a_scoring_selection_without_a_policy_to_score_fails_up_front(tmp_path: Path) -> None:
+    overrides = [f"recipes.dir={tmp_path}", "recipes.seeds=[0]", "recipes.start_from=null"]
+    recipes = ordered(["select-loss"], "base-pick", overrides)
+    with pytest.raises(ConfigError, match="recipes.start_from"):
+        plan(recipes, _base(*overrides))

@@ -162,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(dagger)
 
+    select = commands.add_parser(
+        "select",
+        help="active data selection: the episodes of a pool a policy should train on next",
+        description="Score every episode of select.pool that is in no select.exclude dataset by what the policy "
+        "eval.checkpoint makes of it (select.score: loss, its training loss on the episode; disagreement, the "
+        "spread of its sampled action chunks, pi0 only; random, the control), choose the select.episodes highest, "
+        "and write them to run.dir/selected (bytes copied) and data.dir (the select.keep datasets, then the "
+        "choice) for `vla-dist train`. Writes run.dir/report.json (every candidate's score) and scores.png.",
+    )
+    _add_config_arguments(select)
+
     export = commands.add_parser(
         "export",
         help="checkpoint -> HF-format policy directory, peft adapter, or merged model",
@@ -300,6 +311,13 @@ def _run(args: argparse.Namespace) -> int:
         _print_summary("dagger", report, f"run: {cfg.run.dir}   policy: {report['policy']}   plot: {report['plot']}   "
                        f"config: {config_path}",
                        outcome=f"stopped by {report['stopped_by']}" if report.get("stopped_by") else "done")
+    elif args.command == "select":
+        from vla_dist.select import run_select
+
+        config_path = save_resolved(cfg, cfg.run.dir)
+        report = run_select(cfg)
+        _print_summary("select", report, f"data: {cfg.data.dir}   report: {cfg.run.dir}/report.json   "
+                       f"plot: {report['plot']}   config: {config_path}")
     elif args.command in DATA_COMMANDS:
         from vla_dist.data.cli import run as run_data_command
 

@@ -22,7 +22,7 @@ from vla_dist.rollout.episodes import selected_tasks
 from vla_dist.sim.appearance import Appearance, appearance_of
 
 REPORT = "report.json"
-COMMANDS = ("collect", "train", "rl", "dagger", "eval")
+COMMANDS = ("collect", "select", "train", "rl", "dagger", "eval")
 
 Log = Callable[[str], None]
 
@@ -65,6 +65,11 @@ def run_stage(command: str, cfg: RunConfig, log: Log) -> tuple[dict[str, Any], f
 
         save_resolved(cfg, cfg.run.dir)
         return run_dagger(cfg, log), None
+    if command == "select":
+        from vla_dist.select import run_select
+
+        save_resolved(cfg, cfg.run.dir)
+        return run_select(cfg, log), None
     from vla_dist.rollout.evaluate import run_eval
 
     save_resolved(cfg, cfg.run.dir)

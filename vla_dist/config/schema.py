@@ -333,6 +333,22 @@ class DaggerSection:
 
 
 @dataclass
+class SelectSection:
+    """`vla-dist select` (vla_dist/select.py): active data selection. Which episodes of a pool to train
+    on, chosen by what the policy eval.checkpoint makes of them; data.dir receives the choice (after
+    the datasets in `keep`)."""
+
+    pool: str | None = None  # the candidate episodes: a dataset directory
+    # "loss": the policy's training loss on each episode (what it has not learned yet); "disagreement":
+    # the spread of its sampled action chunks (pi0; needs no recorded actions); "random": the control
+    score: str = "loss"
+    episodes: int = 64  # how many to choose
+    samples: int = 4  # disagreement: chunks sampled per window
+    exclude: list[str] = field(default_factory=list)  # datasets whose episodes are never chosen (e.g. the policy's own)
+    keep: list[str] = field(default_factory=list)  # datasets data.dir holds ahead of the choice (e.g. that same set)
+
+
+@dataclass
 class RecipesSection:
     """`vla-dist recipes run/report` (vla_dist/recipes/): post-training recipes compared with a baseline
     on the same seeds, data budget and held-out layouts. dir, seeds, baseline and evals are the
@@ -361,6 +377,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     rl: RLSection = field(default_factory=RLSection)
     dagger: DaggerSection = field(default_factory=DaggerSection)
+    select: SelectSection = field(default_factory=SelectSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     bench: BenchSection = field(default_factory=BenchSection)
     recipes: RecipesSection = field(default_factory=RecipesSection)

@@ -374,6 +374,10 @@ CHECKS: list[Check] = [
     at_least("dagger.rounds", 1),
     at_least("dagger.episodes_per_round", 1),
     at_least("dagger.train_steps", 1),
+    # select
+    one_of("select.score", ("loss", "disagreement", "random")),
+    at_least("select.episodes", 1),
+    at_least("select.samples", 2),
     _recipes,
     # bench
     at_least("bench.rollout_actors", 1),

@@ -12,6 +12,11 @@ commands a user would type, each a stage with its own run.dir (vla_dist/stages.p
                                               vla-dist rl        (recipes.command=rl: from the policy of
                                                                   recipes.start_from at the same seed)
                                               vla-dist dagger    (recipes.command=dagger: likewise)
+    RECIPES_DIR/NAME/seed_S/select            vla-dist select    (a recipe with select.pool, instead of
+                                                                  collect: active data selection into
+                                                                  seed_S/data, by the policy of
+                                                                  recipes.start_from, whose data it
+                                                                  excludes and keeps; trains from scratch)
     RECIPES_DIR/NAME/seed_S/eval-VARIANT      vla-dist eval      (per recipes.evals variant, held out)
 
 The seed is `run.seed` of the train, rl and eval stages: initialization, data order, augmentation
@@ -79,19 +84,23 @@ def plan(recipes: dict[str, RunConfig], base: RunConfig) -> list[RecipeStage]:
     evals = list(base.recipes.evals)
     stages: list[RecipeStage] = []
     for name, cfg in recipes.items():
-        if cfg.recipes.command == "train":
+        if cfg.recipes.command == "train" and not selects(cfg):
             stages.append(RecipeStage(name, None, "collect", "collect", (f"run.dir={root / name / 'collect'}",)))
     for seed in base.recipes.seeds:
         for name, cfg in recipes.items():
             here = root / name / f"seed_{seed}"
             seeded = (f"run.seed={seed}",)
             start = recipe_name(cfg.recipes.start_from) if cfg.recipes.start_from else None
-            pretrained = (f"model.pretrained={policy_dir(root, start, seed, evals[0], recipes[start].recipes.command)}",
-                          ) if start else ()
+            start_policy = policy_dir(root, start, seed, evals[0], recipes[start].recipes.command) if start else None
+            pretrained = (f"model.pretrained={start_policy}",) if start else ()
+            data: tuple[str, ...] = ()
+            if selects(cfg):  # its own choice of episodes per seed; the start's policy scores, it trains anew
+                data, pretrained = (f"data.dir={here / 'data'}",), ()
+                stages.append(_select_stage(name, seed, cfg, root, start, start_policy, recipes, (*seeded, *data)))
             command = cfg.recipes.command
             stages.append(RecipeStage(name, seed, command, command,
-                                      (*seeded, *pretrained, f"run.dir={here / command}"),
-                                      ("model.pretrained",) if start else ()))
+                                      (*seeded, *pretrained, *data, f"run.dir={here / command}"),
+                                      ("model.pretrained",) if pretrained else ()))
             for variant in evals:
                 # the first evaluation exports the run's latest checkpoint (train or rl) to its policy/,
                 # which the other evaluations and any recipe starting from this one read (dagger saves its own)
@@ -101,6 +110,30 @@ def plan(recipes: dict[str, RunConfig], base: RunConfig) -> list[RecipeStage]:
                     *seeded, "eval.policy=model", f"eval.checkpoint={checkpoint}",
                     *base.recipes.evals[variant], f"run.dir={here / f'eval-{variant}'}"), ("eval.checkpoint",)))
     return stages
+
+
+def selects(cfg: RunConfig) -> bool:
+    """An SFT recipe whose data is chosen from select.pool (`vla-dist select`) instead of collected."""
+    return cfg.recipes.command == "train" and cfg.select.pool is not None
+
+
+def _select_stage(name: str, seed: int, cfg: RunConfig, root: Path, start: str | None, start_policy: Path | None,
+                  recipes: dict[str, RunConfig], common: tuple[str, ...]) -> RecipeStage:
+    """The selection of a recipe's seed: the policy it starts from scores the pool, and the data that
+    policy trained on is excluded from the choice and kept ahead of it (the active-learning loop)."""
+    overrides, made_earlier = list(common), []
+    if start is not None:
+        start_cfg = recipes[start]
+        start_data = root / start / f"seed_{seed}" / "data" if selects(start_cfg) else Path(start_cfg.data.dir)
+        overrides += [f"select.exclude=[{start_data}]", f"select.keep=[{start_data}]"]
+        if cfg.select.score != "random":
+            overrides.append(f"eval.checkpoint={start_policy}")
+            made_earlier.append("eval.checkpoint")
+    elif cfg.select.score != "random":
+        raise ConfigError("recipes.start_from", f"recipe {name!r} scores episodes by a policy "
+                          f"(select.score={cfg.select.score}): name the recipe whose policy scores them")
+    overrides.append(f"run.dir={root / name / f'seed_{seed}' / 'select'}")
+    return RecipeStage(name, seed, "select", "select", tuple(overrides), tuple(made_earlier))
 
 
 def policy_dir(root: Path, name: str, seed: int, first_eval: str, command: str = "train") -> Path:
@@ -149,8 +182,8 @@ def check_budgets(recipes: dict[str, RunConfig], baseline: str) -> None:
     that one's, which the report shows beside its result."""
     base = recipes[baseline]
     for name, cfg in recipes.items():
-        if cfg.recipes.command != "train" or name == baseline or cfg.recipes.start_from:
-            continue
+        if cfg.recipes.command != "train" or name == baseline or (cfg.recipes.start_from and not selects(cfg)):
+            continue  # (a selecting recipe trains anew on its choice: the baseline's budget applies)
         if samples_trained(cfg) != samples_trained(base):
             raise ConfigError("train.steps", f"recipe {name!r} trains {samples_trained(cfg):,} samples (train.steps x "
                               f"global batch), the baseline {baseline!r} {samples_trained(base):,}: a comparison "

@@ -16,15 +16,13 @@ default scene puts it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from vla_dist.sim.tasks import CUBE_SIZE, TASKS, sample_layout
-
-if TYPE_CHECKING:
-    from vla_dist.config.schema import SimSection
 
 FRONT_CAMERA_POS = (0.95, 0.0, 0.42)
 FRONT_CAMERA_LOOKAT = (0.5, 0.0, 0.05)
@@ -54,7 +52,18 @@ class Appearance:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
 
-def appearance_of(sim: SimSection, camera_jitter: float = 0.0) -> Appearance:
+class SceneSettings(Protocol):
+    """What `appearance_of` reads: the config's `sim` section has these keys (the simulator knows
+    nothing of configs)."""
+
+    camera_offset: Sequence[float]
+    light_dir: Sequence[float]
+    light_intensity: float
+    ambient_light: float
+    distractor: bool
+
+
+def appearance_of(sim: SceneSettings, camera_jitter: float = 0.0) -> Appearance:
     """The Appearance a config asks for: `sim.*` (the scene) and collection's camera jitter."""
     x, y, z = (float(v) for v in sim.camera_offset)
     dx, dy, dz = (float(v) for v in sim.light_dir)

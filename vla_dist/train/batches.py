@@ -37,6 +37,7 @@ class EpisodeWindows:
         self.actions = [ep.actions.astype(np.float32) for ep in episodes]
         self.instructions = [ep.instruction for ep in episodes]
         self.tasks = [ep.task for ep in episodes]
+        self.episode_ids = [ep.episode_id for ep in episodes]
         self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(ep.num_frames)]
 
     def __len__(self) -> int:
