@@ -12,7 +12,7 @@ import pytest
 
 from vla_dist.cli import main
 from vla_dist.config import ConfigError, load_config, validate
-from vla_dist.recipes.report import collect_rows, markdown, write_report
+from vla_dist.recipes.report import collect_rows, markdown, paired_text, write_report
 from vla_dist.recipes.run import check_budgets, ordered, plan, recipe_file, record_comparison, samples_trained
 from vla_dist.rollout.evaluate import wilson_interval
 
@@ -194,10 +194,10 @@ def test_report_pairs_episodes_on_the_same_layouts(tmp_path: Path) -> None:
     assert rows[("robust", "default")]["paired_vs_baseline"] == {"episodes": 20, "lost": 2, "gained": 2, "p": 1.0}
     # perturbed, against the baseline in the perturbed scene: robust keeps 3, 4, 5, 9 that base lost
     assert rows[("robust", "perturbed")]["paired_vs_baseline"] == {
-        "episodes": 20, "lost": 0, "gained": 8, "p": round(2 / 2**8, 4)}
+        "episodes": 20, "lost": 0, "gained": 8, "p": 0.00781}
     # what the perturbed scene cost each recipe on its own default-scene successes
     assert rows[("base", "perturbed")]["paired_vs_default"] == {"episodes": 20, "lost": 10, "gained": 0,
-                                                                 "p": round(2 / 2**10, 4)}
+                                                                 "p": 0.00195}  # 2 / 2**10
     assert rows[("robust", "perturbed")]["paired_vs_default"]["lost"] == 4
     assert rows[("robust", "perturbed")]["paired_vs_default"]["gained"] == 2
     assert rows[("old", "perturbed")]["paired_vs_baseline"] is None
@@ -206,6 +206,8 @@ def test_report_pairs_episodes_on_the_same_layouts(tmp_path: Path) -> None:
     write_report(tmp_path)
     text = (tmp_path / "recipes.md").read_text()
     assert "| robust | all | 14/20 (70%) |" in text and "| -0/+8 (0.0078) | -4/+2 (0.69) |" in text
+    assert "| base | all | 6/20 (30%) |" in text and "| -10/+0 (0.0019) |" in text
+    assert paired_text({"lost": 41, "gained": 0, "p": 1e-12}) == "-41/+0 (<0.001)"
 
 
 def test_selection_recipes_choose_per_seed_with_the_starting_policy_and_train_anew(tmp_path: Path) -> None:

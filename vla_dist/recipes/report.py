@@ -77,7 +77,7 @@ def _paired(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, A
     shared = before["_outcomes"].keys() & after["_outcomes"].keys()
     lost = sum(before["_outcomes"][k] and not after["_outcomes"][k] for k in shared)
     gained = sum(after["_outcomes"][k] and not before["_outcomes"][k] for k in shared)
-    return {"episodes": len(shared), "lost": lost, "gained": gained, "p": round(mcnemar_exact_p(lost, gained), 4)}
+    return {"episodes": len(shared), "lost": lost, "gained": gained, "p": float(f"{mcnemar_exact_p(lost, gained):.3g}")}
 
 
 def mcnemar_exact_p(lost: int, gained: int) -> float:
@@ -173,13 +173,16 @@ def markdown(summary: dict[str, Any]) -> str:
             name = row["recipe"] + (f" (from {row['start_from']})" if row.get("start_from") else "")
             lines.append(f"| {name} | {row['task']} | {row['successes']}/{row['episodes']} ({row['success_rate']:.0%}) "
                          f"| {row['ci95'][0]:.0%}-{row['ci95'][1]:.0%} | {per_seed} | {delta} | {row['effect']} "
-                         f"| {_paired_text(row['paired_vs_baseline'])} | {_paired_text(row[f'paired_vs_{first}'])} "
+                         f"| {paired_text(row['paired_vs_baseline'])} | {paired_text(row[f'paired_vs_{first}'])} "
                          f"| {row['train_samples']:,} | {row['rollout_episodes']} | {row['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
-def _paired_text(paired: dict[str, Any] | None) -> str:
-    return "" if paired is None else f"-{paired['lost']}/+{paired['gained']} ({paired['p']:.2g})"
+def paired_text(paired: dict[str, Any] | None) -> str:
+    if paired is None:
+        return ""
+    p = "<0.001" if paired["p"] < 0.001 else f"{paired['p']:.2g}"
+    return f"-{paired['lost']}/+{paired['gained']} ({p})"
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
