@@ -192,7 +192,10 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = summary["evals"]
-    figure, axes = plt.subplots(1, len(variants), figsize=(1.2 + 4.2 * len(variants), 3.8), squeeze=False)
+    # each panel as wide as its bars need, so eight recipes' names do not run into each other
+    bars = [max(1, sum(r["eval"] == v and r["task"] == ALL for r in summary["rows"])) for v in variants]
+    figure, axes = plt.subplots(1, len(variants), figsize=(1.0 + sum(1.4 + 0.6 * n for n in bars), 4.4),
+                                squeeze=False, gridspec_kw={"width_ratios": [1.4 + 0.6 * n for n in bars]})
     for axis, variant in zip(axes[0], variants, strict=True):
         rows = [r for r in summary["rows"] if r["eval"] == variant and r["task"] == ALL]
         rates = [r["success_rate"] for r in rows]
@@ -204,8 +207,10 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         if rows and rows[0]["effect"] == "baseline":
             axis.axhline(rows[0]["success_rate"], color="#7f7f7f", linestyle="--", linewidth=1)
         axis.set_ylim(0, 1.05)
-        axis.set_title(f"eval: {variant} (success, 95% interval)")
-        axis.tick_params(axis="x", labelrotation=25)
+        axis.set_title(f"eval: {variant}\n(success, 95% interval)", fontsize=10)
+        axis.tick_params(axis="x", labelrotation=40)
+        for label in axis.get_xticklabels():
+            label.set_horizontalalignment("right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
