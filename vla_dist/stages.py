@@ -19,7 +19,6 @@ from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 from vla_dist.rollout.episodes import selected_tasks
-from vla_dist.sim.appearance import Appearance, appearance_of
 
 REPORT = "report.json"
 COMMANDS = ("collect", "select", "train", "rl", "dagger", "eval")
@@ -100,8 +99,10 @@ def report_seconds(report: dict[str, Any] | None) -> float:
 
 def _check_collected_alike(manifest: dict[str, Any], cfg: RunConfig) -> None:
     """A reused dataset must have been collected the way this stage would collect it: a recipe that
-    changes collection (instruction phrasings, DART noise, tasks) sharing another's data.dir would
+    changes collection (instruction phrasings, DART noise, appearance, tasks) sharing another's data.dir would
     otherwise train on data it did not ask for."""
+    from vla_dist.sim.appearance import Appearance, appearance_of  # imports torch: not at module load
+
     extra = manifest.get("extra") or {}
     recorded = {"task.paraphrases": list(extra.get("paraphrases") or []),
                 "collect.action_noise": float(extra.get("action_noise") or 0.0),
