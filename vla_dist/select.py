@@ -58,13 +58,13 @@ def run_select(cfg: RunConfig, log: Any = print) -> dict[str, Any]:
                             shard_max_episodes=cfg.data.shard_max_episodes)
     joined = aggregate_datasets(cfg.data.dir, [*s.keep, root / SELECTED])
     picked = set(chosen)
+    rest = [score for episode_id, score in scores.items() if episode_id not in picked]
     report = {
         "command": "select", "score": s.score, "pool": str(pool), "policy": cfg.eval.checkpoint,
         "candidates": len(candidates), "excluded": len(candidates_all) - len(candidates), "episodes": len(chosen),
         "tasks": dict(Counter(subset["tasks"])), "frames": subset["frames"],
         "mean_score_chosen": float(np.mean([scores[i] for i in chosen])),
-        "mean_score_rest": float(np.mean([v for i, v in scores.items() if i not in picked])) if len(picked) < len(
-            scores) else None,
+        "mean_score_rest": float(np.mean(rest)) if rest else None,
         "data_dir": cfg.data.dir, "data_episodes": joined["episodes"],
         "wall_seconds": round(time.perf_counter() - started, 2),
         "scores": [{"episode_id": i, "score": scores[i], "chosen": i in picked} for i in candidates],
