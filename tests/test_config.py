@@ -444,10 +444,14 @@ def test_recipe_configs_compose_and_validate(recipe: Path, tmp_path: Path) -> No
     assert to_yaml(cfg) != to_yaml(base)
     if cfg.recipes.start_from and cfg.select.pool is None:  # a continuation (rl, dagger, more SFT): its budget
         assert cfg.recipes.start_from == "base-pick"         # comes on top, reported
+        if cfg.model.retarget:  # re-targeting: to another action space than its start's, on few demonstrations
+            assert cfg.sim.action_space != base.sim.action_space and cfg.collect.episodes < base.collect.episodes
         return
     if cfg.select.pool is not None:  # active data selection: the start's policy scores, it trains anew on its choice
         start = cfg.recipes.start_from
         assert start is None or (PROJECT_ROOT / "configs" / "recipe" / f"{start}.yaml").is_file()
         baseline_data = load_config(PROJECT_ROOT / "configs" / "recipe" / "base-pick.yaml", []).data.dir
         assert cfg.select.episodes < base.collect.episodes and cfg.select.pool == baseline_data  # its demonstrations
-    assert samples_trained(cfg) == samples_trained(base) and cfg.collect.episodes == base.collect.episodes
+    assert samples_trained(cfg) == samples_trained(base) and cfg.collect.episodes <= base.collect.episodes
+    if cfg.collect.episodes < base.collect.episodes:  # a few-demonstration control: a continuation trains on the same
+        assert recipe.stem == "embodiment-joint-few"

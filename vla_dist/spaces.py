@@ -1,13 +1,17 @@
 """What the simulator and a policy agree on: action and state spaces, cameras, tasks and their words.
 
 The simulator (`sim/`) produces and consumes these, a dataset's manifest records them, a policy
-(`models/`) is built for them and config validation checks names against them. Plain data, no
-imports: every layer may read it, so none of them has to import another for it.
+(`models/`) is built for them and config validation checks names against them. Plain data and
+functions of it importing nothing of the project: every layer may read it, so none of them has to
+import another for it.
 """
 
 from __future__ import annotations
 
-ACTION_SPACE = {
+from collections.abc import Mapping
+from typing import Any
+
+EE_DELTA_POSE = {
     "type": "ee_delta_pose",
     "dim": 7,
     "names": ["dx", "dy", "dz", "drx", "dry", "drz", "gripper"],
@@ -18,6 +22,21 @@ ACTION_SPACE = {
     ),
     "frame": "robot_base",
 }
+JOINT_POSITION = {
+    "type": "joint_position",
+    "dim": 8,
+    "names": [f"joint{i}_target" for i in range(1, 8)] + ["gripper"],
+    "description": (
+        "Per control step: absolute position targets (rad) of the Franka's seven arm joints for their PD "
+        "controllers, gripper command (>0 close, <=0 open)."
+    ),
+    "frame": "joint",
+}
+# The action spaces the simulator takes (sim.action_space), by type. The scripted expert speaks
+# end-effector deltas; in a joint-position scene its actions become the joint targets the scene's own
+# inverse kinematics gives for them (sim/scene.py), so both spaces have the same expert.
+ACTION_SPACES: dict[str, dict[str, object]] = {space["type"]: space for space in (EE_DELTA_POSE, JOINT_POSITION)}
+ACTION_SPACE = EE_DELTA_POSE  # the default
 STATE_SPACE = {
     "dim": 15,
     "names": [f"joint{i}" for i in range(1, 8)]
@@ -52,10 +71,30 @@ TASK_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
 TASK_NAMES: tuple[str, ...] = tuple(TASK_INSTRUCTIONS)
 
 
-def simulator_mismatch(cameras: list[str], action_dim: int, state_dim: int) -> str | None:
-    """Why a policy (or dataset) of these cameras and dims cannot run in our Franka scene; None if it can.
-    Data of another robot trains and is scored offline (eval.offline_data), never in this simulator."""
-    if (action_dim, state_dim) == (ACTION_SPACE["dim"], STATE_SPACE["dim"]) and set(cameras) <= set(CAMERAS):
+def action_space_type(space: Mapping[str, Any]) -> str | None:
+    """Which of the simulator's action spaces a manifest's action_space is: the one of its type and dim,
+    else the one whose action names it has (a LeRobot import of our data keeps the names but not the
+    type); None: another robot's."""
+    dim, names = space.get("dim"), list(space.get("names") or [])
+    for kind, known in ACTION_SPACES.items():
+        if dim == known["dim"] and (space.get("type") == kind or (names and names == known["names"])):
+            return kind
+    return None  # (another robot's "joint_position" of 10 dims is not ours)
+
+
+def simulator_mismatch(cameras: list[str], action_dim: int, state_dim: int,
+                       action_space: str | None = None, sim_action_space: str = "ee_delta_pose") -> str | None:
+    """Why a policy (or dataset) of these cameras, dims and action space cannot run in our Franka scene
+    taking `sim_action_space` (sim.action_space); None if it can. `action_space` None: not recorded, the
+    dims decide. Data of another robot trains and is scored offline (eval.offline_data), never in this
+    simulator."""
+    sim = ACTION_SPACES[sim_action_space]
+    if (action_dim, state_dim) == (sim["dim"], STATE_SPACE["dim"]) and set(cameras) <= set(CAMERAS) and \
+            action_space in (None, sim_action_space):
         return None
+    if action_space in ACTION_SPACES and action_space != sim_action_space:
+        return (f"{action_space} actions, not the {sim_action_space} actions this simulator takes "
+                f"(set sim.action_space={action_space})")
     return (f"cameras {list(cameras)}, action/state dims {action_dim}/{state_dim}: another embodiment than the "
-            f"simulator's Franka (cameras {list(CAMERAS)}, dims {ACTION_SPACE['dim']}/{STATE_SPACE['dim']})")
+            f"simulator's Franka (cameras {list(CAMERAS)}, dims {sim['dim']}/{STATE_SPACE['dim']} for "
+            f"{sim_action_space} actions)")

@@ -99,16 +99,19 @@ def report_seconds(report: dict[str, Any] | None) -> float:
 
 def _check_collected_alike(manifest: dict[str, Any], cfg: RunConfig) -> None:
     """A reused dataset must have been collected the way this stage would collect it: a recipe that
-    changes collection (instruction phrasings, DART noise, appearance, tasks) sharing another's data.dir would
-    otherwise train on data it did not ask for."""
+    changes collection (instruction phrasings, DART noise, appearance, action space, tasks) sharing
+    another's data.dir would otherwise train on data it did not ask for."""
     from vla_dist.sim.appearance import Appearance, appearance_of  # imports torch: not at module load
+    from vla_dist.spaces import action_space_type
 
     extra = manifest.get("extra") or {}
     recorded = {"task.paraphrases": list(extra.get("paraphrases") or []),
                 "collect.action_noise": float(extra.get("action_noise") or 0.0),
-                "collect.relabel_policy": extra.get("relabel_policy")}
+                "collect.relabel_policy": extra.get("relabel_policy"),
+                "sim.action_space": action_space_type(manifest["action_space"]) if "action_space" in manifest
+                else "ee_delta_pose"}
     wanted = {"task.paraphrases": list(cfg.task.paraphrases), "collect.action_noise": float(cfg.collect.action_noise),
-              "collect.relabel_policy": cfg.collect.relabel_policy}
+              "collect.relabel_policy": cfg.collect.relabel_policy, "sim.action_space": cfg.sim.action_space}
     seen = extra.get("appearance") or Appearance().to_dict()  # datasets from before it was recorded: the default
     for name, value in appearance_of(cfg.sim, cfg.collect.camera_jitter).to_dict().items():
         key = "collect.camera_jitter" if name == "camera_jitter" else f"sim.{name}"

@@ -38,6 +38,10 @@ class SimSection:
     backend: str = "cpu"  # "cpu" or "gpu" (Genesis backend)
     dt: float = 0.01  # physics step, seconds
     substeps: int = 2
+    # What the arm is commanded in (vla_dist/spaces.py): "ee_delta_pose" (hand target deltas through the
+    # scene's inverse kinematics) or "joint_position" (the seven joint targets). Collection records it
+    # in the manifest; a policy runs only in a scene of its own action space (the embodiment recipes)
+    action_space: str = "ee_delta_pose"
     # What the cameras see, none of which changes physics or success (vla_dist/sim/appearance.py): the
     # defaults are the scene every dataset and policy so far was made in; the perception recipes'
     # perturbed evaluation changes them (docs/recipes.md)
@@ -187,6 +191,10 @@ class ModelSection:
     # or a plain transformers PI0 checkpoint (config.json + safetensors + tokenizer.json): its
     # architecture (chunk_size, image_size) too, with the dataset's dims and statistics (README)
     pretrained: str | None = None
+    # a model.pretrained policy saved by vla-dist acting in another action space than the dataset's
+    # (end-effector deltas -> joint targets): keep its weights and learn the dataset's actions from them
+    # (embodiment re-targeting, docs/recipes.md); false: such a policy is refused
+    retarget: bool = False
     family: str = "pi0"  # "pi0" (flow matching) or "action_tokens" (OpenVLA-style 256-bin tokens)
     chunk_size: int = 8  # actions predicted per call (t .. t+chunk_size-1)
     num_inference_steps: int = 10  # pi0: Euler steps of flow-matching sampling

@@ -26,7 +26,7 @@ from vla_dist.models.files import (
     check_pretrained_dir,
     check_state_inputs,
 )
-from vla_dist.spaces import CAMERAS, TASK_INSTRUCTIONS, TASK_NAMES
+from vla_dist.spaces import ACTION_SPACES, CAMERAS, TASK_INSTRUCTIONS, TASK_NAMES
 
 MIB = 1024 * 1024
 SIM_BACKENDS = ("cpu", "gpu")
@@ -96,6 +96,15 @@ def _appearance(cfg: RunConfig) -> None:
             raise ConfigError(key, f"each component must be within +-{bound} m, got {vector}")
     if not any(cfg.sim.light_dir):
         raise ConfigError("sim.light_dir", "must not be [0, 0, 0]")
+
+
+def _action_noise_space(cfg: RunConfig) -> None:
+    # DART's noise perturbs the expert's end-effector translation where it executes (rollout/runner.py);
+    # in a joint-position scene the expert's deltas become joint targets first, and noise on those is
+    # another method, not built
+    if cfg.collect.action_noise and cfg.sim.action_space != "ee_delta_pose":
+        raise ConfigError("collect.action_noise", f"DART noise is defined on end-effector deltas; with "
+                          f"sim.action_space={cfg.sim.action_space} set it to 0")
 
 
 def _control_period_fits_dt(cfg: RunConfig) -> None:
@@ -315,6 +324,7 @@ CHECKS: list[Check] = [
     at_least("task.max_steps", 0),
     # sim
     one_of("sim.backend", SIM_BACKENDS),
+    one_of("sim.action_space", tuple(ACTION_SPACES)),
     greater_than("sim.dt", 0),
     in_range("sim.dt", 0, 0.05),
     at_least("sim.substeps", 1),
@@ -330,6 +340,7 @@ CHECKS: list[Check] = [
     at_least("collect.num_videos", 0),
     in_range("collect.action_noise", 0, 0.05),
     in_range("collect.camera_jitter", 0, 0.1),
+    _action_noise_space,
     greater_than("collect.cpus_per_actor", 0),
     # data
     output_dir("data.dir"),

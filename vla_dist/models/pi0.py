@@ -15,6 +15,7 @@ instead (openpi's choice) spends capacity on dims we throw away.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +114,26 @@ class PI0Policy(VLAPolicy):
             policy = cls(hf_model, tokenizer, normalization, spec)
         except ValueError as error:  # no <image>/<bos>/<pad> token, image_token_id not the tokenizer's
             raise PretrainedError(f"{path}: {error}") from None
+        policy.zero_padded_action_rows()
+        return policy
+
+    def retargeted(self, dataset: PolicySpec, normalization: Normalization) -> PI0Policy:
+        """The same networks acting in the dataset's action space, with its statistics: the backbone,
+        the action expert and the time/action projections keep their weights (pi0 pads every action
+        space to max_action_dim, so the projections fit any space up to that width); the action dims
+        take the new space's meaning and the padded rows are zeroed again. What the policy learned to
+        see and attend to carries over; what its action rows mean is learned from the new data. Its
+        architecture (chunk, image size, prompt length, dtype) stays its own; state inputs: the
+        dataset spec's when given, else its own."""
+        if dataset.cameras != self.spec.cameras:
+            raise PretrainedError(f"the dataset's cameras {dataset.cameras} are not the policy's {self.spec.cameras}")
+        if dataset.action_dim > self.max_action_dim or dataset.state_dim > self.max_state_dim:
+            raise PretrainedError(f"the dataset's action/state dims {dataset.action_dim}/{dataset.state_dim} exceed "
+                                  f"the policy's widths {self.max_action_dim}/{self.max_state_dim}")
+        state_inputs = self.spec.state_inputs if dataset.state_inputs is None else dataset.state_inputs
+        spec = replace(self.spec, action_dim=dataset.action_dim, state_dim=dataset.state_dim,
+                       action_space=dataset.action_space, state_inputs=state_inputs)
+        policy = PI0Policy(self.hf_model, self.tokenizer, normalization, spec)
         policy.zero_padded_action_rows()
         return policy
 

@@ -38,7 +38,7 @@ from vla_dist.models.files import (
     weights_readable_like,
 )
 from vla_dist.models.processing import Normalization
-from vla_dist.spaces import ACTION_SPACE, CAMERAS, STATE_SPACE
+from vla_dist.spaces import ACTION_SPACE, CAMERAS, STATE_SPACE, action_space_type
 
 if TYPE_CHECKING:
     from vla_dist.config.schema import ModelSection
@@ -74,6 +74,9 @@ class PolicySpec:
     dtype: str = "float32"
     lora_targets: str | None = None  # a peft target_modules regex overriding the family's default
     state_inputs: list[int] | None = None  # state dims the policy reads (model.state_inputs resolved); None: all
+    # which of the simulator's action spaces its actions are in (vla_dist/spaces.py); None: another
+    # robot's, or saved before it was recorded (the dims decide)
+    action_space: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PolicySpec:
@@ -253,6 +256,11 @@ class VLAPolicy(nn.Module, abc.ABC):
         dataset's statistics and dims in `spec`/`normalization`. Raises PretrainedError."""
         raise PretrainedError(f"{path}: the {cls.family} family cannot start from a plain transformers checkpoint yet")
 
+    def retargeted(self, dataset: PolicySpec, normalization: Normalization) -> VLAPolicy:
+        """This policy's networks acting in another action space (the dataset's `dataset` spec and
+        statistics): the embodiment recipes' re-targeting. Raises PretrainedError."""
+        raise PretrainedError(f"the {self.family} family cannot be re-targeted to another action space yet")
+
     @classmethod
     def _load(cls, path: Path, spec: PolicySpec) -> VLAPolicy:
         from vla_dist.models.files import load_hf_model, raise_on_bad_keys
@@ -278,10 +286,15 @@ def build_policy(model_cfg: ModelSection, manifest: Mapping[str, Any], device: s
             policy = load_policy(model_cfg.pretrained)
         except PretrainedError as error:
             raise ConfigError("model.pretrained", str(error)) from None
-        theirs = (policy.cameras, policy.action_dim, policy.state_dim)
-        if theirs != (spec.cameras, spec.action_dim, spec.state_dim):
-            raise ConfigError("model.pretrained", f"{model_cfg.pretrained} has cameras/action dim/state dim {theirs}, "
-                              f"the dataset {(spec.cameras, spec.action_dim, spec.state_dim)}")
+        why = pretrained_mismatch(policy.spec, spec)
+        if why and not model_cfg.retarget:
+            raise ConfigError("model.pretrained", f"{model_cfg.pretrained}: {why} (model.retarget=true learns the "
+                              "dataset's action space from its weights)")
+        if why:
+            try:
+                policy = policy.retargeted(spec, Normalization.from_manifest(manifest))
+            except PretrainedError as error:
+                raise ConfigError("model.retarget", str(error)) from None
         policy.spec.num_inference_steps = model_cfg.num_inference_steps
         policy.spec.lora_targets = model_cfg.lora_targets
         if spec.state_inputs is not None:  # asked for explicitly; else the pretrained policy's own choice
@@ -291,6 +304,18 @@ def build_policy(model_cfg: ModelSection, manifest: Mapping[str, Any], device: s
     policy.hf_model.to(DTYPES[model_cfg.dtype])
     policy.spec.dtype = model_cfg.dtype
     return policy.to(device)
+
+
+def pretrained_mismatch(theirs: PolicySpec, dataset: PolicySpec) -> str | None:
+    """Why a saved policy (`theirs`) does not act in the dataset's spaces, or None."""
+    if theirs.cameras != dataset.cameras or theirs.state_dim != dataset.state_dim:
+        return (f"cameras/state dim {theirs.cameras}/{theirs.state_dim}, the dataset "
+                f"{dataset.cameras}/{dataset.state_dim}")
+    if (theirs.action_dim, theirs.action_space) != (dataset.action_dim, dataset.action_space) and not (
+            theirs.action_space is None and theirs.action_dim == dataset.action_dim):  # (saved before it was recorded)
+        return (f"{theirs.action_space or 'unrecorded'} actions of {theirs.action_dim} dims, the dataset "
+                f"{dataset.action_space or 'another robot'}'s of {dataset.action_dim}")
+    return None
 
 
 def load_policy(path: str | os.PathLike[str]) -> VLAPolicy:
@@ -359,6 +384,7 @@ def spec_from(model_cfg: ModelSection, manifest: Mapping[str, Any]) -> PolicySpe
         dtype=model_cfg.dtype,
         lora_targets=model_cfg.lora_targets,
         state_inputs=state_input_dims(model_cfg.state_inputs, manifest),
+        action_space=action_space_type(manifest["action_space"]),
     )
 
 

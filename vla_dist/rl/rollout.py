@@ -60,6 +60,7 @@ class ExplorationPolicy:
         if not 1 <= exploration.horizon <= model.chunk_size:
             raise ValueError(f"horizon {exploration.horizon} must be in 1..{model.chunk_size}")
         self.model, self.exploration, self.version, self.cameras = model.eval(), exploration, version, cameras
+        self.action_space = model.spec.action_space  # None: the scene's
         self.streams = streams
 
     def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None:

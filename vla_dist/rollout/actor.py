@@ -78,6 +78,7 @@ class SimActor:
             control_hz=task.control_hz,
             backend=sim.backend,
             appearance=appearance_of(sim, camera_jitter),  # collection's camera randomization rides on sim.*
+            action_space=sim.action_space,
         )
         self.build_seconds = time.perf_counter() - started
         self.rl_model: Any = None  # RL: the policy whose weights set_weights replaces

@@ -34,7 +34,7 @@ from vla_dist.rollout.output import write_videos
 from vla_dist.rollout.policies import PolicySource, model_source, simulator_mismatch_of
 from vla_dist.rollout.runner import EpisodeRequest
 from vla_dist.sim.appearance import appearance_of
-from vla_dist.spaces import ACTION_SPACE, STATE_SPACE
+from vla_dist.spaces import ACTION_SPACES, STATE_SPACE
 
 log = logging.getLogger("vla_dist.rollout")
 
@@ -241,7 +241,7 @@ def relabelling_source(cfg: RunConfig) -> PolicySource | None:
     if not (Path(path) / "vla_dist.json").is_file():
         raise ConfigError("collect.relabel_policy", f"{path} is not a saved policy (no vla_dist.json): export a "
                           "checkpoint first (`vla-dist export`)")
-    why = simulator_mismatch_of(path)
+    why = simulator_mismatch_of(path, cfg.sim.action_space)
     if why:
         raise ConfigError("collect.relabel_policy", f"{path} was trained on {why}: it cannot drive this simulator")
     return model_source(cfg, path, relabel=True)
@@ -270,7 +270,7 @@ def _write_manifest(
         episodes=state.written + state.failures_written,
         frames=frames,
         tasks={task: state.written_tasks[task] for task in tasks},
-        action_space=ACTION_SPACE,
+        action_space=ACTION_SPACES[cfg.sim.action_space],
         state_space=STATE_SPACE,
         action_stats=action_stats.result(),
         state_stats=state_stats.result(),
@@ -285,7 +285,8 @@ def _write_manifest(
             "stats_over": "every episode" if state.count_every else "successful episodes",
             "run_seed": cfg.run.seed,
             # the physics the actions were recorded under: `vla-dist replay` refuses other settings
-            "sim": {"dt": cfg.sim.dt, "substeps": cfg.sim.substeps, "backend": cfg.sim.backend},
+            "sim": {"dt": cfg.sim.dt, "substeps": cfg.sim.substeps, "backend": cfg.sim.backend,
+                    "action_space": cfg.sim.action_space},
             # what the cameras saw (camera placement and its per-episode jitter, lights, distractor)
             "appearance": appearance_of(cfg.sim, cfg.collect.camera_jitter).to_dict(),
             # DART noise on the executed actions (the recorded ones are the expert's): replay re-applies it

@@ -47,7 +47,7 @@ def _check_fits_the_simulator(path: Path, cfg: RunConfig) -> None:
     """A policy of another embodiment cannot run in the simulator: say so before any actor starts."""
     if cfg.eval.offline_data is not None:
         return
-    why = simulator_mismatch_of(path)
+    why = simulator_mismatch_of(path, cfg.sim.action_space)
     if why:
         raise ConfigError("eval.checkpoint", f"{path} was trained on {why}: evaluate it on held-out episodes "
                           "with eval.offline_data=DIR instead")

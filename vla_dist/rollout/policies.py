@@ -62,6 +62,7 @@ class ModelPolicy:
         if source.compile and model is None:
             self.model.enable_compiled_decoding()
         self.cameras = source.cameras
+        self.action_space = self.model.spec.action_space  # None (recorded before it was): the scene's
         self.horizon = source.action_horizon or self.model.chunk_size
         if not 1 <= self.horizon <= self.model.chunk_size:
             raise ValueError(f"action_horizon {self.horizon} must be in 1..{self.model.chunk_size}")
@@ -157,12 +158,14 @@ def model_source(cfg: RunConfig, path: str, relabel: bool = False) -> PolicySour
                         compile=cfg.model.compile, relabel=relabel)
 
 
-def simulator_mismatch_of(path: str | Path) -> str | None:
-    """Why the saved policy at `path` (its vla_dist.json) cannot run in the simulator, or None."""
+def simulator_mismatch_of(path: str | Path, sim_action_space: str) -> str | None:
+    """Why the saved policy at `path` (its vla_dist.json) cannot run in the simulator taking
+    `sim_action_space` actions (sim.action_space), or None."""
     from vla_dist.spaces import simulator_mismatch
 
     spec = json.loads((Path(path) / "vla_dist.json").read_text(encoding="utf-8"))
-    return simulator_mismatch(spec["cameras"], spec["action_dim"], spec["state_dim"])
+    return simulator_mismatch(spec["cameras"], spec["action_dim"], spec["state_dim"], spec.get("action_space"),
+                              sim_action_space)
 
 
 def make_labeller(source: PolicySource) -> Policy | None:

@@ -40,6 +40,7 @@ from vla_dist.errors import ConfigError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
 from vla_dist.rollout.policies import PolicySource
 from vla_dist.rollout.runner import EpisodeRequest
+from vla_dist.spaces import action_space_type
 
 PERTURBATIONS = ("none", "reverse", "zero")
 
@@ -65,6 +66,11 @@ def check_physics(cfg: RunConfig, manifest: Mapping[str, Any]) -> None:
         if key in sim and not math.isclose(float(sim[key]), float(getattr(cfg.sim, key))):
             raise ConfigError(f"sim.{key}", f"{cfg.data.dir} was collected with sim.{key}={sim[key]}, this config "
                               f"has {getattr(cfg.sim, key)}: set sim.{key}={sim[key]}")
+    recorded = action_space_type(manifest["action_space"])
+    if recorded != cfg.sim.action_space:
+        raise ConfigError("sim.action_space", f"{cfg.data.dir} records {recorded or 'another robot'}'s actions, this "
+                          f"config replays {cfg.sim.action_space} actions" +
+                          (f": set sim.action_space={recorded}" if recorded else ""))
 
 
 def load_recorded(cfg: RunConfig) -> tuple[list[Episode], list[tuple[str, str]], float]:

@@ -60,12 +60,30 @@ class Policy(Protocol):
     # randomness: the same episode then gets the same actions whatever batch or actor it runs in.
     def reset(self, task_ids: torch.Tensor, instructions: list[str], seeds: list[int]) -> None: ...
 
-    def act(self, obs: Observation) -> torch.Tensor: ...  # [B, ACTION_SPACE.dim]
+    def act(self, obs: Observation) -> torch.Tensor: ...  # [B, dim of the scene's action space]
+
+
+def speaks(policy: Policy, scene: TabletopScene) -> str:
+    """The action space a policy's actions are in: its `action_space` attribute (the expert's is
+    end-effector deltas, a model's its training data's), else the scene's (recorded actions)."""
+    return getattr(policy, "action_space", None) or scene.action_space
+
+
+def in_scene_space(action: torch.Tensor, space: str, scene: TabletopScene) -> torch.Tensor:
+    """`action` (in `space`) as the scene takes it: end-effector deltas in a joint-position scene become
+    the joint targets of the scene's inverse kinematics (what an end-effector scene executes)."""
+    if space == scene.action_space:
+        return action
+    if (space, scene.action_space) == ("ee_delta_pose", "joint_position"):
+        return scene.joint_targets(action)
+    raise ValueError(f"a policy acting in {space} cannot drive a scene taking {scene.action_space} actions")
 
 
 class ExpertPolicy:
     """The scripted expert behind the `Policy` interface (`follow_state`: labelling another policy's
-    states, vla_dist/sim/expert.py)."""
+    states, vla_dist/sim/expert.py). It speaks end-effector deltas in either scene (`in_scene_space`)."""
+
+    action_space = "ee_delta_pose"
 
     def __init__(self, follow_state: bool = False) -> None:
         self.follow_state = follow_state
@@ -160,6 +178,10 @@ def run_batch(
     closest = torch.full((n,), float("inf"))
     closest_goal = torch.full((n,), float("inf"))
     noise = ExecutionNoise([r.action_noise for r in padded], [r.seed for r in padded])
+    if noise.generators and speaks(policy, scene) != "ee_delta_pose":
+        raise ValueError("DART noise (action_noise) perturbs end-effector translations: the policy acts in "
+                         f"{speaks(policy, scene)}")
+    spaces = (speaks(policy, scene), speaks(labeller, scene) if labeller is not None else None)
     while not bool(done.all()):
         privileged = scene.object_state()
         obs = Observation(scene.render() if render else {}, scene.proprio(), privileged, instructions)
@@ -167,9 +189,15 @@ def run_batch(
         action = policy.act(obs).to(torch.float32)
         frames.append(obs.images)
         states.append(obs.proprio)
-        # the label: what the policy (the expert) asked for, or what the labeller says at this state
-        actions.append(action if labeller is None else labeller.act(obs).to(torch.float32))
-        scene.step(noise.apply(action))
+        executed = noise.apply(action)
+        if spaces[0] != scene.action_space:  # (never with noise: checked above)
+            action = executed = in_scene_space(action, spaces[0], scene)
+        # the label: what the policy (the expert) asked for, or what the labeller says at this state,
+        # in the scene's action space (what the dataset records)
+        if labeller is not None:
+            label = in_scene_space(labeller.act(obs).to(torch.float32), spaces[1], scene)
+        actions.append(action if labeller is None else label)
+        scene.step(executed)
         length += (~done).long()
 
         after = scene.object_state()
@@ -224,7 +252,7 @@ def measure_throughput(scene: TabletopScene, steps: int, render: bool) -> dict[s
         images = scene.render() if render else {}
         render_seconds += time.perf_counter() - before_render
         obs = Observation(images, scene.proprio(), scene.object_state(), [])
-        scene.step(policy.act(obs))
+        scene.step(in_scene_space(policy.act(obs), policy.action_space, scene))
     seconds = time.perf_counter() - started
     return {
         "env_steps": float(steps * scene.n_envs),

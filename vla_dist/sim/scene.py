@@ -1,9 +1,13 @@
 """The Genesis table-top scene: a Franka Panda, a red cube, a blue cube and a green target disk.
 
 One `TabletopScene` is one Genesis scene built with `n_envs` parallel environments; every call takes
-or returns batched tensors with leading dimension `n_envs`. Its action space is the end-effector
-delta pose of the hand plus a gripper command (`vla_dist.spaces.ACTION_SPACE`), applied through batched inverse
-kinematics and joint position control; physics runs `decimation` steps per action.
+or returns batched tensors with leading dimension `n_envs`. It takes one of two action spaces
+(`vla_dist.spaces.ACTION_SPACES`, sim.action_space): the end-effector delta pose of the hand plus a
+gripper command, applied through batched inverse kinematics and joint position control, or the joint
+position targets themselves plus the gripper command. Physics runs `decimation` steps per action.
+`joint_targets` is the first path's inverse kinematics on its own: the scripted expert, which speaks
+end-effector deltas, drives a joint-position scene through it and executes exactly what an
+end-effector scene would (the same joint targets), so both spaces share one expert.
 
 Deltas move the hand's *commanded* target pose, not its measured pose (ManiSkill calls this
 `pd_ee_target_delta_pose`): joint PD control sags under gravity by about a centimetre, and deltas on
@@ -26,7 +30,7 @@ from vla_dist.sim.appearance import (
 )
 from vla_dist.sim.geometry import axis_angle_to_quat, quat_mul, yaw_quat
 from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE, PARKED, TARGET_RADIUS, Layout
-from vla_dist.spaces import ACTION_SPACE, CAMERAS, STATE_SPACE  # noqa: F401 (the spaces: still importable here)
+from vla_dist.spaces import ACTION_SPACE, ACTION_SPACES, CAMERAS, STATE_SPACE  # noqa: F401 (still importable here)
 
 HOME_QPOS = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
 FINGER_OPEN = 0.04  # m per finger
@@ -70,11 +74,15 @@ class TabletopScene:
         control_hz: int = 10,
         backend: str = "cpu",
         appearance: Appearance | None = None,
+        action_space: str = "ee_delta_pose",
     ) -> None:
+        if action_space not in ACTION_SPACES:
+            raise ValueError(f"action_space {action_space!r}: one of {sorted(ACTION_SPACES)}")
         init_genesis(backend)
         import genesis as gs
 
         self.n_envs = n_envs
+        self.action_space = action_space
         self.appearance = appearance or Appearance()
         look = self.appearance
         self.camera_names = tuple(cameras)
@@ -175,9 +183,11 @@ class TabletopScene:
             front.set_pose(transform=self._front_built, envs_idx=envs)
         self._camera_moved = moves
 
-    def step(self, actions: torch.Tensor) -> None:
-        """Apply one control action per env [B, 7] and advance physics `decimation` steps."""
-        actions = actions.to(torch.float32)
+    def joint_targets(self, ee_actions: torch.Tensor) -> torch.Tensor:
+        """End-effector delta actions [B, 7] -> joint-position actions [B, 8]: moves the commanded hand
+        target by the deltas (kept within MAX_TARGET_LEAD of the measured hand) and returns the arm's
+        inverse kinematics for it, with the gripper command. Call once per control step, before `step`."""
+        actions = ee_actions.to(torch.float32)
         hand_pos = self.hand.get_pos()
         lead = self._target_pos + actions[:, :3] - hand_pos
         lead = lead * torch.clamp(MAX_TARGET_LEAD / lead.norm(dim=-1, keepdim=True).clamp_min(1e-9), max=1.0)
@@ -186,8 +196,16 @@ class TabletopScene:
         qpos = self.robot.inverse_kinematics(
             link=self.hand, pos=self._target_pos, quat=self._target_quat, dofs_idx_local=self.arm_dofs
         )
-        self.robot.control_dofs_position(qpos[:, :7], self.arm_dofs)
-        close = actions[:, 6] > 0
+        return torch.cat((qpos[:, :7].to(torch.float32), actions[:, 6:7]), dim=1)
+
+    def step(self, actions: torch.Tensor) -> None:
+        """Apply one control action per env ([B, 7] or [B, 8], as `action_space` says) and advance
+        physics `decimation` steps."""
+        actions = actions.to(torch.float32)
+        if self.action_space == "ee_delta_pose":
+            actions = self.joint_targets(actions)
+        self.robot.control_dofs_position(actions[:, :7], self.arm_dofs)
+        close = actions[:, 7] > 0
         self._gripper_closed = close
         # Closing is force-controlled so the fingers squeeze whatever they hold; opening is positional.
         force = torch.where(close, -GRASP_FORCE, 0.0)[:, None].repeat(1, 2)

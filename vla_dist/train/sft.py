@@ -31,7 +31,7 @@ from vla_dist.config.schema import RunConfig
 from vla_dist.config.validate import eval_fit_message, global_batch_size
 from vla_dist.data.manifest import ManifestError, read_manifest
 from vla_dist.errors import ConfigError, VlaDistError
-from vla_dist.spaces import simulator_mismatch
+from vla_dist.spaces import action_space_type, simulator_mismatch
 from vla_dist.train.evals import TrainingEvals, train_meta
 from vla_dist.train.loggers import RunLoggers, check_loggers
 from vla_dist.train.metrics import plot_loss
@@ -198,14 +198,34 @@ def _manifest(cfg: RunConfig) -> dict[str, Any]:
         raise ConfigError("data.dir",
                           f"no readable dataset at {cfg.data.dir} ({error}); run vla-dist collect") from None
     why = simulator_mismatch(list(manifest["cameras"]), int(manifest["action_space"]["dim"]),
-                             int(manifest["state_space"]["dim"]))
+                             int(manifest["state_space"]["dim"]), action_space_type(manifest["action_space"]),
+                             cfg.sim.action_space)
     if cfg.train.eval_every and why:
         raise ConfigError("train.eval_every", f"{cfg.data.dir} holds {why}: training-time evals run in that "
                           "simulator; set train.eval_every=0 and score checkpoints with eval.offline_data")
+    _check_pretrained_fits(cfg, manifest)
     if cfg.train.world_size > int(manifest["episodes"]):
         raise ConfigError("train.world_size", f"{cfg.train.world_size} ranks but {cfg.data.dir} holds "
                           f"{manifest['episodes']} episodes: every rank needs at least one")
     return dict(manifest)
+
+
+def _check_pretrained_fits(cfg: RunConfig, manifest: dict[str, Any]) -> None:
+    """model.pretrained (a vla-dist policy) acts in the dataset's spaces, or model.retarget says to learn
+    them: checked from its vla_dist.json before Ray starts (the ranks load the weights)."""
+    from vla_dist.models.files import is_foundation_dir
+    from vla_dist.models.policy import PolicySpec, pretrained_mismatch, spec_from
+
+    pretrained = cfg.model.pretrained
+    if pretrained is None or is_foundation_dir(pretrained):
+        if cfg.model.retarget:
+            raise ConfigError("model.retarget", "re-targets a policy saved by vla-dist: set model.pretrained to one")
+        return
+    theirs = PolicySpec.from_dict(json.loads((Path(pretrained) / "vla_dist.json").read_text(encoding="utf-8")))
+    why = pretrained_mismatch(theirs, spec_from(cfg.model, manifest))
+    if why and not cfg.model.retarget:
+        raise ConfigError("model.pretrained", f"{pretrained}: {why} (model.retarget=true learns the dataset's "
+                          "action space from its weights)")
 
 
 def _check_fits(cfg: RunConfig) -> None:
