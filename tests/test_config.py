@@ -218,6 +218,21 @@ def test_unknown_task_lists_tasks(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(name in err for name in ("pick_cube", "push_cube", "stack_cube"))
 
 
+@pytest.mark.parametrize("name", ["push_cube,push_cube", "push_cube,open_drawer", "all,pick_cube", ""])
+def test_several_tasks_each_known_once(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "task.name" in _config_error(["collect", f"task.name={name}"], capsys)
+
+
+def test_several_tasks_spread_episodes_in_their_order() -> None:
+    from vla_dist.rollout.episodes import selected_tasks
+    from vla_dist.rollout.evaluate import eval_requests
+
+    cfg = validate(load_config(None, ["task.name=push_cube, stack_cube"]))
+    assert selected_tasks(cfg.task.name) == ["push_cube", "stack_cube"]
+    tasks, requests = eval_requests(cfg, 2)
+    assert tasks == ["push_cube", "stack_cube"] and [r.task for r in requests] == tasks * 2
+
+
 def test_data_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     not_a_dir = _write(tmp_path / "data", "x")
     err = _config_error(["collect", f"data.dir={not_a_dir}"], capsys)
@@ -443,7 +458,7 @@ def test_recipe_configs_compose_and_validate(recipe: Path, tmp_path: Path) -> No
                                 [f"run.dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}"]))
     assert to_yaml(cfg) != to_yaml(base)
     if cfg.recipes.start_from and cfg.select.pool is None:  # a continuation (rl, dagger, more SFT): its budget
-        assert cfg.recipes.start_from == "base-pick"         # comes on top, reported
+        assert cfg.recipes.start_from in ("base-pick", "task-push-stack")  # comes on top, reported
         if cfg.model.retarget:  # re-targeting: to another action space than its start's, on few demonstrations
             assert cfg.sim.action_space != base.sim.action_space and cfg.collect.episodes < base.collect.episodes
         return
@@ -454,4 +469,4 @@ def test_recipe_configs_compose_and_validate(recipe: Path, tmp_path: Path) -> No
         assert cfg.select.episodes < base.collect.episodes and cfg.select.pool == baseline_data  # its demonstrations
     assert samples_trained(cfg) == samples_trained(base) and cfg.collect.episodes <= base.collect.episodes
     if cfg.collect.episodes < base.collect.episodes:  # a few-demonstration control: a continuation trains on the same
-        assert recipe.stem == "embodiment-joint-few"
+        assert recipe.stem in ("embodiment-joint-few", "task-pick-few")

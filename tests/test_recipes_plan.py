@@ -170,6 +170,21 @@ def test_report_of_a_multi_task_recipe_has_a_pooled_row_and_one_per_task(tmp_pat
                                                              "rows": rows})
 
 
+def test_report_compares_only_rows_of_the_same_tasks(tmp_path: Path) -> None:
+    """A recipe evaluated on other tasks than the baseline's (task-push-stack against a pick baseline)
+    gets no difference, effect or paired counts against it; one on the baseline's task does."""
+    comparison = {"baseline": "base", "seeds": [0], "evals": ["default"],
+                  "recipes": {"base": {}, "two": {}, "pick": {}}}
+    _eval_report(tmp_path / "base" / "seed_0" / "eval-default", {"pick_cube": (9, 10)})
+    _eval_report(tmp_path / "two" / "seed_0" / "eval-default", {"push_cube": (0, 10), "stack_cube": (0, 10)})
+    _eval_report(tmp_path / "pick" / "seed_0" / "eval-default", {"pick_cube": (0, 10)})
+    rows = {(r["recipe"], r["task"]): r for r in collect_rows(tmp_path, comparison)}
+    assert rows[("two", "all")]["tasks"] == ["push_cube", "stack_cube"]
+    for key in (("two", "all"), ("two", "push_cube"), ("two", "stack_cube")):
+        assert (rows[key]["delta"], rows[key]["effect"]) == (None, "no baseline"), key
+    assert rows[("pick", "all")]["effect"] == "worse" and rows[("pick", "all")]["delta"] == pytest.approx(-0.9)
+
+
 def test_report_pairs_episodes_on_the_same_layouts(tmp_path: Path) -> None:
     """With per-episode outcomes (eval report.json "outcomes"), each row counts the layouts it lost and
     gained against the baseline in the same scene and against its own first-eval result, pooled over

@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser(
         "replay",
         help="data fidelity: replay a dataset's recorded actions open loop in fresh scenes",
-        description="Rebuild every episode of data.dir (task.name: one task or all) from its task and seed and "
-        "play its recorded actions back open loop on the Ray sim-actor pool (collect.num_actors x "
+        description="Rebuild every episode of data.dir (task.name: one task, several, or all) from its task and "
+        "seed and play its recorded actions back open loop on the Ray sim-actor pool (collect.num_actors x "
         "collect.envs_per_actor, no rendering). Writes run.dir/report.json: per task the share of recorded "
         "successes the replay reproduces, and per episode the state drift (max |proprio replayed - recorded|). "
         "sim.* and task.control_hz must be the collection's (checked against the manifest).",

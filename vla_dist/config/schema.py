@@ -22,7 +22,8 @@ class RunSection:
 
 @dataclass
 class TaskSection:
-    # one of vla_dist.spaces.TASK_NAMES, or "all" to spread episodes round-robin over every task
+    # one of vla_dist.spaces.TASK_NAMES, several separated by commas (push_cube,stack_cube), or "all":
+    # episodes are spread round-robin over them
     name: str = "all"
     image_size: int = 64  # square RGB images for every camera, pixels
     cameras: list[str] = field(default_factory=lambda: list(CAMERAS))

@@ -75,6 +75,15 @@ def _recipes(cfg: RunConfig) -> None:
         raise ConfigError("recipes.start_from", "an rl recipe continues another recipe's policy: name that recipe")
 
 
+def _task_name(cfg: RunConfig) -> None:
+    name = cfg.task.name
+    parts = [part.strip() for part in name.split(",")]
+    if name == "all" or (all(part in TASK_NAMES for part in parts) and len(set(parts)) == len(parts)):
+        return
+    raise ConfigError("task.name", f"must be all, one of {', '.join(TASK_NAMES)}, or several of them separated by "
+                      f"commas (each once); got {name!r}")
+
+
 def _cameras(cfg: RunConfig) -> None:
     cameras = list(cfg.task.cameras)
     allowed = ", ".join(CAMERAS)
@@ -315,7 +324,7 @@ CHECKS: list[Check] = [
     at_least("run.seed", 0),
     output_dir("run.dir"),
     # task
-    one_of("task.name", (*TASK_NAMES, "all")),
+    _task_name,
     in_range("task.image_size", 16, 512),
     _image_size_even,
     _paraphrases,

@@ -55,6 +55,8 @@ def collect_rows(root: Path, comparison: dict[str, Any]) -> list[dict[str, Any]]
                 if name == baseline:
                     base_rows[row["task"]] = row
                 reference = base_rows.get(row["task"])
+                if reference is not None and reference["tasks"] != row["tasks"]:
+                    reference = None  # a pooled row of other tasks (task-push-stack against a pick baseline)
                 row.update(_against(row, reference) if name != baseline else {"delta": 0.0, "effect": "baseline"})
                 # the same layouts, episode by episode: against the baseline in this scene, and against
                 # this recipe on the first eval (what a perturbed scene costs it)
@@ -128,7 +130,8 @@ def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: 
         wins = sum(w for w, _ in per_seed.values())
         episodes = sum(n for _, n in per_seed.values())
         low, high = wilson_interval(wins, episodes)
-        rows.append({"recipe": name, "eval": variant, "task": task, "successes": wins, "episodes": episodes,
+        rows.append({"recipe": name, "eval": variant, "task": task, "tasks": sorted(counts) if task == ALL else [task],
+                     "successes": wins, "episodes": episodes,
                      "success_rate": round(wins / episodes, 4) if episodes else 0.0,
                      "ci95": [round(low, 4), round(high, 4)],
                      "per_seed": {str(seed): [w, n] for seed, (w, n) in sorted(per_seed.items())},

@@ -15,8 +15,9 @@ EVAL_SEED_STREAM = 1  # collection uses stream 0 (episode_seed)
 
 
 def selected_tasks(name: str) -> list[str]:
-    """task.name -> the tasks a run spreads its episodes over ("all": every task)."""
-    return list(TASK_NAMES) if name == "all" else [name]
+    """task.name -> the tasks a run spreads its episodes over: "all" (every task), one task, or several
+    separated by commas ("push_cube,stack_cube": the transfer recipes' two tasks), in that order."""
+    return list(TASK_NAMES) if name == "all" else [part.strip() for part in name.split(",")]
 
 
 def episode_seed(run_seed: int, index: int) -> int:

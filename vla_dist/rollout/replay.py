@@ -38,6 +38,7 @@ from vla_dist.config.schema import RunConfig
 from vla_dist.data.episode import Episode
 from vla_dist.errors import ConfigError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
+from vla_dist.rollout.episodes import selected_tasks
 from vla_dist.rollout.policies import PolicySource
 from vla_dist.rollout.runner import EpisodeRequest
 from vla_dist.spaces import action_space_type
@@ -90,8 +91,8 @@ def load_recorded(cfg: RunConfig) -> tuple[list[Episode], list[tuple[str, str]],
                           f"{relabelled} reached), not the actions that executed: it cannot be replayed")
     action_noise = float((manifest.get("extra") or {}).get("action_noise", 0.0))
     errors = ShardErrors()
-    episodes = [ep for ep in iter_episodes(cfg.data.dir, decode_images=False, on_error=errors)
-                if cfg.task.name in ("all", ep.task)]
+    tasks = selected_tasks(cfg.task.name)
+    episodes = [ep for ep in iter_episodes(cfg.data.dir, decode_images=False, on_error=errors) if ep.task in tasks]
     if not episodes:
         raise ConfigError("data.dir", f"{cfg.data.dir} holds no readable episodes of task.name={cfg.task.name}")
     seen: dict[int, str] = {}
