@@ -194,9 +194,8 @@ def run_batch(
             action = executed = in_scene_space(action, spaces[0], scene)
         # the label: what the policy (the expert) asked for, or what the labeller says at this state,
         # in the scene's action space (what the dataset records)
-        if labeller is not None:
-            label = in_scene_space(labeller.act(obs).to(torch.float32), spaces[1], scene)
-        actions.append(action if labeller is None else label)
+        actions.append(action if labeller is None else
+                       in_scene_space(labeller.act(obs).to(torch.float32), spaces[1], scene))
         scene.step(executed)
         length += (~done).long()
 
