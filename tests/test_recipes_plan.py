@@ -97,6 +97,7 @@ def test_recipes_with_another_budget_or_a_missing_start_fail_before_anything_run
     (["recipes", "run", "perception-jitter", "recipes.evals={x: [run.dir=elsewhere]}"], "recipes.evals.x"),
     (["recipes", "run", "perception-jitter", "data.color_jiter=0.1"], "data.color_jiter"),
     (["recipes", "report", "perception-jitter"], "takes no recipe names"),
+    (["recipes", "run", "perception-jitter", "recipes.control=nope"], "recipes.control: recipe 'base-pick'"),
 ])
 def test_bad_recipes_commands_exit_2_naming_what_is_wrong(argv: list[str], message: str, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,6 +184,29 @@ def test_report_compares_only_rows_of_the_same_tasks(tmp_path: Path) -> None:
     for key in (("two", "all"), ("two", "push_cube"), ("two", "stack_cube")):
         assert (rows[key]["delta"], rows[key]["effect"]) == (None, "no baseline"), key
     assert rows[("pick", "all")]["effect"] == "worse" and rows[("pick", "all")]["delta"] == pytest.approx(-0.9)
+
+
+def test_report_compares_a_recipe_with_its_control_on_the_same_layouts(tmp_path: Path) -> None:
+    """recipes.control: the row's difference, effect and paired counts against its control recipe (the
+    same budget without what it adds); rows without a control, or whose control has not run, get none."""
+    comparison = {"baseline": "base", "seeds": [0], "evals": ["default"],
+                  "recipes": {"base": {}, "few": {}, "transfer": {"control": "few"}, "orphan": {"control": "gone"}}}
+    won = {"base": range(7), "few": range(2), "transfer": range(9), "orphan": range(5)}
+    for name, wins in won.items():
+        directory = tmp_path / name / "seed_0" / "eval-default"
+        _eval_report(directory, {"pick_cube": (len(wins), 10)})
+        report = json.loads((directory / "report.json").read_text())
+        report["outcomes"] = [{"index": i, "task": "pick_cube", "seed": i, "success": i in wins} for i in range(10)]
+        (directory / "report.json").write_text(json.dumps(report))
+    (tmp_path / "comparison.json").write_text(json.dumps(comparison))
+    rows = {r["recipe"]: r for r in collect_rows(tmp_path, comparison)}
+    against = rows["transfer"]["vs_control"]
+    assert against["recipe"] == "few" and against["delta"] == pytest.approx(0.7) and against["effect"] == "better"
+    assert against["paired"] == {"episodes": 10, "lost": 0, "gained": 7, "p": 0.0156}
+    assert rows["transfer"]["effect"] == "not separated"  # against the baseline: 9/10 vs 7/10
+    assert rows["few"]["vs_control"] is None and rows["orphan"]["vs_control"] is None
+    write_report(tmp_path)
+    assert "| few: +70%, better, -0/+7 (0.016) |" in (tmp_path / "recipes.md").read_text()
 
 
 def test_report_pairs_episodes_on_the_same_layouts(tmp_path: Path) -> None:

@@ -361,14 +361,18 @@ class SelectSection:
 class RecipesSection:
     """`vla-dist recipes run/report` (vla_dist/recipes/): post-training recipes compared with a baseline
     on the same seeds, data budget and held-out layouts. dir, seeds, baseline and evals are the
-    comparison's (read from the baseline recipe's file and the command line); command and start_from
-    are each recipe's own."""
+    comparison's (read from the baseline recipe's file and the command line); command, start_from and
+    control are each recipe's own."""
 
     dir: str = "runs/recipes"  # one directory per recipe and seed, and recipes.{md,json,png}
     seeds: list[int] = field(default_factory=lambda: [0])  # run.seed of each repetition (init, data order, layouts)
     baseline: str = "base-pick"  # configs/recipe/<name>.yaml that every other recipe is compared with
     command: str = "train"  # how the recipe post-trains: "train" (SFT on its data), "rl" or "dagger" (those commands)
     start_from: str | None = None  # a recipe whose policy (same seed) this one continues; null: model.pretrained
+    # a recipe this one is also compared with, layout by layout: the same budget without what this one
+    # adds (re-targeting's and transfer's: the same few demonstrations from scratch); the report's
+    # "vs control" column. null: the baseline only
+    control: str | None = None
     # held-out evaluations of every recipe: name -> overrides of the eval stage only, e.g.
     # {default: [], new_phrasing: ["task.paraphrases=[3]"]}
     evals: dict[str, list[str]] = field(default_factory=lambda: {"default": []})

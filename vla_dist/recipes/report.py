@@ -2,9 +2,10 @@
 
 Per recipe, evaluation variant and task: successes pooled over the seeds that finished (each seed's
 held-out layouts are the same for every recipe), the 95% Wilson interval, each seed's own count, the
-difference to the baseline, and the budget (samples trained, rollouts of RL or DAgger, wall time of the training
-and evaluation stages). A difference is called an effect only when the two intervals do not overlap;
-everything else is "not separated", reported all the same (a null result is a result).
+difference to the baseline and to the recipe's control (recipes.control), and the budget (samples
+trained, rollouts of RL or DAgger, wall time of the training and evaluation stages). A difference is
+called an effect only when the two intervals do not overlap; everything else is "not separated",
+reported all the same (a null result is a result).
 """
 
 from __future__ import annotations
@@ -66,8 +67,20 @@ def collect_rows(root: Path, comparison: dict[str, Any]) -> list[dict[str, Any]]
                 row[f"paired_vs_{first}"] = _paired(firsts.get((name, row["task"])), row) if variant != first else None
                 rows.append(row)
     for row in rows:
+        row["vs_control"] = _against_control(row, rows, comparison["recipes"][row["recipe"]].get("control"))
+    for row in rows:
         row.pop("_outcomes")
     return rows
+
+
+def _against_control(row: dict[str, Any], rows: list[dict[str, Any]], control: str | None) -> dict[str, Any] | None:
+    """The row against its recipe's control (recipes.control) in the same eval and over the same tasks:
+    difference, effect by the interval rule, and the paired counts on the shared layouts."""
+    reference = next((r for r in rows if r["recipe"] == control and r["eval"] == row["eval"]
+                      and r["task"] == row["task"] and r["tasks"] == row["tasks"]), None)
+    if reference is None:
+        return None
+    return {"recipe": control, **_against(row, reference), "paired": _paired(reference, row)}
 
 
 def _paired(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any] | None:
@@ -158,7 +171,8 @@ def markdown(summary: dict[str, Any]) -> str:
     seeds = ", ".join(str(s) for s in summary["seeds"])
     lines = [f"# Recipes against `{summary['baseline']}` (seeds {seeds})", "",
              ("Success pooled over seeds on held-out layouts (the same layouts for every recipe at a seed), "
-             "95% Wilson interval, each seed's count, difference to the baseline. An effect is called only "
+             "95% Wilson interval, each seed's count, difference to the baseline (and to the recipe's control, "
+             "the same budget without what it adds). An effect is called only "
              "where the intervals do not overlap. Same layouts: episode by episode on the layouts both "
              "evaluations ran, the successes lost and gained and the exact McNemar p-value of that split (paired; "
              "listed, not used to call effects). A recipe continuing another's policy (from X) counts the "
@@ -167,9 +181,9 @@ def markdown(summary: dict[str, Any]) -> str:
     for variant in summary["evals"]:
         lines += ["", f"## eval: {variant}", "",
                   ("| recipe | task | success | 95% interval | per seed | vs baseline | effect | same layouts: "
-                  f"lost/gained vs baseline (p) | vs {first} eval (p) | samples trained | rollouts (rl, dagger) "
-                  "| wall (s) |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"lost/gained vs baseline (p) | vs {first} eval (p) | vs control: difference, effect, same "
+                  "layouts (p) | samples trained | rollouts (rl, dagger) | wall (s) |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in summary["rows"] if r["eval"] == variant):
             per_seed = ", ".join(f"{w}/{n}" for w, n in row["per_seed"].values())
             delta = "" if row["delta"] is None or row["effect"] == "baseline" else f"{row['delta']:+.0%}"
@@ -177,8 +191,16 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['task']} | {row['successes']}/{row['episodes']} ({row['success_rate']:.0%}) "
                          f"| {row['ci95'][0]:.0%}-{row['ci95'][1]:.0%} | {per_seed} | {delta} | {row['effect']} "
                          f"| {paired_text(row['paired_vs_baseline'])} | {paired_text(row[f'paired_vs_{first}'])} "
+                         f"| {control_text(row['vs_control'])} "
                          f"| {row['train_samples']:,} | {row['rollout_episodes']} | {row['wall_s']:.0f} |")
     return "\n".join(lines)
+
+
+def control_text(against: dict[str, Any] | None) -> str:
+    if against is None:
+        return ""
+    paired = paired_text(against["paired"])
+    return f"{against['recipe']}: {against['delta']:+.0%}, {against['effect']}" + (f", {paired}" if paired else "")
 
 
 def paired_text(paired: dict[str, Any] | None) -> str:

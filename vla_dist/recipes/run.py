@@ -167,8 +167,14 @@ def ordered(names: Sequence[str], baseline: str, overrides: Sequence[str]) -> di
             visit(recipe_name(start), (*chain, name))
         result[name] = configs[name]
 
-    for name in configs:
+    for name, cfg in configs.items():
         visit(name, ())
+        control = cfg.recipes.control
+        if control:
+            try:
+                recipe_file(control)
+            except ConfigError as error:
+                raise ConfigError("recipes.control", f"recipe {name!r}: {error.problem}") from None
     return result
 
 
@@ -246,7 +252,8 @@ def record_comparison(root: Path, base: RunConfig, files: dict[str, tuple[str, R
     path = root / COMPARISON
     earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     recipes = {**earlier.get("recipes", {}), **{
-        name: {"file": str(recipe_file(file)), "command": cfg.recipes.command, "start_from": cfg.recipes.start_from}
+        name: {"file": str(recipe_file(file)), "command": cfg.recipes.command, "start_from": cfg.recipes.start_from,
+               "control": recipe_name(cfg.recipes.control) if cfg.recipes.control else None}
         for name, (file, cfg) in files.items()}}
     if earlier and earlier.get("baseline") != recipe_name(base.recipes.baseline):
         raise ConfigError("recipes.baseline", f"{root} compares against {earlier.get('baseline')!r}: use another "
