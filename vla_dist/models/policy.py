@@ -288,8 +288,7 @@ def build_policy(model_cfg: ModelSection, manifest: Mapping[str, Any], device: s
             raise ConfigError("model.pretrained", str(error)) from None
         why = pretrained_mismatch(policy.spec, spec)
         if why and not model_cfg.retarget:
-            raise ConfigError("model.pretrained", f"{model_cfg.pretrained}: {why} (model.retarget=true learns the "
-                              "dataset's action space from its weights)")
+            raise ConfigError("model.pretrained", f"{model_cfg.pretrained}: {why} {RETARGET_HINT}")
         if why:
             try:
                 policy = policy.retargeted(spec, Normalization.from_manifest(manifest))
@@ -304,6 +303,9 @@ def build_policy(model_cfg: ModelSection, manifest: Mapping[str, Any], device: s
     policy.hf_model.to(DTYPES[model_cfg.dtype])
     policy.spec.dtype = model_cfg.dtype
     return policy.to(device)
+
+
+RETARGET_HINT = "(model.retarget=true learns the dataset's action space from its weights)"
 
 
 def pretrained_mismatch(theirs: PolicySpec, dataset: PolicySpec) -> str | None:

@@ -213,19 +213,18 @@ def _manifest(cfg: RunConfig) -> dict[str, Any]:
 def _check_pretrained_fits(cfg: RunConfig, manifest: dict[str, Any]) -> None:
     """model.pretrained (a vla-dist policy) acts in the dataset's spaces, or model.retarget says to learn
     them: checked from its vla_dist.json before Ray starts (the ranks load the weights)."""
-    from vla_dist.models.files import is_foundation_dir
-    from vla_dist.models.policy import PolicySpec, pretrained_mismatch, spec_from
+    from vla_dist.models.files import check_pretrained_dir, is_foundation_dir
+    from vla_dist.models.policy import RETARGET_HINT, PolicySpec, pretrained_mismatch, spec_from
 
     pretrained = cfg.model.pretrained
     if pretrained is None or is_foundation_dir(pretrained):
         if cfg.model.retarget:
             raise ConfigError("model.retarget", "re-targets a policy saved by vla-dist: set model.pretrained to one")
         return
-    theirs = PolicySpec.from_dict(json.loads((Path(pretrained) / "vla_dist.json").read_text(encoding="utf-8")))
+    theirs = PolicySpec.from_dict(check_pretrained_dir(pretrained))  # (load_config checked the directory)
     why = pretrained_mismatch(theirs, spec_from(cfg.model, manifest))
     if why and not cfg.model.retarget:
-        raise ConfigError("model.pretrained", f"{pretrained}: {why} (model.retarget=true learns the dataset's "
-                          "action space from its weights)")
+        raise ConfigError("model.pretrained", f"{pretrained}: {why} {RETARGET_HINT}")
 
 
 def _check_fits(cfg: RunConfig) -> None:
