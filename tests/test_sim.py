@@ -213,7 +213,8 @@ def test_perturbed_appearance_changes_what_the_cameras_see_not_the_physics(scene
     front images differ and show the distractor, while every state and action of the expert's
     episodes is the same bit for bit (the distractor has no collision, the camera no body), so a
     policy's success in the perturbed scene is paired layout by layout with the default one. Other
-    lights are a scene-build option: a second, one-env scene shows they change the pixels too."""
+    lights: a second, one-env scene built with them is darker, and the first scene relit with them
+    (`set_lighting`, collection's light randomization) renders what it renders."""
     from vla_dist.sim.appearance import Appearance
 
     requests = [EpisodeRequest(i, TASK_NAMES[i % 3], 9400 + i) for i in range(6)]
@@ -235,14 +236,52 @@ def test_perturbed_appearance_changes_what_the_cameras_see_not_the_physics(scene
     assert (_yellow_pixels(np.stack([ep.frames["front"][0] for ep in perturbed])) > 0).all()
     assert (_yellow_pixels(np.stack([ep.frames["front"][0] for ep in default])) == 0).all()
 
-    from vla_dist.sim.appearance import sample_scene
+    from vla_dist.sim.appearance import Lighting, sample_scene
     from vla_dist.sim.tasks import stack_layouts
 
     dim = TabletopScene(n_envs=1, image_size=32, appearance=Appearance(light_dir=(1.0, -1.0, -1.0),
                                                                            light_intensity=2.0, ambient_light=0.1))
     dim.reset(stack_layouts([sample_scene("pick_cube", 9400, dim.appearance)]))
-    darker = dim.render()["front"][0].astype(int)
-    assert darker.mean() < default[0].frames["front"][0].astype(int).mean() - 10
+    darker = dim.render()
+    assert darker["front"][0].astype(int).mean() < default[0].frames["front"][0].astype(int).mean() - 10
+
+    # Lights changed on a built scene (collection's light randomization) render as a scene built with them
+    scene.reset(stack_layouts([sample_scene("pick_cube", 9400, built)] * scene.n_envs))
+    lit_as_built = scene.render()
+    scene.set_lighting(dim.lighting)
+    try:
+        relit = scene.render()
+    finally:
+        scene.set_lighting(Lighting(built.light_dir, built.light_intensity, built.ambient_light))
+    for camera in ("front", "wrist"):
+        assert np.abs(relit[camera][0].astype(int) - darker[camera][0].astype(int)).max() <= 1, camera
+        assert np.array_equal(scene.render()[camera], lit_as_built[camera])  # and back, bit for bit
+
+
+def test_light_randomization_lights_each_batch_by_its_draw_and_records_it(scene: TabletopScene) -> None:
+    """collect.light_jitter in run_batch: each batch is lit by `lighting_of(appearance, first seed)`,
+    every episode records the lights it was seen under (meta.json "look", through the codec), the
+    images change with the draw and nothing else does: states and actions equal the default scene's."""
+    from vla_dist.data.codec import decode_sample, encode_episode
+    from vla_dist.sim.appearance import Appearance, lighting_of
+
+    built = scene.appearance
+    batches = [[EpisodeRequest(i, "pick_cube", first + i) for i in range(scene.n_envs)] for first in (9600, 9700)]
+    default = [run_batch(scene, batch, ExpertPolicy(), fps=10.0, render=True, max_steps=3) for batch in batches]
+    scene.appearance = Appearance(light_jitter=0.6)
+    try:
+        relit = [run_batch(scene, batch, ExpertPolicy(), fps=10.0, render=True, max_steps=3) for batch in batches]
+    finally:
+        scene.appearance = built
+    lights = [lighting_of(Appearance(light_jitter=0.6), batch[0].seed) for batch in batches]
+    assert lights[0] != lights[1]
+    for plain_batch, lit_batch, light in zip(default, relit, lights, strict=True):
+        for plain, lit in zip(plain_batch, lit_batch, strict=True):
+            assert np.array_equal(plain.state, lit.state) and np.array_equal(plain.actions, lit.actions)
+            assert np.abs(plain.frames["front"].astype(int) - lit.frames["front"].astype(int)).mean() > 2
+            assert lit.look == {"camera_offset": [0.0, 0.0, 0.0], **light.to_dict()}
+            assert plain.look["light_intensity"] == built.light_intensity
+    assert decode_sample(encode_episode(relit[1][2], "npz")).look == relit[1][2].look
 
 
 def test_joint_position_scene_runs_the_expert_through_its_ik_and_replays(scene: TabletopScene) -> None:

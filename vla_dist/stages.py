@@ -112,9 +112,10 @@ def _check_collected_alike(manifest: dict[str, Any], cfg: RunConfig) -> None:
                 else "ee_delta_pose"}
     wanted = {"task.paraphrases": list(cfg.task.paraphrases), "collect.action_noise": float(cfg.collect.action_noise),
               "collect.relabel_policy": cfg.collect.relabel_policy, "sim.action_space": cfg.sim.action_space}
-    seen = extra.get("appearance") or Appearance().to_dict()  # datasets from before it was recorded: the default
-    for name, value in appearance_of(cfg.sim, cfg.collect.camera_jitter).to_dict().items():
-        key = "collect.camera_jitter" if name == "camera_jitter" else f"sim.{name}"
+    # keys a dataset's manifest lacks (recorded before they existed) are the defaults it was collected with
+    seen = {**Appearance().to_dict(), **(extra.get("appearance") or {})}
+    for name, value in appearance_of(cfg.sim, cfg.collect.camera_jitter, cfg.collect.light_jitter).to_dict().items():
+        key = f"collect.{name}" if name in ("camera_jitter", "light_jitter") else f"sim.{name}"
         recorded[key], wanted[key] = seen.get(name), value
     for key, value in wanted.items():
         if recorded[key] != value:

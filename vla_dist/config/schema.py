@@ -67,6 +67,9 @@ class CollectSection:
     # camera randomization: each episode's front camera stands at a uniform offset in +-this (m) per axis
     # from sim.camera_offset, so the policy cannot rely on one viewpoint (perception recipes); 0: fixed
     camera_jitter: float = 0.0
+    # lighting randomization, per batch of envs: light intensity and ambient level scaled by U[1-j, 1+j],
+    # the light turned about the vertical by up to j x 180 degrees (vla_dist/sim/appearance.py); 0: fixed
+    light_jitter: float = 0.0
     # DAgger: a saved policy (an export) drives the arm and the scripted expert labels every state it
     # reaches; every episode is written, success or not (vla_dist/rollout/collect.py); null: the expert
     relabel_policy: str | None = None

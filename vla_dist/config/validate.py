@@ -349,6 +349,7 @@ CHECKS: list[Check] = [
     at_least("collect.num_videos", 0),
     in_range("collect.action_noise", 0, 0.05),
     in_range("collect.camera_jitter", 0, 0.1),
+    in_range("collect.light_jitter", 0, 0.9),
     _action_noise_space,
     greater_than("collect.cpus_per_actor", 0),
     # data

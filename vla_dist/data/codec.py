@@ -215,6 +215,8 @@ def encode_episode(ep: Episode, codec: str) -> dict[str, str | bytes]:
         "state_dim": int(state.shape[1]),
         "action_dim": int(actions.shape[1]),
     }
+    if ep.look:
+        meta["look"] = ep.look
     sample: dict[str, str | bytes] = {
         "__key__": ep.episode_id,
         META_KEY: json.dumps(meta, sort_keys=True).encode("utf-8"),
@@ -275,6 +277,7 @@ def decode_sample(sample: dict[str, object], decode_images: bool = True) -> Epis
         frames=frames,
         state=state,
         actions=actions,
+        look=dict(meta.get("look") or {}),
     )
 
 

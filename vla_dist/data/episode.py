@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,9 @@ class Episode:
     # Closest the red cube came to its task's success region (m; `vla_dist.sim.tasks.goal_distance`):
     # tells a push that stopped short of the target from one that never moved the cube. In-memory only.
     closest_goal_m: float = float("nan")
+    # What the cameras saw apart from the task (vla_dist/sim/appearance.py): the front camera's offset and
+    # the lights, e.g. drawn by collection's camera and light randomization. In meta.json when set.
+    look: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:

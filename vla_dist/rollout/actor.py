@@ -59,7 +59,7 @@ class SimActor:
 
     def __init__(
         self, task: TaskSection, sim: SimSection, n_envs: int, image_codec: str, policy: PolicySource | None = None,
-        camera_jitter: float = 0.0,
+        camera_jitter: float = 0.0, light_jitter: float = 0.0,
     ) -> None:
         from vla_dist.sim.appearance import appearance_of
         from vla_dist.sim.scene import TabletopScene
@@ -77,7 +77,8 @@ class SimActor:
             substeps=sim.substeps,
             control_hz=task.control_hz,
             backend=sim.backend,
-            appearance=appearance_of(sim, camera_jitter),  # collection's camera randomization rides on sim.*
+            # collection's camera and light randomization ride on sim.*
+            appearance=appearance_of(sim, camera_jitter, light_jitter),
             action_space=sim.action_space,
         )
         self.build_seconds = time.perf_counter() - started

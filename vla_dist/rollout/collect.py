@@ -121,7 +121,8 @@ def run_collect(
 
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.cache_dir)
     actor_kwargs = {"task": cfg.task, "sim": cfg.sim, "n_envs": c.envs_per_actor, "image_codec": cfg.data.image_codec,
-                    "policy": source, "camera_jitter": c.camera_jitter}
+                    "policy": source, "camera_jitter": c.camera_jitter,
+                    "light_jitter": c.light_jitter}
     with episode_progress() as progress:
         bar = progress.add_task("building sim actors", total=c.episodes, rate=0.0, success=0.0)
         pool = SimActorPool.from_config(c, actor_kwargs)
@@ -288,7 +289,7 @@ def _write_manifest(
             "sim": {"dt": cfg.sim.dt, "substeps": cfg.sim.substeps, "backend": cfg.sim.backend,
                     "action_space": cfg.sim.action_space},
             # what the cameras saw (camera placement and its per-episode jitter, lights, distractor)
-            "appearance": appearance_of(cfg.sim, cfg.collect.camera_jitter).to_dict(),
+            "appearance": appearance_of(cfg.sim, cfg.collect.camera_jitter, cfg.collect.light_jitter).to_dict(),
             # DART noise on the executed actions (the recorded ones are the expert's): replay re-applies it
             "action_noise": cfg.collect.action_noise,
             "paraphrases": list(cfg.task.paraphrases),  # the instruction phrasings drawn from ([]: all)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vla_dist.data.episode import Episode
-from vla_dist.sim.appearance import sample_scene
+from vla_dist.sim.appearance import lighting_of, sample_scene
 from vla_dist.sim.expert import TCP_OFFSET, ScriptedExpert
 from vla_dist.sim.geometry import quat_rotate
 from vla_dist.sim.scene import STATE_SPACE, TabletopScene
@@ -162,7 +162,9 @@ def run_batch(
     instructions = [pick_instruction(r.task, r.seed, r.paraphrases) for r in padded]
     limits = torch.tensor([r.max_steps or max_steps or TASKS[r.task].max_steps for r in padded])
 
-    scene.reset(stack_layouts([sample_scene(r.task, r.seed, scene.appearance) for r in padded]))
+    starts = [sample_scene(r.task, r.seed, scene.appearance) for r in padded]
+    scene.reset(stack_layouts(starts))
+    scene.set_lighting(lighting_of(scene.appearance, padded[0].seed))  # one light per render pass: per batch
     policy.reset(task_ids, instructions, [r.seed for r in padded])
     if labeller is not None:
         labeller.reset(task_ids, instructions, [r.seed for r in padded])
@@ -229,6 +231,8 @@ def run_batch(
                 actions=np.ascontiguousarray(action_arr[i, :t]),
                 closest_approach_m=float(closest[i]),
                 closest_goal_m=float(closest_goal[i]),
+                look={"camera_offset": [round(float(v), 6) for v in starts[i]["camera_offset"]],
+                      **scene.lighting.to_dict()},
             )
         )
     return episodes

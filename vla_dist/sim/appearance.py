@@ -7,7 +7,12 @@ Two uses (the perception recipes, docs/recipes.md):
 - a perturbed evaluation scene (`sim.camera_offset`, `sim.light_*`, `sim.ambient_light`,
   `sim.distractor`): how much of a policy's success survives what should not matter;
 - camera randomization in collection (`collect.camera_jitter`): every demonstration episode sees the
-  scene from its own camera position, so the policy cannot rely on one viewpoint.
+  scene from its own camera position, so the policy cannot rely on one viewpoint;
+- lighting randomization in collection (`collect.light_jitter`): the light's direction, its intensity
+  and the ambient light are drawn anew for every batch of episodes, so the policy cannot rely on one
+  shading of the cube. Per batch, not per episode: Genesis' rasterizer lights all envs of a scene
+  alike in one render pass. The draw is seeded by the batch's first episode seed and recorded in every
+  episode of the batch (its meta.json "look").
 
 The per-episode draws (camera jitter, distractor place) come from their own generator seeded by the
 episode seed, never from the layout's: a scene with a distractor keeps every object where the
@@ -16,6 +21,7 @@ default scene puts it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -33,6 +39,7 @@ DISTRACTOR_PARKED = (0.0, -1.8, CUBE_SIZE / 2)  # out of every camera's view, li
 # so it never hides them from the front camera or sits where the hand must go
 DISTRACTOR_CLEARANCE = 0.10
 LOOK_STREAM = 1 << 40  # offset of the appearance generator's seed from the layout's
+LIGHT_STREAM = 1 << 41  # offset of the lighting generator's seed (one draw per batch of episodes)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class Appearance:
     light_intensity: float = 5.0
     ambient_light: float = 0.3  # grey level of the ambient light
     distractor: bool = False  # a yellow cube on the table, placed per episode away from the task's objects
+    # lighting randomization, per batch of episodes (`lighting_of`): intensity and ambient scaled by
+    # U[1 - j, 1 + j], the light's direction turned about the vertical by U[-j, j] x 180 degrees
+    light_jitter: float = 0.0
 
     @property
     def moves_camera(self) -> bool:
@@ -63,14 +73,47 @@ class SceneSettings(Protocol):
     distractor: bool
 
 
-def appearance_of(sim: SceneSettings, camera_jitter: float = 0.0) -> Appearance:
-    """The Appearance a config asks for: `sim.*` (the scene) and collection's camera jitter."""
+@dataclass(frozen=True)
+class Lighting:
+    """The lights one render pass uses: a directional light and the ambient grey level."""
+
+    light_dir: tuple[float, float, float]
+    light_intensity: float
+    ambient_light: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {"light_dir": list(self.light_dir), "light_intensity": self.light_intensity,
+                "ambient_light": self.ambient_light}
+
+
+def lighting_of(appearance: Appearance, seed: int) -> Lighting:
+    """The lights of a batch of episodes whose first episode seed is `seed`: the appearance's own,
+    or with `light_jitter` a draw from a generator of its own (never the layout's), so the draw is a
+    pure function of (appearance, seed) and a re-collected batch is lit the same."""
+    base = Lighting(appearance.light_dir, appearance.light_intensity, appearance.ambient_light)
+    jitter = appearance.light_jitter
+    if jitter <= 0:
+        return base
+    gen = torch.Generator().manual_seed(seed + LIGHT_STREAM)
+    scale_light, scale_ambient, turn = (2 * torch.rand(3, generator=gen, dtype=torch.float64) - 1).tolist()
+    angle = math.pi * jitter * turn
+    dx, dy, dz = base.light_dir
+    cos, sin = math.cos(angle), math.sin(angle)
+    return Lighting(
+        light_dir=(round(cos * dx - sin * dy, 6), round(sin * dx + cos * dy, 6), dz),
+        light_intensity=round(base.light_intensity * (1 + jitter * scale_light), 6),
+        ambient_light=round(min(1.0, base.ambient_light * (1 + jitter * scale_ambient)), 6),
+    )
+
+
+def appearance_of(sim: SceneSettings, camera_jitter: float = 0.0, light_jitter: float = 0.0) -> Appearance:
+    """The Appearance a config asks for: `sim.*` (the scene) and collection's camera and light jitter."""
     x, y, z = (float(v) for v in sim.camera_offset)
     dx, dy, dz = (float(v) for v in sim.light_dir)
     return Appearance(
         camera_offset=(x, y, z), camera_jitter=float(camera_jitter), light_dir=(dx, dy, dz),
         light_intensity=float(sim.light_intensity), ambient_light=float(sim.ambient_light),
-        distractor=bool(sim.distractor),
+        distractor=bool(sim.distractor), light_jitter=float(light_jitter),
     )
 
 

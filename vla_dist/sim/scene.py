@@ -27,6 +27,7 @@ from vla_dist.sim.appearance import (
     FRONT_CAMERA_LOOKAT,
     FRONT_CAMERA_POS,
     Appearance,
+    Lighting,
 )
 from vla_dist.sim.geometry import axis_angle_to_quat, quat_mul, yaw_quat
 from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE, PARKED, TARGET_RADIUS, Layout
@@ -143,6 +144,7 @@ class TabletopScene:
             self.cameras["wrist"].attach(self.hand, _wrist_camera_offset())
         self._gripper_closed = torch.zeros(n_envs, dtype=torch.bool)
         self._camera_moved = False
+        self._lighting = Lighting(look.light_dir, look.light_intensity, look.ambient_light)  # as built
         if "front" in self.cameras:
             self._front_built = np.array(self.cameras["front"].transform, dtype=np.float64, copy=True)
 
@@ -182,6 +184,29 @@ class TabletopScene:
         else:  # back to the pose it was built with, exactly (a recomputed pose differs in the last bits)
             front.set_pose(transform=self._front_built, envs_idx=envs)
         self._camera_moved = moves
+
+    @property
+    def lighting(self) -> Lighting:
+        return self._lighting
+
+    def set_lighting(self, lighting: Lighting) -> None:
+        """Light every env as `lighting` says from the next render on (collection's light randomization,
+        vla_dist/sim/appearance.py). Genesis sets lights when a scene is built; this changes the built
+        light in place (its pyrender node, as Genesis' own `add_light` poses it) and the ambient level,
+        so the images equal those of a scene built with these lights (tests/test_sim.py). The same lights
+        again are left alone, bit for bit."""
+        if lighting == self._lighting:
+            return
+        import genesis.utils.geom as gu
+
+        renderer_scene = self.scene.visualizer.context._scene  # Genesis' pyrender scene
+        (node,) = renderer_scene.directional_light_nodes  # the one light the constructor adds
+        pose = np.eye(4, dtype=np.float32)
+        gu.z_up_to_R(-np.array(lighting.light_dir, dtype=np.float32), out=pose[:3, :3])
+        node.light.intensity = lighting.light_intensity
+        renderer_scene.ambient_light = np.array((lighting.ambient_light,) * 3)
+        renderer_scene.set_pose(node, pose)  # advances the scene's revision: the renderer re-reads its lights
+        self._lighting = lighting
 
     def joint_targets(self, ee_actions: torch.Tensor) -> torch.Tensor:
         """End-effector delta actions [B, 7] -> joint-position actions [B, 8]: moves the commanded hand
