@@ -23,7 +23,8 @@ from vla_dist.data.manifest import read_manifest, write_manifest
 from vla_dist.data.shards import EpisodeShardWriter
 from vla_dist.data.stats import compute_stats
 from vla_dist.errors import ConfigError
-from vla_dist.models.policy import PolicyInputs, build_policy, load_policy, placeholder_manifest
+from vla_dist.models.build import build_policy, load_policy, placeholder_manifest
+from vla_dist.models.policy import PolicyInputs
 from vla_dist.spaces import (
     CAMERAS,
     EE_DELTA_POSE,

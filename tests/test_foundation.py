@@ -19,7 +19,7 @@ from vla_dist.config.load import load_config
 from vla_dist.config.validate import validate
 from vla_dist.data.manifest import read_manifest
 from vla_dist.errors import ConfigError
-from vla_dist.models.policy import build_policy, load_policy
+from vla_dist.models.build import build_policy, load_policy
 from vla_dist.rl.loop import run_rl
 from vla_dist.train.batches import EpisodeWindows
 from vla_dist.train.sft import run_train

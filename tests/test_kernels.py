@@ -280,7 +280,8 @@ def test_decoders_on_the_policies_inputs() -> None:
     """The tiny presets through vla_dist.models: our decoders (uncompiled: the compiled graphs are
     checked above) on prepare_prefix/prepare_prompt equal the policies' own eager paths."""
     from vla_dist.config import load_config
-    from vla_dist.models.policy import PolicyInputs, build_policy, placeholder_manifest
+    from vla_dist.models.build import build_policy, placeholder_manifest
+    from vla_dist.models.policy import PolicyInputs
 
     torch.manual_seed(0)
     pi0_policy = build_policy(load_config(None, ["model.preset=tiny-pi0"]).model, placeholder_manifest()).eval()
@@ -314,7 +315,8 @@ def test_decoders_on_the_policies_inputs() -> None:
 def test_policy_predicts_through_compiled_decoding(preset: str) -> None:
     """`model.compile`: predict_chunk routed through the compiled kernels gives the eager actions."""
     from vla_dist.config import load_config
-    from vla_dist.models.policy import PolicyInputs, build_policy, placeholder_manifest
+    from vla_dist.models.build import build_policy, placeholder_manifest
+    from vla_dist.models.policy import PolicyInputs
 
     torch.manual_seed(0)
     policy = build_policy(load_config(None, [f"model.preset={preset}"]).model, placeholder_manifest()).eval()

@@ -18,15 +18,9 @@ from vla_dist.config import ConfigError, load_config
 from vla_dist.config.schema import ModelSection
 from vla_dist.models import processing
 from vla_dist.models.action_tokens import ActionTokenPolicy
+from vla_dist.models.build import build_policy, count_parameters, load_policy
 from vla_dist.models.pi0 import PI0Policy
-from vla_dist.models.policy import (
-    PolicyBatch,
-    PolicyInputs,
-    VLAPolicy,
-    build_policy,
-    count_parameters,
-    load_policy,
-)
+from vla_dist.models.policy import PolicyBatch, PolicyInputs, VLAPolicy
 from vla_dist.sim.tasks import TASKS
 
 ACTION_DIM, STATE_DIM, IMAGE_SIZE = 7, 15, 64
@@ -501,7 +495,7 @@ def test_full_size_parameter_counts() -> None:
 
 
 def _spec(cfg: ModelSection) -> Any:
-    from vla_dist.models.policy import spec_from
+    from vla_dist.models.build import spec_from
 
     return spec_from(cfg, synthetic_manifest())
 

@@ -20,7 +20,7 @@ from vla_dist.checkpoint import manager as ckpt
 from vla_dist.config.load import load_config
 from vla_dist.config.validate import validate
 from vla_dist.errors import ConfigError
-from vla_dist.models.policy import build_policy, placeholder_manifest
+from vla_dist.models.build import build_policy, placeholder_manifest
 from vla_dist.rl.loop import run_rl
 from vla_dist.train.metrics import read_metrics
 
@@ -206,7 +206,7 @@ def test_lora_rl_syncs_the_adapter_only_and_saves_an_evaluable_policy(pretrained
     checkpoint's policy/ is the base plus adapter/, and loading it (merging the adapter) gives weights
     that differ from the start only where LoRA adapts."""
     from vla_dist.checkpoint.export import export_checkpoint
-    from vla_dist.models.policy import load_policy
+    from vla_dist.models.build import load_policy
 
     run_dir = tmp_path / "lora"
     report = run_rl(rl_cfg(run_dir, pretrained["pi0"], "pi0", "train.lora.enabled=true", "train.zero_stage=3",

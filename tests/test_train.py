@@ -21,8 +21,9 @@ from vla_dist.config.load import load_config
 from vla_dist.config.schema import ModelSection
 from vla_dist.config.validate import validate
 from vla_dist.errors import ConfigError, VlaDistError
+from vla_dist.models.build import build_policy, load_policy
 from vla_dist.models.files import PretrainedError
-from vla_dist.models.policy import PolicyBatch, VLAPolicy, build_policy, load_policy
+from vla_dist.models.policy import PolicyBatch, VLAPolicy
 from vla_dist.train import run_train
 from vla_dist.train.batches import EpisodeWindows
 from vla_dist.train.metrics import read_metrics

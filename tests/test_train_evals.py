@@ -178,7 +178,7 @@ def test_lora_eval_runs_the_merged_adapter(dataset: Path, tmp_path: Path) -> Non
     policy the eval actors ran predicts what a --merge-lora export of the same step predicts."""
     import torch
 
-    from vla_dist.models.policy import load_policy
+    from vla_dist.models.build import load_policy
     from vla_dist.train.batches import EpisodeWindows
 
     run_dir = tmp_path / "lora"

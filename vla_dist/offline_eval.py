@@ -31,7 +31,7 @@ BATCH = 32  # windows per forward
 
 def run_offline_eval(cfg: RunConfig) -> dict[str, Any]:
     from vla_dist.data.manifest import read_manifest
-    from vla_dist.models.policy import load_policy
+    from vla_dist.models.build import load_policy
     from vla_dist.rollout.evaluate import resolve_policy
     from vla_dist.train.batches import EpisodeWindows
 

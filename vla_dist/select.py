@@ -114,7 +114,7 @@ def score_episodes(cfg: RunConfig, pool: Path, candidates: list[str]) -> dict[st
     if s.score == "random":
         draws = np.random.default_rng(cfg.run.seed).random(len(candidates))
         return {episode_id: float(v) for episode_id, v in zip(candidates, draws, strict=True)}
-    from vla_dist.models.policy import load_policy
+    from vla_dist.models.build import load_policy
     from vla_dist.rollout.evaluate import resolve_policy
     from vla_dist.train.batches import EpisodeWindows
 

@@ -193,7 +193,7 @@ def _policy_families(cfg: RunConfig, device: torch.device) -> tuple[list[DecodeF
     """The configured policy for its family, the other family's tiny preset for the other."""
     from vla_dist.config import load_config
     from vla_dist.data.manifest import ManifestError, read_manifest
-    from vla_dist.models.policy import build_policy, placeholder_manifest
+    from vla_dist.models.build import build_policy, placeholder_manifest
 
     try:
         manifest = read_manifest(cfg.data.dir)

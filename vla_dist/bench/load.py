@@ -54,7 +54,7 @@ class LoadWorker(DeepSpeedRank):
         import torch.distributed as dist
 
         from vla_dist.distributed.ds_config import build_ds_config
-        from vla_dist.models.policy import build_policy
+        from vla_dist.models.build import build_policy
 
         _import_model_code(cfg.model.pretrained)  # the peak is then the weights', not the imports'
         dist.barrier()

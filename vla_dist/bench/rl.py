@@ -34,7 +34,7 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
     import ray
     import torch
 
-    from vla_dist.models.policy import build_policy, placeholder_manifest
+    from vla_dist.models.build import build_policy, placeholder_manifest
     from vla_dist.rl.rollout import exploration_from
     from vla_dist.rollout.actor import SimActor
     from vla_dist.rollout.policies import PolicySource

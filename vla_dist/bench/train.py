@@ -57,7 +57,7 @@ class PlainTrainer:
         import torch
 
         from vla_dist.config.validate import global_batch_size
-        from vla_dist.models.policy import build_policy
+        from vla_dist.models.build import build_policy
         from vla_dist.train.batches import EpisodeWindows
         from vla_dist.train.lora import apply_lora
 

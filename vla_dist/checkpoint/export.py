@@ -44,7 +44,7 @@ def rebuild_policy(meta: dict[str, Any]) -> Any:
     import torch
 
     from vla_dist.config.schema import ModelSection
-    from vla_dist.models.policy import build_policy
+    from vla_dist.models.build import build_policy
 
     torch.manual_seed(meta["seed"])
     return build_policy(ModelSection(**meta["model"]), meta["manifest"])
@@ -113,7 +113,7 @@ def _export_rl(step_dir: Path, meta: dict[str, Any], out: Path, merge_lora: bool
         raise ConfigError("--merge-lora", f"{step_dir} is a full fine-tune (train.lora.enabled=false): "
                           "nothing to merge")
     if merge_lora:
-        from vla_dist.models.policy import load_policy
+        from vla_dist.models.build import load_policy
 
         load_policy(source).save_pretrained(out)
         kind = "merged"

@@ -44,7 +44,8 @@ class RLWorker(DeepSpeedRank):
         import deepspeed
 
         from vla_dist.distributed.ds_config import build_ds_config
-        from vla_dist.models.policy import DTYPES, load_policy
+        from vla_dist.models.build import load_policy
+        from vla_dist.models.policy import DTYPES
         from vla_dist.rl.objective import ActorCritic, Sampling
         from vla_dist.rl.value import ValueHead, feature_size
         from vla_dist.train.lora import apply_lora, trainable_count

@@ -213,8 +213,9 @@ def _manifest(cfg: RunConfig) -> dict[str, Any]:
 def _check_pretrained_fits(cfg: RunConfig, manifest: dict[str, Any]) -> None:
     """model.pretrained (a vla-dist policy) acts in the dataset's spaces, or model.retarget says to learn
     them: checked from its vla_dist.json before Ray starts (the ranks load the weights)."""
+    from vla_dist.models.build import RETARGET_HINT, pretrained_mismatch, spec_from
     from vla_dist.models.files import check_pretrained_dir, is_foundation_dir
-    from vla_dist.models.policy import RETARGET_HINT, PolicySpec, pretrained_mismatch, spec_from
+    from vla_dist.models.policy import PolicySpec
 
     pretrained = cfg.model.pretrained
     if pretrained is None or is_foundation_dir(pretrained):

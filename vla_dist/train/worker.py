@@ -26,7 +26,7 @@ class SFTWorker(DeepSpeedRank):
         import deepspeed
 
         from vla_dist.distributed.ds_config import build_ds_config, scheduler_factory
-        from vla_dist.models.policy import build_policy
+        from vla_dist.models.build import build_policy
         from vla_dist.train.batches import EpisodeWindows, LoaderBatches
         from vla_dist.train.lora import apply_lora, trainable_count
 
