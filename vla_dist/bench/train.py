@@ -56,7 +56,7 @@ class PlainTrainer:
     def setup(self, cfg: RunConfig, manifest: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        from vla_dist.config.validate import global_batch_size
+        from vla_dist.config.train_checks import global_batch_size
         from vla_dist.models.build import build_policy
         from vla_dist.train.batches import EpisodeWindows
         from vla_dist.train.lora import apply_lora
@@ -180,7 +180,7 @@ def release_ray(started_here: bool) -> None:
 
 
 def run_train_bench(cfg: RunConfig) -> dict[str, object]:
-    from vla_dist.config.validate import global_batch_size
+    from vla_dist.config.train_checks import global_batch_size
     from vla_dist.data.manifest import read_manifest
     from vla_dist.runtime import init_ray
     from vla_dist.train.sft import start_ranks

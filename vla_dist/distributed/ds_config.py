@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from vla_dist.config.schema import TrainSection
-from vla_dist.config.validate import global_batch_size
+from vla_dist.config.train_checks import global_batch_size
 
 
 def build_ds_config(train: TrainSection, *, on_gpu: bool) -> dict[str, Any]:

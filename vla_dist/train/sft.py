@@ -28,7 +28,7 @@ from vla_dist.checkpoint import manager as ckpt
 from vla_dist.cluster.placement import TrainerPlacement
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
-from vla_dist.config.validate import eval_fit_message, global_batch_size
+from vla_dist.config.train_checks import eval_fit_message, global_batch_size
 from vla_dist.data.manifest import ManifestError, read_manifest
 from vla_dist.errors import ConfigError, VlaDistError
 from vla_dist.spaces import action_space_type, simulator_mismatch
