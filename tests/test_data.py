@@ -162,6 +162,28 @@ def test_sample_layout_and_meta() -> None:
     assert np.load(io.BytesIO(sample["actions.npy"]), allow_pickle=False).dtype == np.float32
 
 
+def test_object_positions_and_look_round_trip_only_when_recorded() -> None:
+    """Episode.object_pos (the object head's targets) and Episode.look (what the cameras saw) go into
+    the sample when set (object_pos.npy, meta.json) and come back; episodes without them keep the
+    layout older datasets have, and a sample that says it holds positions must hold them."""
+    plain = make_episode(2)
+    assert "object_pos.npy" not in encode_episode(plain, "npz")
+    assert decode_sample(encode_episode(plain, "npz")).object_pos.size == 0
+    rng = np.random.default_rng(5)
+    recorded = make_episode(3)
+    recorded.object_pos = rng.normal(size=(NUM_FRAMES, 3)).astype(np.float32)
+    recorded.look = {"camera_offset": [0.0, 0.01, 0.0], "light_intensity": 3.2}
+    sample = encode_episode(recorded, "npz")
+    assert json.loads(sample["meta.json"])["object_dim"] == 3
+    back = decode_sample(sample)
+    assert np.array_equal(back.object_pos, recorded.object_pos) and back.look == recorded.look
+    with pytest.raises(ValueError, match="missing keys"):
+        decode_sample({k: v for k, v in sample.items() if k != "object_pos.npy"})
+    recorded.object_pos = recorded.object_pos[:-1]
+    with pytest.raises(ValueError, match="object_pos"):
+        encode_episode(recorded, "npz")
+
+
 def test_decode_sample_rejects_unknown_and_missing_keys(tmp_path: Path) -> None:
     sample = encode_episode(make_episode(1), "npz")
     marker = tmp_path / "unpickled"

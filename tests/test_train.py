@@ -207,6 +207,35 @@ def test_cli_export_of_a_zero3_run_is_the_trained_weights_in_plain_transformers(
     torch.testing.assert_close(theirs, predicted, rtol=0, atol=0)
 
 
+def test_object_target_trains_under_zero3_resumes_and_exports_without_its_head(quickstart_run, local_ray, tmp_path):
+    """train.object_target under ZeRO-3 (the head partitioned with the policy), on loader batches of
+    the quickstart dataset's recorded cube positions: every step reports the head's error, a resumed
+    run continues, and the export is the policy alone (no head weights, loadable). A dataset without
+    recorded positions is refused by key before any rank starts."""
+    _, data_dir, _ = quickstart_run
+    run_dir = tmp_path / "object"
+    common = ("train.save_every=4", "train.zero_stage=3", "train.fixed_batches=false", "train.object_target=1.0")
+    run_train(train_cfg(run_dir, data_dir, "train.steps=4", *common))
+    run_train(train_cfg(run_dir, data_dir, "train.steps=6", *common))  # resumes from step 4 (train.resume=auto)
+    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(0 < row["object_error_cm"] < 100 for row in rows), rows
+    out = tmp_path / "export"
+    assert export_checkpoint(run_dir, out)["kind"] == "full"
+    exported = load_policy(out)
+    assert "object_head" not in exported._modules
+    assert not any("object_head" in name for name in exported.state_dict())
+
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(data_dir, unrecorded)
+    manifest = json.loads((unrecorded / "manifest.json").read_text())
+    assert manifest["extra"].pop("object_pos")  # what collection now records
+    (unrecorded / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="records no object positions") as error:
+        run_train(train_cfg(tmp_path / "refused", unrecorded, "train.steps=2", *common))
+    assert error.value.key == "train.object_target" and not (tmp_path / "refused").exists()
+
+
 @pytest.fixture(scope="module")
 def lora_run(quickstart_run, local_ray, tmp_path_factory):
     """LoRA under ZeRO-3, 4 steps, one injected non-finite loss (skipped, training goes on)."""

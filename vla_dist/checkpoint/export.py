@@ -90,7 +90,10 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
 
             with captured_output():  # its prints and progress bars ("Processing zero checkpoint ...")
                 state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-        missing, unexpected = policy.load_state_dict(state, strict=False)
+        from vla_dist.models.object_head import without_object_head
+
+        # training's object head (train.object_target) is not part of the policy it saves
+        missing, unexpected = policy.load_state_dict(without_object_head(state), strict=False)
         # zero_to_fp32 leaves frozen parameters out at ZeRO-1 (its stage-1 checkpoints do not record
         # them); they never change in training, so the rebuilt policy (same init, same seed) holds them
         frozen = {name for name, param in policy.named_parameters() if not param.requires_grad}

@@ -283,6 +283,10 @@ class TrainSection:
     # debug/overfit check: every step draws the same windows, noise and flow-matching times, so the
     # loss is comparable step to step (it must fall steadily); false for real training
     fixed_batches: bool = False
+    # Auxiliary perception target (models/object_head.py): a head on the policy's image tokens predicts
+    # the red cube's position (recorded at collection, Episode.object_pos) and this weight x its error
+    # (in units of 10 cm) joins the action loss; the head is for training only, never saved. 0: off
+    object_target: float = 0.0
     # Per-step time breakdown in metrics.jsonl (`breakdown_ms`: data, forward, NaN check, backward split
     # into compute and gradient reduction by DeepSpeed's wall_clock_breakdown timers, optimizer step;
     # train/breakdown.py). Synchronizes the GPU at each phase: for finding where time goes, not for speed.

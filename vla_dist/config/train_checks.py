@@ -46,6 +46,17 @@ def _train_rank_resources(cfg: RunConfig) -> None:
             raise ConfigError("train.rank_resources", f"{name}: must be > 0, got {amount!r}")
 
 
+def _train_object_target(cfg: RunConfig) -> None:
+    if cfg.train.object_target <= 0:
+        return
+    if cfg.model.family != "pi0":
+        raise ConfigError("train.object_target", f"the object head reads pi0's image tokens; the {cfg.model.family} "
+                          "family's is not built")
+    if cfg.train.fixed_batches:
+        raise ConfigError("train.object_target", "needs the real data loader (its batches carry the object "
+                          "positions): set train.fixed_batches=false")
+
+
 def _train_offload(cfg: RunConfig) -> None:
     t = cfg.train
     if t.offload_params and t.zero_stage != 3:
@@ -100,6 +111,8 @@ TRAIN_CHECKS: list[Check] = [
     _train_rank_resources,
     _train_batch,
     _train_offload,
+    at_least("train.object_target", 0.0),
+    _train_object_target,
     at_least("train.eval_every", 0),
     at_least("train.eval_episodes", 0),
     at_least("train.eval_actors", 1),

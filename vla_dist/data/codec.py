@@ -5,6 +5,8 @@ One sample per episode, keyed by the episode id:
     <episode_id>.meta.json      JSON: ids, task, instruction, seed, success, fps, sizes, codec
     <episode_id>.state.npy      float32 [T, S]  (np.save bytes; read back with allow_pickle=False)
     <episode_id>.actions.npy    float32 [T, A]
+    <episode_id>.object_pos.npy float32 [T, 3]: the red cube's centre from simulator state (when recorded;
+                                meta.json says so with "object_dim")
     <episode_id>.<cam>.<codec>  one video per camera, uint8 [T, H, W, 3] once decoded
 
 Codecs: "mp4" is H.264 (lossy, small; needs even H and W because of 4:2:0 chroma), "npz" is
@@ -61,11 +63,12 @@ _SWS_FLAGS = (
 # and treats "/" as a directory, so both are refused; USTAR tar caps a member name at 100 bytes.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _MAX_MEMBER_NAME = 100
-_RESERVED_FIELDS = ("meta", "state", "actions")
+_RESERVED_FIELDS = ("meta", "state", "actions", "object_pos")
 
 META_KEY = "meta.json"
 STATE_KEY = "state.npy"
 ACTIONS_KEY = "actions.npy"
+OBJECT_POS_KEY = "object_pos.npy"
 # Keys webdataset's tar iteration adds to a sample; never written by us, ignored when decoding.
 _ITERATOR_KEYS = ("__key__", "__url__", "__local_path__")
 
@@ -217,12 +220,17 @@ def encode_episode(ep: Episode, codec: str) -> dict[str, str | bytes]:
     }
     if ep.look:
         meta["look"] = ep.look
+    object_pos = _checked_object_pos(ep, actions.shape[0])
+    if object_pos is not None:
+        meta["object_dim"] = int(object_pos.shape[1])
     sample: dict[str, str | bytes] = {
         "__key__": ep.episode_id,
         META_KEY: json.dumps(meta, sort_keys=True).encode("utf-8"),
         STATE_KEY: _npy_bytes(state),
         ACTIONS_KEY: _npy_bytes(actions),
     }
+    if object_pos is not None:
+        sample[OBJECT_POS_KEY] = _npy_bytes(object_pos)
     for cam in cameras:
         sample[f"{cam}.{codec}"] = encode_frames(ep.frames[cam], codec, ep.fps)
     return sample
@@ -247,6 +255,8 @@ def decode_sample(sample: dict[str, object], decode_images: bool = True) -> Epis
         raise ValueError(f"sample {key!r}: unknown image codec {codec!r}")
 
     expected = {META_KEY, STATE_KEY, ACTIONS_KEY} | {f"{cam}.{codec}" for cam in cameras}
+    if "object_dim" in meta:
+        expected.add(OBJECT_POS_KEY)
     present = {k for k in sample if k not in _ITERATOR_KEYS}
     if present - expected:
         raise ValueError(f"sample {key!r}: unexpected keys {sorted(present - expected)} (never decoded)")
@@ -255,6 +265,10 @@ def decode_sample(sample: dict[str, object], decode_images: bool = True) -> Epis
 
     state = _load_npy(_as_bytes(sample[STATE_KEY], key, STATE_KEY), key, STATE_KEY, num_frames)
     actions = _load_npy(_as_bytes(sample[ACTIONS_KEY], key, ACTIONS_KEY), key, ACTIONS_KEY, num_frames)
+    object_pos = np.zeros((0, 0), np.float32)
+    if OBJECT_POS_KEY in expected:
+        object_pos = _load_npy(_as_bytes(sample[OBJECT_POS_KEY], key, OBJECT_POS_KEY), key, OBJECT_POS_KEY,
+                               num_frames)
     frames: dict[str, np.ndarray] = {}
     if decode_images:
         for cam in cameras:
@@ -278,6 +292,7 @@ def decode_sample(sample: dict[str, object], decode_images: bool = True) -> Epis
         state=state,
         actions=actions,
         look=dict(meta.get("look") or {}),
+        object_pos=object_pos,
     )
 
 
@@ -315,6 +330,17 @@ def _validate_episode(ep: Episode, codec: str) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"episode {ep.episode_id}: camera {cam} has {frames.shape[0]} frames, "
                              f"actions have {num_frames} steps")
     return state.astype(np.float32, copy=False), actions.astype(np.float32, copy=False)
+
+
+def _checked_object_pos(ep: Episode, num_frames: int) -> np.ndarray | None:
+    """The episode's object positions as float32 [T, D], or None when it has none."""
+    object_pos = np.asarray(ep.object_pos)
+    if object_pos.size == 0:
+        return None
+    if object_pos.ndim != 2 or object_pos.shape[0] != num_frames or not np.isfinite(object_pos).all():
+        raise ValueError(f"episode {ep.episode_id}: object_pos must be finite [T={num_frames}, D], "
+                         f"got {object_pos.shape}")
+    return object_pos.astype(np.float32, copy=False)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -20,6 +20,9 @@ class WindowBatch(PolicyBatch):
 
     episode_ids: list[str]
     timesteps: torch.Tensor  # int64 [B]: t of each window in its episode
+    # float32 [B, 3]: the red cube's centre at t (Episode.object_pos), the object head's target; None
+    # when an episode of the batch has none recorded
+    object_pos: torch.Tensor | None = None
 
 
 def collate_windows(episodes: Sequence[Episode | None], index: Sequence[tuple[int, int]], chunk_size: int,
@@ -29,6 +32,7 @@ def collate_windows(episodes: Sequence[Episode | None], index: Sequence[tuple[in
     if any(ep is None for ep, _ in picked):
         raise ValueError("collate_windows: a window points at an episode that failed to decode")
     parts = [make_window(ep, t, chunk_size, cameras) for ep, t in picked]  # type: ignore[arg-type]
+    recorded = all(ep.object_pos.size for ep, _ in picked)  # type: ignore[union-attr]
     return WindowBatch(
         images=torch.from_numpy(np.stack([p[0] for p in parts])),
         state=torch.from_numpy(np.stack([p[1] for p in parts])),
@@ -37,4 +41,5 @@ def collate_windows(episodes: Sequence[Episode | None], index: Sequence[tuple[in
         action_mask=torch.from_numpy(np.stack([p[3] for p in parts])),
         episode_ids=[ep.episode_id for ep, _ in picked],  # type: ignore[union-attr]
         timesteps=torch.tensor([t for _, t in picked], dtype=torch.int64),
+        object_pos=torch.from_numpy(np.stack([ep.object_pos[t] for ep, t in picked])) if recorded else None,  # type: ignore[union-attr]
     )

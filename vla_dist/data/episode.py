@@ -29,6 +29,10 @@ class Episode:
     # What the cameras saw apart from the task (vla_dist/sim/appearance.py): the front camera's offset and
     # the lights, e.g. drawn by collection's camera and light randomization. In meta.json when set.
     look: dict[str, Any] = field(default_factory=dict)
+    # The red cube's centre (m, world frame) at each recorded step, from simulator state: privileged,
+    # never a policy input; the target of training's auxiliary object head (train.object_target).
+    # float32 [T, 3], or [0, 0] when not recorded (datasets from before it was, imports).
+    object_pos: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     @property
     def num_frames(self) -> int:

@@ -35,6 +35,7 @@ from vla_dist.models.files import (
     check_pretrained_dir,
     weights_readable_like,
 )
+from vla_dist.models.object_head import OBJECT_HEAD
 from vla_dist.models.processing import Normalization
 
 if TYPE_CHECKING:
@@ -163,8 +164,20 @@ class VLAPolicy(nn.Module, abc.ABC):
         """A randomly initialised policy (on the meta device when `meta`: nothing allocated)."""
 
     def forward(self, batch: PolicyBatch) -> torch.Tensor:
-        """= compute_loss: what a DeepSpeed engine's `engine(batch)` calls."""
-        return self.compute_loss(batch)
+        """= compute_loss: what a DeepSpeed engine's `engine(batch)` calls; with training's object head
+        attached (models/object_head.py, train.object_target), plus its weighted loss."""
+        head = self._modules.get(OBJECT_HEAD)
+        if head is None:
+            return self.compute_loss(batch)
+        target = getattr(batch, "object_pos", None)
+        if target is None:
+            raise ValueError("the object head (train.object_target) needs batches with object positions "
+                             "(Episode.object_pos, recorded by vla-dist collect)")
+        return self.loss_with_object_head(batch, head, target)
+
+    def loss_with_object_head(self, batch: PolicyBatch, head: nn.Module, object_pos: torch.Tensor) -> torch.Tensor:
+        """compute_loss + head.weight x the object head's loss on this family's image tokens."""
+        raise NotImplementedError(f"the {self.family} family has no image tokens for an object head yet")
 
     # --- shared processing ---------------------------------------------------------------------
 

@@ -296,6 +296,8 @@ def _write_manifest(
             # DAgger: the policy that drove the arm; the recorded actions are the expert's labels of its
             # states, not what executed (such a dataset cannot be replayed)
             "relabel_policy": cfg.collect.relabel_policy,
+            # every episode's object_pos.npy: what training's object head predicts (train.object_target)
+            "object_pos": "red cube centre, m, world frame",
         },
     )
 

@@ -172,6 +172,7 @@ def run_batch(
     n = scene.n_envs
     frames: list[dict[str, np.ndarray]] = []
     states: list[torch.Tensor] = []
+    cube_positions: list[torch.Tensor] = []  # privileged, for training's object head (Episode.object_pos)
     actions: list[torch.Tensor] = []
     length = torch.zeros(n, dtype=torch.long)  # steps recorded per env
     held = torch.zeros(n, dtype=torch.long)
@@ -191,6 +192,7 @@ def run_batch(
         action = policy.act(obs).to(torch.float32)
         frames.append(obs.images)
         states.append(obs.proprio)
+        cube_positions.append(privileged["cube_pos"].to(torch.float32))
         executed = noise.apply(action)
         if spaces[0] != scene.action_space:  # (never with noise: checked above)
             action = executed = in_scene_space(action, spaces[0], scene)
@@ -214,6 +216,7 @@ def run_batch(
 
     state_arr = torch.stack(states, dim=1).numpy()  # [B, T, S]
     action_arr = torch.stack(actions, dim=1).numpy()
+    cube_arr = torch.stack(cube_positions, dim=1).numpy()  # [B, T, 3]
     episodes = []
     for i, request in enumerate(requests):
         t = int(length[i])
@@ -229,6 +232,7 @@ def run_batch(
                 frames=images,
                 state=np.ascontiguousarray(state_arr[i, :t]),
                 actions=np.ascontiguousarray(action_arr[i, :t]),
+                object_pos=np.ascontiguousarray(cube_arr[i, :t]),
                 closest_approach_m=float(closest[i]),
                 closest_goal_m=float(closest_goal[i]),
                 look={"camera_offset": [round(float(v), 6) for v in starts[i]["camera_offset"]],

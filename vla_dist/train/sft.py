@@ -204,6 +204,10 @@ def _manifest(cfg: RunConfig) -> dict[str, Any]:
         raise ConfigError("train.eval_every", f"{cfg.data.dir} holds {why}: training-time evals run in that "
                           "simulator; set train.eval_every=0 and score checkpoints with eval.offline_data")
     _check_pretrained_fits(cfg, manifest)
+    if cfg.train.object_target and not (manifest.get("extra") or {}).get("object_pos"):
+        raise ConfigError("train.object_target", f"{cfg.data.dir} records no object positions (collected before "
+                          "they were, or imported): collect it again with vla-dist collect, or set "
+                          "train.object_target=0")
     if cfg.train.world_size > int(manifest["episodes"]):
         raise ConfigError("train.world_size", f"{cfg.train.world_size} ranks but {cfg.data.dir} holds "
                           f"{manifest['episodes']} episodes: every rank needs at least one")

@@ -17,6 +17,7 @@ import torch
 from vla_dist.config.schema import RunConfig
 from vla_dist.data.augment import augment_batch
 from vla_dist.distributed.rank import DeepSpeedRank
+from vla_dist.models.object_head import OBJECT_HEAD
 
 
 class SFTWorker(DeepSpeedRank):
@@ -38,6 +39,11 @@ class SFTWorker(DeepSpeedRank):
         if cfg.train.lora.enabled:
             apply_lora(policy, cfg.train.lora)
         self.lora = cfg.train.lora.enabled
+        if cfg.train.object_target:  # training's auxiliary perception target (never saved with the policy)
+            from vla_dist.models.object_head import attach_object_head
+
+            hidden = policy.hf_model.config.vlm_config.text_config.hidden_size
+            attach_object_head(policy, hidden, len(policy.cameras), cfg.train.object_target)
         if resume is not None and resume_mode == "universal":  # another world size, same stage
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine, *_ = deepspeed.initialize(model=policy, config=ds_config,
@@ -146,6 +152,9 @@ class SFTWorker(DeepSpeedRank):
             }
             if t.breakdown:
                 row["breakdown_ms"] = timer.finish(elapsed, self.engine)
+            head = self.engine.module._modules.get(OBJECT_HEAD)
+            if head is not None:  # this rank's last micro-batch: how well the images locate the cube
+                row["object_error_cm"] = round(100 * head.last_error_m, 3)
             out.append(row)
         return self._reduce_step_metrics(out, local)
 
