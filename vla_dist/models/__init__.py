@@ -1,4 +1,4 @@
-"""Policies: the `VLAPolicy` interface (policy.py), the pi0 and action-token families, processors.
+"""Policies: the `VLAPolicy` interface (policy.py) and its constructors (build.py), the pi0 and action-token families, processors.
 
 Names resolve lazily (PEP 562): `vla_dist.models.files` (used while loading configs) stays free of
 torch, while `from vla_dist.models import build_policy` works as usual.
@@ -14,9 +14,9 @@ _EXPORTS = {
     "PolicyBatch": "vla_dist.models.policy",
     "PolicySpec": "vla_dist.models.policy",
     "VLAPolicy": "vla_dist.models.policy",
-    "build_policy": "vla_dist.models.policy",
-    "load_policy": "vla_dist.models.policy",
-    "count_parameters": "vla_dist.models.policy",
+    "build_policy": "vla_dist.models.build",
+    "load_policy": "vla_dist.models.build",
+    "count_parameters": "vla_dist.models.build",
     "PI0Policy": "vla_dist.models.pi0",
     "ActionTokenPolicy": "vla_dist.models.action_tokens",
     "Normalization": "vla_dist.models.processing",
