@@ -1,4 +1,5 @@
-"""Policies: the `VLAPolicy` interface (policy.py) and its constructors (build.py), the pi0 and action-token families, processors.
+"""Policies: the `VLAPolicy` interface (policy.py) and its constructors (build.py), the pi0 and
+action-token families, processors.
 
 Names resolve lazily (PEP 562): `vla_dist.models.files` (used while loading configs) stays free of
 torch, while `from vla_dist.models import build_policy` works as usual.
