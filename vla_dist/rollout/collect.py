@@ -28,6 +28,7 @@ from vla_dist.data.reader import list_shards
 from vla_dist.data.shards import EpisodeShardWriter, ShardRecord, clear_shards
 from vla_dist.data.stats import StatsAccumulator
 from vla_dist.errors import ConfigError, VlaDistError
+from vla_dist.models.files import PretrainedError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
 from vla_dist.rollout.episodes import episode_seed, selected_tasks
 from vla_dist.rollout.output import write_videos
@@ -242,7 +243,10 @@ def relabelling_source(cfg: RunConfig) -> PolicySource | None:
     if not (Path(path) / "vla_dist.json").is_file():
         raise ConfigError("collect.relabel_policy", f"{path} is not a saved policy (no vla_dist.json): export a "
                           "checkpoint first (`vla-dist export`)")
-    why = simulator_mismatch_of(path, cfg.sim.action_space)
+    try:
+        why = simulator_mismatch_of(path, cfg.sim.action_space)
+    except PretrainedError as error:
+        raise ConfigError("collect.relabel_policy", str(error)) from None
     if why:
         raise ConfigError("collect.relabel_policy", f"{path} was trained on {why}: it cannot drive this simulator")
     return model_source(cfg, path, relabel=True)

@@ -22,6 +22,7 @@ import numpy as np
 from vla_dist.atomic import write_json
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
+from vla_dist.models.files import PretrainedError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
 from vla_dist.rollout.episodes import episode_seed, eval_seed, selected_tasks
 from vla_dist.rollout.output import write_videos
@@ -47,7 +48,10 @@ def _check_fits_the_simulator(path: Path, cfg: RunConfig) -> None:
     """A policy of another embodiment cannot run in the simulator: say so before any actor starts."""
     if cfg.eval.offline_data is not None:
         return
-    why = simulator_mismatch_of(path, cfg.sim.action_space)
+    try:
+        why = simulator_mismatch_of(path, cfg.sim.action_space)
+    except PretrainedError as error:
+        raise ConfigError("eval.checkpoint", str(error)) from None
     if why:
         raise ConfigError("eval.checkpoint", f"{path} was trained on {why}: evaluate it on held-out episodes "
                           "with eval.offline_data=DIR instead")

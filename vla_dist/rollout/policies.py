@@ -13,7 +13,6 @@ most of a CPU step and does not touch the physics.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,10 +159,11 @@ def model_source(cfg: RunConfig, path: str, relabel: bool = False) -> PolicySour
 
 def simulator_mismatch_of(path: str | Path, sim_action_space: str) -> str | None:
     """Why the saved policy at `path` (its vla_dist.json) cannot run in the simulator taking
-    `sim_action_space` actions (sim.action_space), or None."""
+    `sim_action_space` actions (sim.action_space), or None. Raises PretrainedError (not a policy)."""
+    from vla_dist.models.files import check_pretrained_dir
     from vla_dist.spaces import simulator_mismatch
 
-    spec = json.loads((Path(path) / "vla_dist.json").read_text(encoding="utf-8"))
+    spec = check_pretrained_dir(path)  # its vla_dist.json, the directory checked (PretrainedError if not a policy)
     return simulator_mismatch(spec["cameras"], spec["action_dim"], spec["state_dim"], spec.get("action_space"),
                               sim_action_space)
 
