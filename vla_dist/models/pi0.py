@@ -243,13 +243,18 @@ class PI0Policy(VLAPolicy):
         weights = batch.action_mask.to(per_sample.device).sum(dim=1).float()  # valid steps per sample
         return (per_sample * weights).sum() / weights.sum().clamp(min=1)
 
-    def prefix_embeddings(self, prefix: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, prompt_length, hidden]: the prefix as the backbone reads it, the cameras' image tokens
-        first (n_cam x tokens_per_image), then the prompt's (what `hf_model` computes inside)."""
+    def inner_model(self) -> nn.Module:
+        """transformers' PI0Model (backbone `vlm` and action expert), under a LoRA wrapper too."""
         hf_model = self.hf_model
         if hasattr(hf_model, "get_base_model"):  # LoRA: the peft wrapper's own model
             hf_model = hf_model.get_base_model()
-        return hf_model.model.embed_prefix(prefix["input_ids"], prefix["pixel_values"], prefix["pixel_attention_mask"])
+        return hf_model.model
+
+    def prefix_embeddings(self, prefix: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, prompt_length, hidden]: the prefix as the backbone reads it, the cameras' image tokens
+        first (n_cam x tokens_per_image), then the prompt's (what `hf_model` computes inside)."""
+        return self.inner_model().embed_prefix(prefix["input_ids"], prefix["pixel_values"],
+                                               prefix["pixel_attention_mask"])
 
     def loss_with_object_head(self, batch: PolicyBatch, head: nn.Module, object_pos: torch.Tensor) -> torch.Tensor:
         """The action loss and the object head's on the same image tokens, embedded once."""

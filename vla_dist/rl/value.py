@@ -33,11 +33,8 @@ def policy_features(policy: VLAPolicy, inputs: PolicyInputs) -> torch.Tensor:
     """float32 [B, feature_size(policy)] (module docstring), with gradients into the backbone."""
     if policy.family == "pi0":
         prefix = policy.prepare_prefix(inputs)  # type: ignore[attr-defined]
-        hf_model = policy.hf_model
-        if hasattr(hf_model, "get_base_model"):  # LoRA: the peft wrapper's own model
-            hf_model = hf_model.get_base_model()
-        inner = hf_model.model
-        embeds = inner.embed_prefix(prefix["input_ids"], prefix["pixel_values"], prefix["pixel_attention_mask"])
+        inner = policy.inner_model()  # type: ignore[attr-defined]
+        embeds = policy.prefix_embeddings(prefix)  # type: ignore[attr-defined]
         mask = prefix["attention_mask"]
         out = inner.vlm(inputs_embeds=embeds, attention_mask=mask, position_ids=mask.cumsum(-1) - 1,
                         token_type_ids=torch.zeros_like(mask), output_hidden_states=True, use_cache=False)
