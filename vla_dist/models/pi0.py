@@ -215,12 +215,12 @@ class PI0Policy(VLAPolicy):
 
     def per_sample_loss(self, batch: PolicyBatch, noise: torch.Tensor | None = None,
                         timestep: torch.Tensor | None = None,
-                        prefix_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                        prefix: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """float32 [B]: flow-matching MSE per sample over valid steps and real action dims.
         `noise` ([B, chunk, A or max_action_dim]) and `timestep` ([B]) are drawn when not given;
-        `prefix_embeds` (`prefix_embeddings`): the prefix already embedded, not embedded again."""
+        `prefix`: `prepare_prefix(batch)` already made (with "inputs_embeds": already embedded)."""
         size = self.check_inputs(batch)
-        prefix = self.prepare_prefix(batch)
+        prefix = self.prepare_prefix(batch) if prefix is None else prefix
         actions = F.pad(self.normalize_actions(batch.actions), (0, self.max_action_dim - self.action_dim))
         noise = self.full_noise(noise, size).float()
         time = (self.sample_timestep(size) if timestep is None else timestep.to(self.device)).float()
@@ -228,18 +228,19 @@ class PI0Policy(VLAPolicy):
         noisy = t * noise + (1 - t) * actions
         # actions=None: the model embeds `noise` (here x_t) and returns only the velocity; we take
         # the loss ourselves, masked, instead of its unmasked mean.
-        out = self.hf_model(**prefix, inputs_embeds=prefix_embeds, noise=noisy.to(self.dtype), timestep=time)
+        out = self.hf_model(**prefix, noise=noisy.to(self.dtype), timestep=time)
         error = (out.logits.float() - (noise - actions)) ** 2  # [B, chunk, max_action_dim]
         dims = torch.arange(self.max_action_dim, device=error.device) < self.action_dim
         mask = batch.action_mask.to(error.device)[:, :, None] & dims[None, None, :]
         return (error * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1)
 
     def compute_loss(self, batch: PolicyBatch, noise: torch.Tensor | None = None,
-                     timestep: torch.Tensor | None = None, prefix_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                     timestep: torch.Tensor | None = None,
+                     prefix: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Masked flow-matching MSE, averaged over every valid (step, dim) of the batch. Pass fixed
         `noise`/`timestep` to compare losses across steps (else drawn fresh each call)."""
         self.check_inputs(batch)
-        per_sample = self.per_sample_loss(batch, noise, timestep, prefix_embeds)
+        per_sample = self.per_sample_loss(batch, noise, timestep, prefix)
         weights = batch.action_mask.to(per_sample.device).sum(dim=1).float()  # valid steps per sample
         return (per_sample * weights).sum() / weights.sum().clamp(min=1)
 
@@ -257,12 +258,14 @@ class PI0Policy(VLAPolicy):
                                                prefix["pixel_attention_mask"])
 
     def loss_with_object_head(self, batch: PolicyBatch, head: nn.Module, object_pos: torch.Tensor) -> torch.Tensor:
-        """The action loss and the object head's on the same image tokens, embedded once."""
-        embeds = self.prefix_embeddings(self.prepare_prefix(batch))
+        """The action loss and the object head's on the same image tokens, prepared and embedded once."""
+        prefix = self.prepare_prefix(batch)
+        embeds = self.prefix_embeddings(prefix)
         n_cam = len(self.cameras)
         image_tokens = embeds[:, : n_cam * self.tokens_per_image].reshape(
             embeds.shape[0], n_cam, self.tokens_per_image, embeds.shape[-1])
-        return self.compute_loss(batch, prefix_embeds=embeds) + head.weight * head.loss(image_tokens, object_pos)
+        action_loss = self.compute_loss(batch, prefix={**prefix, "inputs_embeds": embeds})
+        return action_loss + head.weight * head.loss(image_tokens, object_pos)
 
     def log_prob(self, batch: PolicyBatch, noise: torch.Tensor | None = None,
                  timestep: torch.Tensor | None = None) -> torch.Tensor:
