@@ -19,7 +19,7 @@ from vla_dist.sim.appearance import (
     lighting_of,
     sample_scene,
 )
-from vla_dist.sim.tasks import TASKS, sample_layout
+from vla_dist.sim.tasks import TASKS, sample_layout, subject_pos
 from vla_dist.spaces import TASK_NAMES
 from vla_dist.stages import _check_collected_alike
 
@@ -45,7 +45,7 @@ def test_distractor_keeps_clear_of_the_objects_the_task_uses(task: str) -> None:
         drawn = sample_scene(task, seed, PERTURBED)
         spot = drawn["distractor_pos"]
         assert 0.40 <= float(spot[0]) <= 0.66 and -0.22 <= float(spot[1]) <= 0.22, spot  # on the workspace
-        used = [drawn["cube_pos"]] + [drawn["base_pos"]] * spec.uses_base + [drawn["target_pos"]] * spec.uses_target
+        used = [subject_pos(drawn)] + [drawn["base_pos"]] * spec.uses_base + [drawn["target_pos"]] * spec.uses_target
         for other in used:
             assert float((spot[:2] - other[:2]).norm()) >= DISTRACTOR_CLEARANCE - 1e-6, (seed, spot, other)
         places.append(spot)

@@ -67,8 +67,27 @@ TASK_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
         "place the red cube onto the blue one",
         "pick up the red block and set it on the blue block",
     ),
+    # The blue cube as the object of the first two tasks' verbs, word for word the red cube's phrasings
+    # with the colour changed: with both cubes on the table (sim.both_cubes) only the instruction says
+    # which cube is meant, and a policy trained on three of the four (verb, cube) pairs can be evaluated
+    # on the fourth, whose words it has all read in other pairs (held-out task combinations).
+    "pick_blue_cube": (
+        "pick up the blue cube",
+        "lift the blue block off the table",
+        "grab the blue cube and raise it",
+        "pick the blue block up",
+    ),
+    "push_blue_cube": (
+        "push the blue cube onto the green target",
+        "slide the blue block to the green circle",
+        "move the blue cube to the green mark by pushing it",
+        "shove the blue block onto the green disk",
+    ),
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASK_INSTRUCTIONS)
+# task.name=all: the three tasks of the red cube. Every dataset, policy and figure made before the
+# blue-cube tasks existed used these, and so do the tokenizer's corpus (models/processing.py) and "all".
+CORE_TASKS: tuple[str, ...] = ("pick_cube", "push_cube", "stack_cube")
 
 
 def action_space_type(space: Mapping[str, Any]) -> str | None:

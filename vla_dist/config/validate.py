@@ -16,7 +16,7 @@ from vla_dist.config.rules import Check, at_least, greater_than, in_range, one_o
 from vla_dist.config.schema import RunConfig
 from vla_dist.config.train_checks import TRAIN_CHECKS
 from vla_dist.errors import ConfigError
-from vla_dist.spaces import ACTION_SPACES, CAMERAS, TASK_INSTRUCTIONS, TASK_NAMES
+from vla_dist.spaces import ACTION_SPACES, CAMERAS, CORE_TASKS, TASK_INSTRUCTIONS, TASK_NAMES
 
 MIB = 1024 * 1024
 SIM_BACKENDS = ("cpu", "gpu")
@@ -68,7 +68,8 @@ def _task_name(cfg: RunConfig) -> None:
     parts = [part.strip() for part in name.split(",")]
     if name == "all" or (all(part in TASK_NAMES for part in parts) and len(set(parts)) == len(parts)):
         return
-    raise ConfigError("task.name", f"must be all, one of {', '.join(TASK_NAMES)}, or several of them separated by "
+    raise ConfigError("task.name", f"must be all (the red cube's tasks: {', '.join(CORE_TASKS)}), "
+                      f"one of {', '.join(TASK_NAMES)}, or several of them separated by "
                       f"commas (each once); got {name!r}")
 
 

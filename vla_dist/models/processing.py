@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vla_dist.spaces import TASK_INSTRUCTIONS
+from vla_dist.spaces import CORE_TASKS, TASK_INSTRUCTIONS
 
 NORMALIZATION_FILE = "normalization.json"
 PAD, BOS, EOS, IMAGE = "<pad>", "<bos>", "<eos>", "<image>"
@@ -60,8 +60,12 @@ def preprocess_images(images: torch.Tensor, size: int, dtype: torch.dtype = torc
 
 
 def instruction_corpus() -> list[str]:
-    """Every task instruction as the prompt the model sees, plus a line of extra words."""
-    lines = [PROMPT_TEMPLATE.format(instruction=text) for texts in TASK_INSTRUCTIONS.values() for text in texts]
+    """The red cube's task instructions as the prompt the model sees, plus a line of extra words.
+
+    Only CORE_TASKS: the blue-cube tasks' phrasings are theirs with the colour changed, and every word
+    of them is already a token (the extra words hold the colours; tests/test_models.py checks), so
+    leaving them out keeps every tokenizer built here the one every earlier policy was trained with."""
+    lines = [PROMPT_TEMPLATE.format(instruction=text) for task in CORE_TASKS for text in TASK_INSTRUCTIONS[task]]
     return [*lines, EXTRA_WORDS]
 
 

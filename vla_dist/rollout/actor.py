@@ -30,8 +30,9 @@ class EpisodeOutcome:
     state: np.ndarray
     actions: np.ndarray
     sample: dict[str, object]  # WebDataset sample from `encode_episode`
-    closest_approach_m: float = float("nan")  # grasp point to red cube centre, closest over the episode
-    closest_goal_m: float = float("nan")  # red cube to its task's success region, closest over the episode
+    closest_approach_m: float = float("nan")  # grasp point to the task cube's centre, closest over the episode
+    closest_goal_m: float = float("nan")  # task's cube to its success region, closest over the episode
+    other_cube_lifted: bool = False  # the cube the instruction did not name went above lift height
 
 
 @dataclass
@@ -126,6 +127,7 @@ class SimActor:
                 sample=encode_episode(ep, self.codec) if render else {},  # no frames: nothing to encode
                 closest_approach_m=ep.closest_approach_m,
                 closest_goal_m=ep.closest_goal_m,
+                other_cube_lifted=ep.other_cube_lifted,
             )
             for req, ep in zip(requests, episodes, strict=True)
         ]

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from vla_dist.spaces import TASK_NAMES
+from vla_dist.spaces import CORE_TASKS
 
 EVAL_SEED_STREAM = 1  # collection uses stream 0 (episode_seed)
 
 
 def selected_tasks(name: str) -> list[str]:
-    """task.name -> the tasks a run spreads its episodes over: "all" (every task), one task, or several
-    separated by commas ("push_cube,stack_cube": the transfer recipes' two tasks), in that order."""
-    return list(TASK_NAMES) if name == "all" else [part.strip() for part in name.split(",")]
+    """task.name -> the tasks a run spreads its episodes over: "all" (the red cube's three tasks,
+    spaces.CORE_TASKS), one task, or several separated by commas ("push_cube,stack_cube": the transfer
+    recipes' two tasks), in that order."""
+    return list(CORE_TASKS) if name == "all" else [part.strip() for part in name.split(",")]
 
 
 def episode_seed(run_seed: int, index: int) -> int:

@@ -167,6 +167,8 @@ def success_summary(outcomes: list[EpisodeOutcome], tasks: list[str]) -> dict[st
             "mean_length": float(np.mean([o.num_frames for o in mine])) if mine else 0.0,
             "closest_approach_cm": closest_approach_cm(mine),
             "failures_closest_goal_cm": closest_goal_cm(mine),
+            # episodes that lifted the cube the instruction did not name (both cubes on the table)
+            "other_cube_lifted": sum(o.other_cube_lifted for o in mine),
         }
     wins = sum(o.success for o in outcomes)
     low, high = wilson_interval(wins, len(outcomes))

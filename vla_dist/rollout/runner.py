@@ -18,6 +18,7 @@ from vla_dist.sim.expert import TCP_OFFSET, ScriptedExpert
 from vla_dist.sim.geometry import quat_rotate
 from vla_dist.sim.scene import STATE_SPACE, TabletopScene
 from vla_dist.sim.tasks import (
+    LIFT_HEIGHT,
     TASKS,
     check_success,
     goal_distance,
@@ -50,7 +51,7 @@ def grasp_point(proprio: torch.Tensor) -> torch.Tensor:
 
 
 def reach_distance(obs: Observation) -> torch.Tensor:
-    """[B] distance (m) from the grasp point to the red cube's centre (privileged: for measures and
+    """[B] distance (m) from the grasp point to the task cube's centre (privileged: for measures and
     rewards, never a model's input)."""
     return torch.linalg.vector_norm(grasp_point(obs.proprio) - obs.privileged["cube_pos"], dim=1)
 
@@ -180,6 +181,7 @@ def run_batch(
     success = torch.zeros(n, dtype=torch.bool)
     closest = torch.full((n,), float("inf"))
     closest_goal = torch.full((n,), float("inf"))
+    other_top = torch.zeros(n)  # highest the cube the task does not use got (picked the wrong cube?)
     noise = ExecutionNoise([r.action_noise for r in padded], [r.seed for r in padded])
     if noise.generators and speaks(policy, scene) != "ee_delta_pose":
         raise ValueError("DART noise (action_noise) perturbs end-effector translations: the policy acts in "
@@ -210,6 +212,7 @@ def run_batch(
         held = torch.where(ok, held + 1, torch.zeros_like(held))
         to_goal = goal_distance(task_ids, after["cube_pos"], after["base_pos"], after["target_pos"])
         closest_goal = torch.where(done, closest_goal, torch.minimum(closest_goal, to_goal))
+        other_top = torch.where(done, other_top, torch.maximum(other_top, after["base_pos"][:, 2]))
         finished = ~done & ((held >= SUCCESS_HOLD_STEPS) | (length >= limits))
         success |= finished & (held >= SUCCESS_HOLD_STEPS)
         done |= finished
@@ -235,6 +238,7 @@ def run_batch(
                 object_pos=np.ascontiguousarray(cube_arr[i, :t]),
                 closest_approach_m=float(closest[i]),
                 closest_goal_m=float(closest_goal[i]),
+                other_cube_lifted=bool(other_top[i] > LIFT_HEIGHT),
                 look={"camera_offset": [round(float(v), 6) for v in starts[i]["camera_offset"]],
                       **scene.lighting.to_dict()},
             )

@@ -17,6 +17,10 @@ Two uses (the perception recipes, docs/recipes.md):
 The per-episode draws (camera jitter, distractor place) come from their own generator seeded by the
 episode seed, never from the layout's: a scene with a distractor keeps every object where the
 default scene puts it.
+
+One setting here is not only looks: `sim.both_cubes` puts the cube a task does not use on the table
+(tasks.with_other_cube), a real body the hand can bump. It rides with the appearance because it is
+scene content a config asks for and a dataset records, like the distractor.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from vla_dist.sim.tasks import CUBE_SIZE, TASKS, sample_layout
+from vla_dist.sim.tasks import CUBE_SIZE, objects_in_use, sample_layout, with_other_cube
 
 FRONT_CAMERA_POS = (0.95, 0.0, 0.42)
 FRONT_CAMERA_LOOKAT = (0.5, 0.0, 0.05)
@@ -53,6 +57,7 @@ class Appearance:
     # lighting randomization, per batch of episodes (`lighting_of`): intensity and ambient scaled by
     # U[1 - j, 1 + j], the light's direction turned about the vertical by U[-j, j] x 180 degrees
     light_jitter: float = 0.0
+    both_cubes: bool = False  # the cube a pick or push does not use on the table too (tasks.with_other_cube)
 
     @property
     def moves_camera(self) -> bool:
@@ -71,6 +76,7 @@ class SceneSettings(Protocol):
     light_intensity: float
     ambient_light: float
     distractor: bool
+    both_cubes: bool
 
 
 @dataclass(frozen=True)
@@ -113,14 +119,17 @@ def appearance_of(sim: SceneSettings, camera_jitter: float = 0.0, light_jitter: 
     return Appearance(
         camera_offset=(x, y, z), camera_jitter=float(camera_jitter), light_dir=(dx, dy, dz),
         light_intensity=float(sim.light_intensity), ambient_light=float(sim.ambient_light),
-        distractor=bool(sim.distractor), light_jitter=float(light_jitter),
+        distractor=bool(sim.distractor), light_jitter=float(light_jitter), both_cubes=bool(sim.both_cubes),
     )
 
 
 def sample_scene(task: str, seed: int, appearance: Appearance) -> dict[str, torch.Tensor]:
-    """One env's episode start: its layout (`sample_layout`, the same in every appearance) and its
-    appearance draws {camera_offset [3], distractor_pos [3]}; a pure function of its arguments."""
+    """One env's episode start: its layout (`sample_layout`, the same in every appearance; with
+    both_cubes the unused cube placed too) and its appearance draws {camera_offset [3], distractor_pos
+    [3]}; a pure function of its arguments."""
     layout = sample_layout(task, seed)
+    if appearance.both_cubes:
+        layout = with_other_cube(task, seed, layout)
     return {**layout, **_sample_look(appearance, seed, layout, task)}
 
 
@@ -132,18 +141,17 @@ def _sample_look(appearance: Appearance, seed: int, layout: dict[str, torch.Tens
         offset = offset + appearance.camera_jitter * (2 * torch.rand(3, generator=gen) - 1)
     distractor = torch.tensor(DISTRACTOR_PARKED, dtype=torch.float32)
     if appearance.distractor:
-        distractor = _distractor_place(gen, layout, (TASKS[task].uses_base, TASKS[task].uses_target))
+        keep_clear = objects_in_use(task, layout)
+        if appearance.both_cubes:  # (stacking's base is in use already: listed twice, harmless)
+            other = layout["cube_pos"] if bool(layout["blue_subject"]) else layout["base_pos"]
+            keep_clear.append(other[:2])
+        distractor = _distractor_place(gen, keep_clear)
     return {"camera_offset": offset, "distractor_pos": distractor}
 
 
-def _distractor_place(gen: torch.Generator, layout: dict[str, torch.Tensor], uses: tuple[bool, bool]) -> torch.Tensor:
+def _distractor_place(gen: torch.Generator, keep_clear: list[torch.Tensor]) -> torch.Tensor:
     """A free spot on the workspace in front of the camera (the cube's sampling box, widened), at
-    least DISTRACTOR_CLEARANCE from the red cube and the objects the task uses."""
-    keep_clear = [layout["cube_pos"][:2]]
-    if uses[0]:
-        keep_clear.append(layout["base_pos"][:2])
-    if uses[1]:
-        keep_clear.append(layout["target_pos"][:2])
+    least DISTRACTOR_CLEARANCE from every object on the table (`keep_clear`, xy)."""
     for _ in range(200):  # three 10 cm discs leave most of a 26 x 44 cm area free: a few draws suffice
         xy = torch.stack((0.40 + 0.26 * torch.rand((), generator=gen), -0.22 + 0.44 * torch.rand((), generator=gen)))
         if all(float((xy - other).norm()) >= DISTRACTOR_CLEARANCE for other in keep_clear):

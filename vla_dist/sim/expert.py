@@ -40,8 +40,7 @@ from vla_dist.sim.geometry import (
     top_down_quat,
     wrap_angle,
 )
-from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE
-from vla_dist.spaces import TASK_NAMES
+from vla_dist.sim.tasks import BASE_SIZE, CUBE_SIZE, VERB_OF_TASK, VERBS
 
 TCP_OFFSET = 0.105  # m from the hand link origin to the point between the finger pads, along hand z
 MAX_STEP = 0.03  # m of hand translation per control step
@@ -54,12 +53,13 @@ FUNNEL_SLACK = 0.005  # m of horizontal distance at which the hand goes all the 
 CLOSE_STEPS = 4  # control steps to let the fingers close before lifting
 RELEASE_STEPS = 4
 RETREAT_HEIGHT = 0.22  # m, where the hand goes once the job is done
-PUSH_HEIGHT = 0.02  # m, the tool centre point's height while pushing (the cube's centre height)
+# While pushing, the tool centre point is at the cube's centre height: half its edge (the blue cube's
+# is 6 cm, the red one's 4 cm; the scene reports each env's as `cube_size`)
 PUSH_ALIGNED = 0.15  # rad: heading error at which pushing may start (the hand turns 0.2 rad per step)
 HELD_RADIUS = 0.025  # m from the grasp point to the cube centre within which closed fingers hold it
 LOST_RADIUS = 0.04  # m beyond which a grasp (or one being closed) has lost the cube
 
-PICK, PUSH, STACK = (TASK_NAMES.index(name) for name in ("pick_cube", "push_cube", "stack_cube"))
+PICK, PUSH, STACK = (VERBS.index(verb) for verb in ("pick", "push", "stack"))  # what each env's task does
 
 # Phases (shared numbering; each task uses a subset: pick/stack go APPROACH -> CLOSE, push APPROACH -> PUSHING).
 APPROACH, CLOSE, LIFT, CARRY, LOWER, RELEASE, RETREAT, PUSHING = range(8)
@@ -67,9 +67,10 @@ APPROACH, CLOSE, LIFT, CARRY, LOWER, RELEASE, RETREAT, PUSHING = range(8)
 
 class ScriptedExpert:
     def __init__(self, task_ids: torch.Tensor, follow_state: bool = False) -> None:
-        """`follow_state`: correct the phase from the state before every action (labelling another
-        policy's states, see the module docstring)."""
-        self.task_ids = task_ids.clone()
+        """`task_ids` index TASK_NAMES; the expert acts on each task's verb (a blue-cube task is its red
+        twin on the cube the scene reports). `follow_state`: correct the phase from the state before
+        every action (labelling another policy's states, see the module docstring)."""
+        self.verbs = VERB_OF_TASK[task_ids]  # verb ids: PICK, PUSH or STACK
         n = task_ids.shape[0]
         self.phase = torch.full((n,), APPROACH, dtype=torch.long)
         self.timer = torch.zeros(n, dtype=torch.long)
@@ -79,6 +80,7 @@ class ScriptedExpert:
     def act(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         hand_pos, hand_quat = state["hand_pos"], state["hand_quat"]
         cube, base, target = state["cube_pos"], state["base_pos"], state["target_pos"]
+        half = state.get("cube_size", torch.full((cube.shape[0],), CUBE_SIZE))[:, None] / 2  # [B, 1]
         tcp = hand_pos - torch.tensor([0.0, 0.0, TCP_OFFSET])  # hand points down throughout
         if self.follow_state:
             self._follow(tcp, cube, state["gripper_closed"])
@@ -91,12 +93,12 @@ class ScriptedExpert:
         # Where the cube should go (stack) is steered through the cube's own position, not the hand's.
         move_cube_to: torch.Tensor | None = None
 
-        is_push = self.task_ids == PUSH
+        is_push = self.verbs == PUSH
         push_dir = target[:, :2] - cube[:, :2]
         push_dist = push_dir.norm(dim=-1, keepdim=True)
         push_dir = push_dir / push_dist.clamp_min(1e-6)
         push_yaw = hand_yaw + wrap_angle(torch.atan2(push_dir[:, 1], push_dir[:, 0]) - hand_yaw, math.pi)
-        behind = cube[:, :2] - push_dir * (CUBE_SIZE / 2 + 0.03)
+        behind = cube[:, :2] - push_dir * (half + 0.03)
 
         phase = self.phase
         # -- approach: down a funnel onto the cube centre (pick/stack; heading kept, see the module
@@ -107,7 +109,7 @@ class ScriptedExpert:
         funnel = cube + height * torch.tensor([0.0, 0.0, 1.0])
         behind_dist = (behind - tcp[:, :2]).norm(dim=-1, keepdim=True)
         behind_height = torch.clamp(FUNNEL * (behind_dist - FUNNEL_SLACK), min=0.0, max=HOVER)
-        behind_funnel = torch.cat((behind, PUSH_HEIGHT + behind_height), dim=1)
+        behind_funnel = torch.cat((behind, half + behind_height), dim=1)
         goal_tcp[m] = torch.where(is_push[m, None], behind_funnel[m], funnel[m])
         goal_yaw[m] = torch.where(is_push[m], push_yaw[m], hand_yaw[m])
         close[m] = is_push[m]
@@ -116,7 +118,7 @@ class ScriptedExpert:
         close[m] = True
         # -- lift: straight up (pick ends here; stack lifts to carrying height)
         m = phase == LIFT
-        goal_tcp[m, 2] = torch.where(self.task_ids[m] == PICK, 0.20, 0.16)
+        goal_tcp[m, 2] = torch.where(self.verbs[m] == PICK, 0.20, 0.16)
         close[m] = True
         # -- carry / lower: steer the held cube above, then onto, the blue cube
         base_top = base[:, 2] + BASE_SIZE / 2
@@ -131,8 +133,8 @@ class ScriptedExpert:
         # -- pushing: keep a point behind the cube and lean forward through it, until on target
         m = phase == PUSHING
         lead = torch.clamp(push_dist[m], max=0.02)
-        goal_tcp[m, :2] = cube[m, :2] - push_dir[m] * (CUBE_SIZE / 2 + 0.012) + push_dir[m] * lead
-        goal_tcp[m, 2] = PUSH_HEIGHT
+        goal_tcp[m, :2] = cube[m, :2] - push_dir[m] * (half[m] + 0.012) + push_dir[m] * lead
+        goal_tcp[m, 2] = half[m, 0]
         goal_yaw[m] = push_yaw[m]
         close[m] = True
 
@@ -152,7 +154,7 @@ class ScriptedExpert:
         rel = tcp[:, :2] - cube[:, :2]
         along = (rel * push_dir).sum(dim=-1)
         across = (rel[:, 0] * push_dir[:, 1] - rel[:, 1] * push_dir[:, 0]).abs()
-        lost = (phase == PUSHING) & ((along > -CUBE_SIZE / 4) | (across > 0.025)) & (push_dist.squeeze(1) > 0.01)
+        lost = (phase == PUSHING) & ((along > -half[:, 0] / 2) | (across > 0.025)) & (push_dist.squeeze(1) > 0.01)
 
         self._advance(tcp, goal_tcp, hand_yaw, goal_yaw, cube, move_cube_to, push_dist.squeeze(1), lost)
         return torch.cat((delta, rot, gripper), dim=1)
@@ -161,7 +163,7 @@ class ScriptedExpert:
         """The phase the state says, where the expert's own history (driven by another policy's
         actions) says otherwise. Push needs none: its phases already follow the cube (`lost`)."""
         distance = (cube - tcp).norm(dim=-1)
-        grasping = self.task_ids != PUSH
+        grasping = self.verbs != PUSH
         phase = self.phase.clone()
         carrying = (phase == LIFT) | (phase == CARRY) | (phase == LOWER)
         phase[grasping & (self.phase == APPROACH) & closed & (distance < HELD_RADIUS)] = LIFT  # the policy grasped it
@@ -182,7 +184,7 @@ class ScriptedExpert:
         lost_contact: torch.Tensor,
     ) -> None:
         """Phase transitions, evaluated on the state the action was computed from."""
-        phase, task = self.phase, self.task_ids
+        phase, task = self.phase, self.verbs
         reached = (goal_tcp - tcp).norm(dim=-1) < 0.01
         aligned = wrap_angle(goal_yaw - yaw, 2 * math.pi).abs() < PUSH_ALIGNED
         cube_reached = (cube_goal - cube).norm(dim=-1) < 0.008

@@ -143,6 +143,7 @@ class TabletopScene:
         if "wrist" in self.cameras:
             self.cameras["wrist"].attach(self.hand, _wrist_camera_offset())
         self._gripper_closed = torch.zeros(n_envs, dtype=torch.bool)
+        self._blue_subject = torch.zeros(n_envs, dtype=torch.bool)  # per env, set by reset
         self._camera_moved = False
         self._lighting = Lighting(look.light_dir, look.light_intensity, look.ambient_light)  # as built
         if "front" in self.cameras:
@@ -164,6 +165,8 @@ class TabletopScene:
         self.base.set_quat(yaw_quat(torch.zeros(self.n_envs)), zero_velocity=True)
         self.target.set_pos(layout.target_pos)
         self._gripper_closed.zero_()
+        blue = layout.blue_subject
+        self._blue_subject = torch.zeros(self.n_envs, dtype=torch.bool) if blue is None else blue.to(torch.bool)
         self._place_look(layout)
 
     def _place_look(self, layout: Layout) -> None:
@@ -263,10 +266,18 @@ class TabletopScene:
         return images
 
     def object_state(self) -> dict[str, torch.Tensor]:
+        """Simulator state for success checks, the scripted expert and rewards. `cube_*` is each env's
+        task cube (the red one, or the blue one for a blue-cube task: `Layout.blue_subject`) and
+        `base_pos` the other cube, so every consumer is written once for "the task's cube";
+        `cube_size` is its edge (m)."""
+        red_pos, red_quat = self.cube.get_pos(), self.cube.get_quat()
+        blue_pos, blue_quat = self.base.get_pos(), self.base.get_quat()
+        blue = self._blue_subject[:, None]
         return {
-            "cube_pos": self.cube.get_pos(),
-            "cube_quat": self.cube.get_quat(),
-            "base_pos": self.base.get_pos(),
+            "cube_pos": torch.where(blue, blue_pos, red_pos),
+            "cube_quat": torch.where(blue, blue_quat, red_quat),
+            "cube_size": torch.where(self._blue_subject, BASE_SIZE, CUBE_SIZE).to(red_pos.dtype),
+            "base_pos": torch.where(blue, red_pos, blue_pos),
             "target_pos": self.target.get_pos(),
             "hand_pos": self.hand.get_pos(),
             "hand_quat": self.hand.get_quat(),
