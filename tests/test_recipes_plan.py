@@ -287,3 +287,24 @@ def test_a_scoring_selection_without_a_policy_to_score_fails_up_front(tmp_path: 
     recipes = ordered(["select-loss"], "base-pick", overrides)
     with pytest.raises(ConfigError, match="recipes.start_from"):
         plan(recipes, _base(*overrides))
+
+
+def test_a_recipe_at_fewer_seeds_is_compared_with_the_baseline_at_its_seeds(tmp_path: Path) -> None:
+    """The baseline ran seeds 0 and 1, the recipe only 0: its difference is against the baseline's seed
+    0 (20/50 -> 40/50: +40 points, separated), not against both seeds pooled (60/100: +20, overlapping).
+    Episodes that lifted the cube the instruction did not name are counted and shown."""
+    comparison = {"baseline": "base", "seeds": [0, 1], "evals": ["default"],
+                  "recipes": {"base": {"start_from": None}, "late": {"start_from": None}}}
+    (tmp_path / "comparison.json").write_text(json.dumps(comparison))
+    _eval_report(tmp_path / "base" / "seed_0" / "eval-default", {"pick_cube": (20, 50)})
+    _eval_report(tmp_path / "base" / "seed_1" / "eval-default", {"pick_cube": (40, 50)})
+    _eval_report(tmp_path / "late" / "seed_0" / "eval-default", {"pick_cube": (40, 50)})
+    report = json.loads((tmp_path / "late" / "seed_0" / "eval-default" / "report.json").read_text())
+    report["per_task"]["pick_cube"]["other_cube_lifted"] = 3
+    (tmp_path / "late" / "seed_0" / "eval-default" / "report.json").write_text(json.dumps(report))
+    rows = {row["recipe"]: row for row in collect_rows(tmp_path, comparison)}
+    assert rows["base"]["successes"] == 60 and rows["base"]["episodes"] == 100  # its own row pools both
+    assert rows["late"]["delta"] == pytest.approx(0.4) and rows["late"]["effect"] == "better"
+    assert rows["late"]["other_cube_lifted"] == 3 and rows["base"]["other_cube_lifted"] == 0
+    write_report(tmp_path)
+    assert "| late | all | 40/50 (80%); lifted the other cube in 3 |" in (tmp_path / "recipes.md").read_text()

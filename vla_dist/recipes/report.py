@@ -56,6 +56,11 @@ def collect_rows(root: Path, comparison: dict[str, Any]) -> list[dict[str, Any]]
                 if name == baseline:
                     base_rows[row["task"]] = row
                 reference = base_rows.get(row["task"])
+                if reference is not None and name != baseline and reference["seeds_finished"] != row["seeds_finished"]:
+                    # a recipe run at fewer seeds is compared with the baseline at the same seeds
+                    same_seeds = _recipe_rows(root, baseline, variant, row["seeds_finished"],
+                                              comparison["recipes"][baseline])
+                    reference = next((r for r in same_seeds if r["task"] == row["task"]), None)
                 if reference is not None and reference["tasks"] != row["tasks"]:
                     reference = None  # a pooled row of other tasks (task-push-stack against a pick baseline)
                 row.update(_against(row, reference) if name != baseline else {"delta": 0.0, "effect": "baseline"})
@@ -107,6 +112,7 @@ def mcnemar_exact_p(lost: int, gained: int) -> float:
 
 def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: dict[str, Any]) -> list[dict[str, Any]]:
     counts: dict[str, dict[int, tuple[int, int]]] = {}  # task -> seed -> (successes, episodes)
+    other_lifted: dict[str, int] = {}  # task -> episodes that lifted the cube the instruction did not name
     budget = {"train_samples": 0, "rollout_episodes": 0, "wall_s": 0.0, "seeds_finished": []}
     outcomes: dict[str, dict[str, bool]] = {}  # task -> "seed/index" -> success (evals that recorded them)
     for seed in seeds:
@@ -117,6 +123,7 @@ def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: 
         budget["seeds_finished"].append(seed)
         for task, stats in evaluation["per_task"].items():
             counts.setdefault(task, {})[seed] = (int(stats["successes"]), int(stats["episodes"]))
+            other_lifted[task] = other_lifted.get(task, 0) + int(stats.get("other_cube_lifted") or 0)
         for episode in evaluation.get("outcomes") or []:
             key, success = f"{seed}/{episode['index']}", bool(episode["success"])
             outcomes.setdefault(episode["task"], {})[key] = success
@@ -145,6 +152,7 @@ def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: 
         low, high = wilson_interval(wins, episodes)
         rows.append({"recipe": name, "eval": variant, "task": task, "tasks": sorted(counts) if task == ALL else [task],
                      "successes": wins, "episodes": episodes,
+                     "other_cube_lifted": sum(other_lifted.values()) if task == ALL else other_lifted.get(task, 0),
                      "success_rate": round(wins / episodes, 4) if episodes else 0.0,
                      "ci95": [round(low, 4), round(high, 4)],
                      "per_seed": {str(seed): [w, n] for seed, (w, n) in sorted(per_seed.items())},
@@ -175,7 +183,8 @@ def markdown(summary: dict[str, Any]) -> str:
              "the same budget without what it adds). An effect is called only "
              "where the intervals do not overlap. Same layouts: episode by episode on the layouts both "
              "evaluations ran, the successes lost and gained and the exact McNemar p-value of that split (paired; "
-             "listed, not used to call effects). A recipe continuing another's policy (from X) counts the "
+             "listed, not used to call effects). A recipe run at fewer seeds than the baseline is compared with "
+             "the baseline at its seeds. A recipe continuing another's policy (from X) counts the "
              "samples and rollouts it added to X's.")]
     first = summary["evals"][0]
     for variant in summary["evals"]:
@@ -188,7 +197,10 @@ def markdown(summary: dict[str, Any]) -> str:
             per_seed = ", ".join(f"{w}/{n}" for w, n in row["per_seed"].values())
             delta = "" if row["delta"] is None or row["effect"] == "baseline" else f"{row['delta']:+.0%}"
             name = row["recipe"] + (f" (from {row['start_from']})" if row.get("start_from") else "")
-            lines.append(f"| {name} | {row['task']} | {row['successes']}/{row['episodes']} ({row['success_rate']:.0%}) "
+            other = row.get("other_cube_lifted") or 0  # held-out combinations: picked the cube not named
+            lifted = f"; lifted the other cube in {other}" if other else ""
+            lines.append(f"| {name} | {row['task']} | {row['successes']}/{row['episodes']} ({row['success_rate']:.0%})"
+                         f"{lifted} "
                          f"| {row['ci95'][0]:.0%}-{row['ci95'][1]:.0%} | {per_seed} | {delta} | {row['effect']} "
                          f"| {paired_text(row['paired_vs_baseline'])} | {paired_text(row[f'paired_vs_{first}'])} "
                          f"| {control_text(row['vs_control'])} "

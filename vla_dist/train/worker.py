@@ -95,12 +95,15 @@ class SFTWorker(DeepSpeedRank):
         self.engine.train()
         timer = StepBreakdown(t.breakdown, synchronize=self.on_gpu)
         out: list[dict[str, Any]] = []
-        local: list[tuple[float, int]] = []  # this rank's mean loss and windows, per finished step
+        # this rank's mean loss, windows and object-head error (NaN: no head), per finished step
+        local: list[tuple[float, int, float]] = []
+        head = self.engine.module._modules.get(OBJECT_HEAD)  # train.object_target's head, or None
         for _ in range(steps):
             step = int(self.engine.global_steps)
             draw = 0 if t.fixed_batches else step  # the step number the batch/noise seeds use
             started = time.perf_counter()
             losses: list[float] = []
+            object_errors: list[float] = []  # the object head's error per micro-batch (m), when it trains
             micro = attempt = skipped = 0
             used: list[Any] = []
             while micro < t.grad_accum:
@@ -137,10 +140,13 @@ class SFTWorker(DeepSpeedRank):
                 with timer.phase("step"):
                     self.engine.step()
                 losses.append(float(loss.detach()))
+                if head is not None:
+                    object_errors.append(head.last_error_m)
                 micro += 1
             elapsed = time.perf_counter() - started
             grad_norm = self.engine.get_global_grad_norm()
-            local.append((sum(losses) / len(losses), sum(int(b.actions.shape[0]) for b in used)))
+            object_error = sum(object_errors) / len(object_errors) if object_errors else float("nan")
+            local.append((sum(losses) / len(losses), sum(int(b.actions.shape[0]) for b in used), object_error))
             row = {
                 "step": int(self.engine.global_steps),
                 "lr": lr,
@@ -152,24 +158,26 @@ class SFTWorker(DeepSpeedRank):
             }
             if t.breakdown:
                 row["breakdown_ms"] = timer.finish(elapsed, self.engine)
-            head = self.engine.module._modules.get(OBJECT_HEAD)
-            if head is not None:  # this rank's last micro-batch: how well the images locate the cube
-                row["object_error_cm"] = round(100 * head.last_error_m, 3)
             out.append(row)
         return self._reduce_step_metrics(out, local)
 
-    def _reduce_step_metrics(self, rows: list[dict[str, Any]], local: list[tuple[float, int]]) -> list[dict[str, Any]]:
-        """Collective, once per train() call: every finished step's loss averaged over the ranks
-        and, in loader mode, the windows each rank trained on (rows without a loss: a NaN stop)."""
+    def _reduce_step_metrics(
+        self, rows: list[dict[str, Any]], local: list[tuple[float, int, float]]
+    ) -> list[dict[str, Any]]:
+        """Collective, once per train() call: every finished step's loss (and the object head's error:
+        how well the images locate the cube) averaged over the ranks and micro-batches and, in loader
+        mode, the windows each rank trained on (rows without a loss: a NaN stop)."""
         import torch.distributed as dist
 
-        mine = torch.tensor(local, dtype=torch.float64).reshape(len(local), 2)
+        mine = torch.tensor(local, dtype=torch.float64).reshape(len(local), 3)
         gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine)
         every = torch.stack(gathered)  # rank, step, (loss, windows)
         finished = [row for row in rows if "stop" not in row]
         for i, row in enumerate(finished):
             row["loss"] = float(every[:, i, 0].mean())
+            if not torch.isnan(every[:, i, 2]).any():
+                row["object_error_cm"] = round(100 * float(every[:, i, 2].mean()), 3)
             if self.data is not None:
                 row["rank_windows"] = [int(w) for w in every[:, i, 1].tolist()]
         return rows
