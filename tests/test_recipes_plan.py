@@ -242,6 +242,16 @@ def test_report_pairs_episodes_on_the_same_layouts(tmp_path: Path) -> None:
     assert rows[("old", "perturbed")]["paired_vs_baseline"] is None
     assert rows[("old", "perturbed")]["paired_vs_default"] is None
     assert all("_outcomes" not in row for row in rows.values())
+    # an eval of another task on the same indices shares no layouts with the default eval: not paired
+    directory = tmp_path / "base" / "seed_0" / "eval-blue"
+    _eval_report(directory, {"pick_blue_cube": (2, 10)})
+    report = json.loads((directory / "report.json").read_text())
+    report["outcomes"] = [{"index": i, "task": "pick_blue_cube", "seed": 1000 + i, "success": i < 2}
+                          for i in range(10)]
+    (directory / "report.json").write_text(json.dumps(report))
+    other_task = {**comparison, "seeds": [0], "evals": ["default", "blue"]}
+    blue = next(r for r in collect_rows(tmp_path, other_task) if r["eval"] == "blue")
+    assert blue["successes"] == 2 and blue["paired_vs_default"] is None
     write_report(tmp_path)
     text = (tmp_path / "recipes.md").read_text()
     assert "| robust | all | 14/20 (70%) |" in text and "| -0/+8 (0.0078) | -4/+2 (0.69) |" in text

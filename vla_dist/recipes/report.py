@@ -91,10 +91,12 @@ def _against_control(row: dict[str, Any], rows: list[dict[str, Any]], control: s
 def _paired(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any] | None:
     """Episode by episode on the layouts both evaluated (same seed and index: the same layout):
     how many `after` lost and gained against `before`, and the exact McNemar p-value of that split
-    (two-sided). None when either evaluation did not record its episodes."""
+    (two-sided). None when either evaluation did not record its episodes, or they share no layout."""
     if before is None or not before["_outcomes"] or not after["_outcomes"]:
         return None
     shared = before["_outcomes"].keys() & after["_outcomes"].keys()
+    if not shared:  # other tasks, or other seeds: nothing to pair
+        return None
     lost = sum(before["_outcomes"][k] and not after["_outcomes"][k] for k in shared)
     gained = sum(after["_outcomes"][k] and not before["_outcomes"][k] for k in shared)
     return {"episodes": len(shared), "lost": lost, "gained": gained, "p": float(f"{mcnemar_exact_p(lost, gained):.3g}")}
@@ -125,7 +127,9 @@ def _recipe_rows(root: Path, name: str, variant: str, seeds: list[int], recipe: 
             counts.setdefault(task, {})[seed] = (int(stats["successes"]), int(stats["episodes"]))
             other_lifted[task] = other_lifted.get(task, 0) + int(stats.get("other_cube_lifted") or 0)
         for episode in evaluation.get("outcomes") or []:
-            key, success = f"{seed}/{episode['index']}", bool(episode["success"])
+            # a layout is a (seed, index) pair *of one task*: evaluations of other tasks on the same
+            # indices (a held-out task combination against the default eval) share no layouts
+            key, success = f"{seed}/{episode['index']}/{episode['task']}", bool(episode["success"])
             outcomes.setdefault(episode["task"], {})[key] = success
             outcomes.setdefault(ALL, {})[key] = success
         budget["wall_s"] += report_seconds(evaluation)
