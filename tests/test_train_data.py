@@ -86,6 +86,35 @@ def test_loader_state_is_in_the_checkpoint_and_resume_continues_the_data(loader_
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-4, abs=1e-5), (before, after)
 
 
+def test_closing_a_ranks_batches_stops_its_dataloader_workers_and_keeps_its_position(quickstart_run):
+    """What a trainer rank does before its group kills it (TrainerGroup.shutdown -> release): the
+    DataLoader workers of the epoch in progress exit now (else they get the kill's SIGTERM first and
+    torch prints "DataLoader worker ... killed by signal" after a finished run), and a batch taken after
+    closing is the one the run would have taken next."""
+    import multiprocessing
+
+    _, data_dir, _ = quickstart_run
+    cfg = validate(load_config(None, [f"data.dir={data_dir}", "data.window_stride=2", "data.num_workers=1"]))
+
+    def alone(value: float) -> float:
+        return value
+
+    before = set(multiprocessing.active_children())
+    closed = LoaderBatches(cfg, 0, 1, 4, alone)
+    taken = [batch_digest([closed.next()]) for _ in range(3)]
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 1  # alive mid-epoch
+    closed.close()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert not any(worker.is_alive() for worker in workers)
+    after_close = batch_digest([closed.next()])
+    closed.close()
+    uninterrupted = LoaderBatches(cfg, 0, 1, 4, alone)
+    assert [batch_digest([uninterrupted.next()]) for _ in range(4)] == [*taken, after_close]
+    uninterrupted.close()
+
+
 def test_ranks_with_uneven_splits_take_the_same_number_of_batches(quickstart_run):
     """3 'ranks' (threads) over 8 episodes: blocks of 3, 3, 2 episodes, so uneven batch counts; the
     MIN agreement makes every rank stop each epoch together, and a saved position resumes exactly."""

@@ -141,9 +141,17 @@ class TrainerGroup:
                 outcomes[f"rank {index}" if by_rank else f"a rank ({index})"] = error
         return outcomes or {"a rank": first}
 
+    # How long shutdown waits for the ranks to let go of their own processes before killing them.
+    release_grace_s: float = 5.0
+
     def shutdown(self) -> None:
         import ray
 
+        # Best effort: a rank that is busy (stuck in a collective after a peer failed) or dead does not
+        # answer, and is killed anyway once the grace period is over.
+        releasing = [actor.release.remote() for actor in self.actors if hasattr(actor, "release")]
+        if releasing:
+            ray.wait(releasing, num_returns=len(releasing), timeout=self.release_grace_s)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []

@@ -65,6 +65,10 @@ class DeepSpeedRank:
     def address_and_port(self) -> tuple[str, int, str]:
         return node_address_and_free_port()
 
+    def release(self) -> None:
+        """Let go of what this rank started besides itself (a trainer's DataLoader workers) before the
+        group kills it; TrainerGroup.shutdown calls it, briefly, on every rank."""
+
     def init_distributed(self, env: dict[str, str], cfg: RunConfig) -> str:
         """Join the process group described by `env` (distributed/group.py's rank_env); -> the device."""
         os.environ.update(env)

@@ -128,6 +128,16 @@ class LoaderBatches:
     def epoch(self) -> int:
         return self.loader.epoch
 
+    def close(self) -> None:
+        """Stop this epoch's DataLoader workers now (they are the generator's: closing it runs the
+        loader's `finally`). Without it they outlive the rank until its process is killed, get the
+        SIGTERM first, and torch's SIGCHLD handler prints "DataLoader worker ... is killed by signal:
+        Terminated" with a traceback after a run that finished. The position is kept: `next()` starts
+        again from it, with the batch the run would have taken next (as after a resume)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()  # type: ignore[union-attr]
+
     def state_dict(self) -> dict[str, Any]:
         return {**self.loader.state_dict(), "taken_in_epoch": self.taken_in_epoch}
 

@@ -69,6 +69,11 @@ class SFTWorker(DeepSpeedRank):
         return {"step": int(self.engine.global_steps), "trainable": trainable, "parameters": total,
                 "windows": len(self.windows) if self.windows is not None else None, "load": load}
 
+    def release(self) -> None:
+        data = getattr(self, "data", None)  # (None before setup ran, or with fixed batches)
+        if data is not None:
+            data.close()
+
     def _load_data_state(self, step_dir: str) -> None:
         """Continue the data stream where the checkpoint left it: every rank's loader state is in the
         checkpoint's train_state.json, indexed by rank (see save()): plain JSON, so resuming never
