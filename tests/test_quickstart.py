@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from vla_dist.cli import main
-from vla_dist.config import load_config
-from vla_dist.quickstart import SIZING, plan
+from vla_dist.config import load_config, validate
+from vla_dist.quickstart import SIZING, plan, stage_overrides, stages_made_from
 
 Quickstart = tuple[Path, Path, subprocess.CompletedProcess]
 
@@ -148,3 +148,21 @@ def test_every_stage_reading_an_earlier_stage_output_defers_that_check(tmp_path:
         naming_a_stage = {o.split("=", 1)[0] for o in stage.overrides if str(tmp_path) in o}
         assert naming_a_stage == set(stage.made_earlier), stage.name
     assert {stage.name for stage in plan(tmp_path) if stage.made_earlier} == {"eval-full", "train-lora", "eval-lora"}
+
+
+def test_a_stage_run_again_sets_aside_the_stages_made_from_its_output(tmp_path: Path) -> None:
+    """`vla-dist quickstart train.steps=5000` over an earlier quickstart resumes train-full to 5000 steps;
+    what was made from its shorter run must not be kept as the new one's: its evaluation, the LoRA run
+    started from that evaluation's export, and LoRA's evaluation."""
+    stages = plan(tmp_path)
+    configs = [validate(load_config(None, [*stage_overrides(stage, [f"run.dir={tmp_path}"], tmp_path),
+                                           *(f"{key}=null" for key in stage.made_earlier)])) for stage in stages]
+    names = [stage.name for stage in stages]
+    made_from = {name: {names[j] for j in later} for name, later in zip(names, stages_made_from(stages, configs),
+                                                                         strict=True)}
+    assert made_from["train-full"] == {"eval-full", "train-lora", "eval-lora"}
+    assert made_from["eval-full"] == {"train-lora", "eval-lora"}
+    assert made_from["train-lora"] == {"eval-lora"}
+    assert made_from["eval-expert"] == made_from["eval-lora"] == set()
+    # a dataset collected anew: every policy trained on it, and the untrained preset built from its statistics
+    assert made_from["collect"] == {"eval-untrained", "train-full", "eval-full", "train-lora", "eval-lora"}

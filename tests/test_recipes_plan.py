@@ -13,8 +13,18 @@ import pytest
 from vla_dist.cli import main
 from vla_dist.config import ConfigError, load_config, validate
 from vla_dist.recipes.report import collect_rows, markdown, paired_text, write_report
-from vla_dist.recipes.run import check_budgets, ordered, plan, recipe_file, record_comparison, samples_trained
+from vla_dist.recipes.run import (
+    check_budgets,
+    dependents,
+    ordered,
+    plan,
+    recipe_file,
+    record_comparison,
+    samples_trained,
+    stage_config,
+)
 from vla_dist.rollout.evaluate import wilson_interval
+from vla_dist.stages import set_aside
 
 
 def _base(*overrides: str):
@@ -290,6 +300,53 @@ def test_selection_recipes_choose_per_seed_with_the_starting_policy_and_train_an
     # the stages' configs hold together before anything runs (the scoring policy is made earlier)
     config = validate(load_config(recipe_file("select-loss"), [*scored.overrides, "eval.checkpoint=null"]))
     assert (config.select.score, config.select.episodes) == ("loss", 64)
+
+
+def test_a_stage_run_again_sets_aside_what_was_made_from_its_output(tmp_path: Path) -> None:
+    """A stage that runs again (train.steps raised: it resumes; a dataset collected anew) makes earlier
+    results of the stages after it stale: an evaluation of the old policy would otherwise be kept as
+    the new one's, and an RL run would have started from the old policy. `dependents` finds them
+    through the paths the stages read and write; `set_aside` moves their output to PATH.stale."""
+    overrides = [f"recipes.dir={tmp_path}", "recipes.seeds=[0]",
+                 "recipes.evals={default: [], other: ['sim.distractor=true']}"]
+    recipes = ordered(["rl-ppo", "perception-jitter", "select-seed", "select-loss"], "base-pick", overrides)
+    stages = plan(recipes, _base(*overrides))
+    configs = [stage_config(s.recipe, s, overrides, up_front=True) for s in stages]
+    index = {(s.recipe, s.name): i for i, s in enumerate(stages)}
+    after = dependents(stages, configs)
+
+    def made_from(recipe: str, name: str) -> set[tuple[str, str]]:
+        return {(stages[j].recipe, stages[j].name) for j in after[index[(recipe, name)]]}
+
+    base_runs = {("base-pick", "eval-default"), ("base-pick", "eval-other"), ("rl-ppo", "rl"),
+                 ("rl-ppo", "eval-default"), ("rl-ppo", "eval-other")}
+    assert made_from("base-pick", "train") == base_runs
+    assert made_from("base-pick", "eval-default") == base_runs - {("base-pick", "eval-default")}
+    assert made_from("perception-jitter", "train") == {("perception-jitter", "eval-default"),
+                                                       ("perception-jitter", "eval-other")}
+    assert made_from("rl-ppo", "eval-other") == set()
+    # select-loss's choice is scored by select-seed's policy and keeps select-seed's chosen data
+    seeded = made_from("select-seed", "select")
+    assert {("select-seed", "train"), ("select-loss", "select"), ("select-loss", "train")} <= seeded
+    assert made_from("select-seed", "train") >= {("select-loss", "select"), ("select-loss", "eval-default")}
+    assert not any(recipe == "base-pick" for recipe, _ in seeded)
+    # the collected dataset: every training on it and every selection from it
+    collected = made_from("base-pick", "collect")
+    assert {("base-pick", "train"), ("perception-jitter", "train"), ("select-seed", "select")} <= collected
+
+    rl = index[("rl-ppo", "rl")]
+    run_dir = Path(configs[rl].run.dir)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "report.json").write_text("{}")
+    stale = run_dir.with_name("rl.stale")
+    stale.mkdir()
+    (stale / "older").write_text("")
+    lines: list[str] = []
+    set_aside("rl", configs[rl], lines.append)
+    assert not run_dir.exists() and (stale / "report.json").is_file() and not (stale / "older").exists()
+    assert str(stale) in lines[0]
+    set_aside("rl", configs[rl], lines.append)  # nothing there: nothing moved
+    assert len(lines) == 1 and (stale / "report.json").is_file()
 
 
 def test_a_scoring_selection_without_a_policy_to_score_fails_up_front(tmp_path: Path) -> None:

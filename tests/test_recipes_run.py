@@ -17,7 +17,7 @@ import yaml
 from .conftest import QUICKSTART_EPISODES, REPO_ROOT
 
 
-def _recipes(root: Path, data_dir: Path, *names: str) -> subprocess.CompletedProcess:
+def _recipes(root: Path, data_dir: Path, *names: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     tiny = [
         f"recipes.dir={root}", "recipes.seeds=[0]",
         f"data.dir={data_dir}", f"collect.episodes={QUICKSTART_EPISODES}", "data.num_workers=0",
@@ -26,13 +26,13 @@ def _recipes(root: Path, data_dir: Path, *names: str) -> subprocess.CompletedPro
         "eval.episodes=2", "eval.num_videos=0", "task.max_steps=8",
         "rl.iterations=1", "rl.episodes_per_iteration=2", "rl.minibatch_size=2", "rl.epochs=1", "rl.save_every=1",
     ]
-    command = [sys.executable, "-m", "vla_dist", "recipes", "run", *names, *tiny]
+    command = [sys.executable, "-m", "vla_dist", "recipes", "run", *names, *tiny, *extra]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500, check=False)
 
 
 @pytest.mark.heavy
 @pytest.mark.ci
-@pytest.mark.timeout(2400)  # 7 stages, each starting its own actors or ranks
+@pytest.mark.timeout(2400)  # 7 stages, then 2 and 5 more, each starting its own actors or ranks
 def test_recipes_run_and_report_from_real_tiny_runs(
     quickstart_run: tuple[Path, Path, subprocess.CompletedProcess], tmp_path: Path
 ) -> None:
@@ -78,3 +78,18 @@ def test_recipes_run_and_report_from_real_tiny_runs(
     assert blind["state_inputs"] == []  # the recipe's policy reads no proprioception
     trained = yaml.safe_load((root / "embodiment-no-proprio" / "seed_0" / "train" / "config.yaml").read_text())
     assert trained["model"]["state_inputs"] == [] and trained["run"]["seed"] == 0
+
+    # the baseline trained longer (train.steps raised: it resumes): its evaluations and the RL run that
+    # started from its policy are set aside and run again; nothing of the old policy stays current
+    longer = _recipes(root, data_dir, "rl-ppo", extra=("train.steps=6",))
+    assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr[-3000:]
+    moved = [line for line in longer.stdout.splitlines() if "moved to" in line]
+    redone = ("base-pick/seed_0/eval-default", "rl-ppo/seed_0/rl", "rl-ppo/seed_0/eval-default")
+    assert sorted(line.split()[0] for line in moved) == sorted(str(root / path) for path in redone)
+    assert json.loads((root / "base-pick" / "seed_0" / "train" / "report.json").read_text())["last_step"] == 6
+    policy = root / "base-pick" / "seed_0" / "eval-default" / "policy" / "model.safetensors"
+    old_policy = root / "base-pick" / "seed_0" / "eval-default.stale" / "policy" / "model.safetensors"
+    assert policy.read_bytes() != old_policy.read_bytes()  # the evaluation ran the 6-step policy
+    assert (root / "rl-ppo" / "seed_0" / "rl" / "report.json").is_file()
+    assert (root / "rl-ppo" / "seed_0" / "eval-default" / "report.json").is_file()
+    assert len([line for line in longer.stdout.splitlines() if "exists: keeping it" in line]) == 0

@@ -33,7 +33,7 @@ from typing import Any
 from vla_dist.config import load_config, validate
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
-from vla_dist.stages import run_stage
+from vla_dist.stages import dependents, made_earlier_paths, run_stage, set_aside
 
 # What turns the tiny CPU default (configs/quickstart.yaml) into a run whose policy learns a task within
 # the quickstart's 20-30 minutes on 2 cores: the sft-pick recipe (configs/recipe/sft-pick.yaml, every
@@ -94,10 +94,10 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
         # What a stage reads from an earlier one does not exist yet when every config is checked up
         # front: check the rest of the stage's config then, those paths when the stage starts.
         extra = [f"{key}=null" for key in stage.made_earlier] if up_front else []
-        return validate(load_config(config, [*_stage_overrides(stage, overrides, root), *extra]))
+        return validate(load_config(config, [*stage_overrides(stage, overrides, root), *extra]))
 
-    for stage in stages:  # every stage's config fails here, before any stage runs
-        stage_config(stage, up_front=True)
+    configs = [stage_config(stage, up_front=True) for stage in stages]  # every bad config fails here, first
+    after = stages_made_from(stages, configs)
     save_resolved(base, root)
     started = time.perf_counter()
     reports: dict[str, dict[str, Any]] = {}
@@ -108,7 +108,12 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
         command = _command_line(config, overrides, stage, root)
         log(f"[{number}/{len(stages)}] {stage.name}: {command}")
         stage_started = time.perf_counter()
-        reports[stage.name], kept_seconds = run_stage(stage.command, cfg, log)
+
+        def redo_later(later: list[int] = after[number - 1]) -> None:
+            for index in later:
+                set_aside(stages[index].command, configs[index], log)
+
+        reports[stage.name], kept_seconds = run_stage(stage.command, cfg, log, before_run=redo_later)
         if kept_seconds is None:
             seconds[stage.name] = round(time.perf_counter() - stage_started, 1)
         else:  # not run now: the time the run that made it took, from its own report
@@ -125,6 +130,14 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
             "summary": str(root / "summary.md"), "summary_png": str(root / "summary.png")}
 
 
+def stages_made_from(stages: list[Stage], configs: list[RunConfig]) -> list[list[int]]:
+    """Per stage, the later stages made from its output (an evaluation of a training, LoRA from the
+    full fine-tune's export, ...): set aside when the stage runs again, e.g. train-full resuming after
+    train.steps was raised. `configs`: the stages' up-front configs."""
+    return dependents([(stage.command, cfg, made_earlier_paths(stage.overrides, stage.made_earlier))
+                       for stage, cfg in zip(stages, configs, strict=True)])
+
+
 def _dataset_episodes(cfg: RunConfig) -> int:
     """Episodes in the dataset the stages used, from its manifest: the same whether the collect
     stage wrote it or reused it (their reports differ)."""
@@ -133,7 +146,7 @@ def _dataset_episodes(cfg: RunConfig) -> int:
     return int(read_manifest(cfg.data.dir)["episodes"])
 
 
-def _stage_overrides(stage: Stage, overrides: Sequence[str], root: Path) -> list[str]:
+def stage_overrides(stage: Stage, overrides: Sequence[str], root: Path) -> list[str]:
     """SIZING, the stage's budget, the user's overrides (they win over both), what makes the stage
     what it is, and its run.dir (which replaces the user's)."""
     kept = [o for o in overrides if not o.replace(" ", "").startswith("run.dir=")]
@@ -142,7 +155,7 @@ def _stage_overrides(stage: Stage, overrides: Sequence[str], root: Path) -> list
 
 def _command_line(config: str | None, overrides: Sequence[str], stage: Stage, root: Path) -> str:
     words = ["vla-dist", stage.command, *(["--config", config] if config else []),
-             *_stage_overrides(stage, overrides, root)]
+             *stage_overrides(stage, overrides, root)]
     return shlex.join(words)
 
 

@@ -11,7 +11,7 @@ already holds enough episodes.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,53 +26,136 @@ COMMANDS = ("collect", "select", "train", "rl", "dagger", "eval")
 Log = Callable[[str], None]
 
 
-def run_stage(command: str, cfg: RunConfig, log: Log) -> tuple[dict[str, Any], float | None]:
+def run_stage(command: str, cfg: RunConfig, log: Log,
+              before_run: Callable[[], None] | None = None) -> tuple[dict[str, Any], float | None]:
     """(the stage's report, None) after running it; (its report, the seconds it took then) when an
     earlier run's result is kept (collect: a reused dataset this stage collected before; one collected
-    elsewhere is timed like a run stage, the check that it holds enough episodes)."""
+    elsewhere is timed like a run stage, the check that it holds enough episodes). `before_run` is
+    called when the stage is about to run (a plan sets aside what was made from its earlier output)."""
+    kept = kept_stage(command, cfg, log)
+    if kept is not None:
+        return kept
+    if before_run is not None:
+        before_run()
+    return _run(command, cfg, log), None
+
+
+def kept_stage(command: str, cfg: RunConfig, log: Log) -> tuple[dict[str, Any], float | None] | None:
+    """What `run_stage` returns when it would keep an earlier result instead of running; None when the
+    stage would run (or resume: a train stage whose train.steps was raised runs again)."""
     if command not in COMMANDS:
         raise ValueError(f"a stage runs one of {COMMANDS}, got {command!r}")
     report_path = Path(cfg.run.dir) / REPORT
     if command == "collect":
         reused = existing_dataset(cfg)
-        if reused is not None:
-            _check_collected_alike(reused, cfg)
-            log(f"    {cfg.data.dir} already holds {reused['episodes']} episodes: reusing it")
-            earlier = read_report(report_path)  # this stage's own collection of that dataset, if it was one
-            same = earlier is not None and Path(str(earlier.get("data_dir"))).resolve() == Path(cfg.data.dir).resolve()
-            return ({"command": "collect", "reused": True, "episodes": reused["episodes"]},
-                    report_seconds(earlier) if same else None)
-    report = read_report(report_path) if command != "collect" else None  # collect: the dataset decides
+        if reused is None:
+            return None  # collect: the dataset decides, not a report
+        _check_collected_alike(reused, cfg)
+        log(f"    {cfg.data.dir} already holds {reused['episodes']} episodes: reusing it")
+        earlier = read_report(report_path)  # this stage's own collection of that dataset, if it was one
+        same = earlier is not None and Path(str(earlier.get("data_dir"))).resolve() == Path(cfg.data.dir).resolve()
+        return ({"command": "collect", "reused": True, "episodes": reused["episodes"]},
+                report_seconds(earlier) if same else None)
+    report = read_report(report_path)
     if report is not None and _finished(command, report, cfg):
         log(f"    {report_path} exists: keeping it (delete {cfg.run.dir} to redo this stage)")
         return report, report_seconds(report)
+    return None
+
+
+def stage_outputs(command: str, cfg: RunConfig) -> list[Path]:
+    """What a stage writes: its run.dir, and the dataset a collect or select stage makes."""
+    outputs = [Path(cfg.run.dir)]
+    if command in ("collect", "select"):
+        outputs.append(Path(cfg.data.dir))
+    return [path.absolute() for path in outputs]
+
+
+def stage_inputs(command: str, cfg: RunConfig) -> list[Path]:
+    """What a stage reads that another stage may have written: the policy it starts from or evaluates,
+    the dataset it trains on (train, dagger) or chooses from (select)."""
+    inputs = [cfg.model.pretrained, cfg.eval.checkpoint if command in ("eval", "select") else None]
+    untrained = command == "eval" and cfg.eval.policy == "model" and not cfg.eval.checkpoint
+    if command in ("train", "dagger") or untrained:  # (an untrained preset: the dataset's statistics)
+        inputs.append(cfg.data.dir)
+    if command == "select":
+        inputs += [cfg.select.pool, *cfg.select.exclude, *cfg.select.keep]
+    return [Path(path).absolute() for path in inputs if path]
+
+
+def dependents(stages: Sequence[tuple[str, RunConfig, Sequence[str]]]) -> list[list[int]]:
+    """For each stage of a plan, the later stages made from its output, directly or through another
+    stage: an evaluation from its training, a second evaluation from the policy the first exported, an
+    RL, DAgger or selection stage from a policy, a training from a collected or selected dataset.
+    `stages`: (command, its config as checked up front, the paths that config nulled because an earlier
+    stage makes them)."""
+    outputs = [stage_outputs(command, cfg) for command, cfg, _ in stages]
+    inputs = [stage_inputs(command, cfg) + [Path(path).absolute() for path in later]
+              for command, cfg, later in stages]
+    direct = [[j for j in range(i + 1, len(stages))
+               if any(path == out or out in path.parents for path in inputs[j] for out in outputs[i])]
+              for i in range(len(stages))]
+    result: list[list[int]] = []
+    for i in range(len(stages)):
+        seen: set[int] = set()
+        todo = list(direct[i])
+        while todo:
+            j = todo.pop()
+            if j not in seen:
+                seen.add(j)
+                todo.extend(direct[j])
+        result.append(sorted(seen))
+    return result
+
+
+def made_earlier_paths(overrides: Sequence[str], made_earlier: Sequence[str]) -> list[str]:
+    """The paths a plan's stage overrides name for its `made_earlier` keys (nulled in its up-front config)."""
+    return [value for key, _, value in (o.partition("=") for o in overrides) if key in made_earlier]
+
+
+def set_aside(command: str, cfg: RunConfig, log: Log) -> None:
+    """Move what a stage wrote to PATH.stale (replacing an older one), so that it runs again: it was
+    made from an earlier stage's output that is being made anew. Moved, not deleted: nothing is lost."""
+    import shutil
+
+    for path in stage_outputs(command, cfg):
+        if not path.exists():
+            continue
+        stale = path.with_name(path.name + ".stale")
+        if stale.exists():
+            shutil.rmtree(stale)
+        path.rename(stale)
+        log(f"    {path} was made from an output being redone: moved to {stale}")
+
+
+def _run(command: str, cfg: RunConfig, log: Log) -> dict[str, Any]:
     if command == "collect":
         from vla_dist.rollout.collect import run_collect
 
         save_resolved(cfg, cfg.run.dir)
-        return run_collect(cfg), None
+        return run_collect(cfg)
     if command == "train":
         from vla_dist.train import run_train
 
-        return run_train(cfg), None  # writes its config.yaml itself (after the resume checks)
+        return run_train(cfg)  # writes its config.yaml itself (after the resume checks)
     if command == "rl":
         from vla_dist.rl.loop import run_rl
 
-        return run_rl(cfg), None
+        return run_rl(cfg)
     if command == "dagger":
         from vla_dist.dagger import run_dagger
 
         save_resolved(cfg, cfg.run.dir)
-        return run_dagger(cfg, log), None
+        return run_dagger(cfg, log)
     if command == "select":
         from vla_dist.select import run_select
 
         save_resolved(cfg, cfg.run.dir)
-        return run_select(cfg, log), None
+        return run_select(cfg, log)
     from vla_dist.rollout.evaluate import run_eval
 
     save_resolved(cfg, cfg.run.dir)
-    return run_eval(cfg), None
+    return run_eval(cfg)
 
 
 def _finished(command: str, report: dict[str, Any], cfg: RunConfig) -> bool:

@@ -23,7 +23,10 @@ The seed is `run.seed` of the train, rl and eval stages: initialization, data or
 draws and the held-out layouts, which are therefore the same for every recipe at one seed (a paired
 comparison). Collection keeps the recipe's own run.seed, so a dataset does not depend on which seed
 ran first. A stage whose report says it finished is kept, a stopped one resumes: re-running the same
-command continues an interrupted comparison, and adding a recipe later runs only that recipe.
+command continues an interrupted comparison, and adding a recipe later runs only that recipe. A stage
+that runs again (a larger train.steps resumes it; a dataset collected anew) first moves what later
+stages made from its earlier output to PATH.stale (`dependents`): their evaluations, the policies
+started from it, and so on, which then run again.
 
 Fairness is checked before anything runs: every SFT recipe trains the baseline's number of samples
 (train.steps x global batch) and collects at most its number of episodes, or the plan fails naming
@@ -45,7 +48,8 @@ from vla_dist import atomic
 from vla_dist.config import ConfigError, load_config, validate
 from vla_dist.config.load import find_config_file
 from vla_dist.config.schema import RunConfig
-from vla_dist.stages import run_stage
+from vla_dist.stages import dependents as stage_dependents
+from vla_dist.stages import made_earlier_paths, run_stage, set_aside
 
 Log = Callable[[str], None]
 RECIPE_DIR = Path("configs/recipe")
@@ -212,8 +216,9 @@ def run_recipes(names: Sequence[str], overrides: Sequence[str], log: Log = print
     check_budgets(recipes, recipe_name(base.recipes.baseline))
     stages = plan(recipes, base)
     files = {recipe_name(n): n for n in [base.recipes.baseline, *names]}
-    for stage in stages:  # every stage's config fails here, before any stage runs
-        _stage_config(files[stage.recipe], stage, overrides, up_front=True)
+    # every stage's config fails here, before any stage runs
+    configs = [stage_config(files[stage.recipe], stage, overrides, up_front=True) for stage in stages]
+    after = dependents(stages, configs)
     record_comparison(root, base, {name: (files[name], cfg) for name, cfg in recipes.items()}, overrides)
     started = time.perf_counter()
     for number, stage in enumerate(stages, 1):
@@ -221,7 +226,13 @@ def run_recipes(names: Sequence[str], overrides: Sequence[str], log: Log = print
                            *overrides, *stage.overrides])
         log(f"[{number}/{len(stages)}] {stage.recipe} seed {stage.seed if stage.seed is not None else '-'} "
             f"{stage.name}: {line}")
-        run_stage(stage.command, _stage_config(files[stage.recipe], stage, overrides), log)
+        # when it runs (or resumes to a larger budget), what was made from its earlier output is set
+        # aside first: a kill from then on leaves no result of the old output looking current
+        def redo_later(later: list[int] = after[number - 1]) -> None:
+            for index in later:
+                set_aside(stages[index].command, configs[index], log)
+
+        run_stage(stage.command, stage_config(files[stage.recipe], stage, overrides), log, before_run=redo_later)
     from vla_dist.recipes.report import write_report
     from vla_dist.runtime import stop_command_ray
 
@@ -240,9 +251,18 @@ def baseline_name(overrides: Sequence[str]) -> str:
     return RunConfig().recipes.baseline
 
 
-def _stage_config(file: str, stage: RecipeStage, overrides: Sequence[str], up_front: bool = False) -> RunConfig:
+def stage_config(file: str, stage: RecipeStage, overrides: Sequence[str], up_front: bool = False) -> RunConfig:
+    """The stage's config; `up_front` (checked before any stage ran): the keys naming an earlier stage's
+    output nulled, since validation looks for what they name."""
     extra = [f"{key}=null" for key in stage.made_earlier] if up_front else []
     return validate(load_config(recipe_file(file), [*overrides, *stage.overrides, *extra]))
+
+
+def dependents(stages: Sequence[RecipeStage], configs: Sequence[RunConfig]) -> list[list[int]]:
+    """stages.dependents of the plan: `configs` are the stages' up-front configs; the paths they null
+    (made by an earlier stage) are read from the stages' overrides."""
+    return stage_dependents([(stage.command, cfg, made_earlier_paths(stage.overrides, stage.made_earlier))
+                             for stage, cfg in zip(stages, configs, strict=True)])
 
 
 def record_comparison(root: Path, base: RunConfig, files: dict[str, tuple[str, RunConfig]],
