@@ -28,6 +28,7 @@ from vla_dist.models.policy import PolicyInputs
 from vla_dist.spaces import (
     CAMERAS,
     EE_DELTA_POSE,
+    JOINT_DELTA,
     JOINT_POSITION,
     STATE_SPACE,
     action_space_type,
@@ -80,6 +81,13 @@ def test_manifests_say_which_action_space() -> None:
     assert "set sim.action_space=joint_position" in simulator_mismatch(list(CAMERAS), 8, 15, "joint_position",
                                                                         "ee_delta_pose")
     assert "another embodiment" in simulator_mismatch(list(CAMERAS), 8, 15, None, "ee_delta_pose")
+    # the two joint spaces have the same dims: the type or the names tell them apart, and a policy of
+    # one is refused by a scene of the other
+    assert action_space_type(JOINT_DELTA) == "joint_delta"
+    assert action_space_type({"type": "lerobot", "dim": 8, "names": JOINT_DELTA["names"]}) == "joint_delta"
+    assert simulator_mismatch(list(CAMERAS), 8, 15, "joint_delta", "joint_delta") is None
+    assert "set sim.action_space=joint_position" in simulator_mismatch(list(CAMERAS), 8, 15, "joint_position",
+                                                                        "joint_delta")
 
 
 def test_a_recipe_does_not_reuse_a_dataset_of_the_other_space(tmp_path: Path) -> None:

@@ -284,14 +284,16 @@ def test_light_randomization_lights_each_batch_by_its_draw_and_records_it(scene:
     assert decode_sample(encode_episode(relit[1][2], "npz")).look == relit[1][2].look
 
 
-def test_joint_position_scene_runs_the_expert_through_its_ik_and_replays(scene: TabletopScene) -> None:
-    """sim.action_space=joint_position: the expert (end-effector deltas) drives the scene through the
-    scene's own inverse kinematics, so the joint scene executes exactly what the end-effector scene
-    executes (same states, same outcomes) while recording 8-dim joint targets; the joint expert succeeds
-    on >= 90% of each task's layouts; replaying the recorded joint targets open loop retraces the
-    episodes; a policy of the other space is refused."""
+@pytest.mark.parametrize("space", ["joint_position", "joint_delta"])
+def test_joint_scenes_run_the_expert_through_their_ik_and_replay(scene: TabletopScene, space: str) -> None:
+    """sim.action_space=joint_position / joint_delta: the expert (end-effector deltas) drives the scene
+    through the scene's own inverse kinematics, so the joint scene executes what the end-effector scene
+    executes (joint_position: the same states bit for bit; joint_delta: up to the rounding of target -
+    joints + joints) while recording 8-dim joint targets or their offsets from the measured joints; the
+    joint expert succeeds on >= 90% of each task's layouts; replaying the recorded actions open loop
+    retraces the episodes; a policy of the other space is refused."""
     from vla_dist.rollout.policies import PolicySource, ReplayPolicy
-    from vla_dist.spaces import JOINT_POSITION
+    from vla_dist.spaces import ACTION_SPACES
 
     def run(space: str, start: int) -> list:
         scene.action_space = space
@@ -299,18 +301,30 @@ def test_joint_position_scene_runs_the_expert_through_its_ik_and_replays(scene: 
         return run_batch(scene, requests, ExpertPolicy(), fps=10.0, render=False)
 
     try:
-        same_ee, same_joint = run("ee_delta_pose", 0), run("joint_position", 0)
+        same_ee, same_joint = run("ee_delta_pose", 0), run(space, 0)
         for ee, joint in zip(same_ee, same_joint, strict=True):
-            np.testing.assert_array_equal(joint.state, ee.state)  # the same physics, bit for bit
-            assert joint.success == ee.success
-            assert joint.actions.shape == (joint.num_frames, JOINT_POSITION["dim"])
-            np.testing.assert_array_equal(joint.actions[:, 7], ee.actions[:, 6])  # the gripper command
-            # the joint targets lead the measured joints by a control step's motion, no more
-            assert np.abs(joint.actions[:, :7] - joint.state[:, :7]).max() < 0.5
-            assert np.abs(joint.actions[1:, :7] - joint.state[1:, :7]).mean() > 1e-3  # targets, not the state
+            if space == "joint_position":
+                np.testing.assert_array_equal(joint.state, ee.state)  # the same physics, bit for bit
+                assert joint.success == ee.success
+            assert joint.actions.shape == (joint.num_frames, ACTION_SPACES[space]["dim"])
+            steps = min(joint.num_frames, ee.num_frames)  # (joint_delta: may end a step apart)
+            np.testing.assert_array_equal(joint.actions[:steps, 7], ee.actions[:steps, 6])  # the gripper command
+            # the joint targets lead the measured joints by a control step's motion, no more; the
+            # delta space records exactly that lead (target - measured joints)
+            lead = joint.actions[:, :7] - (0.0 if space == "joint_delta" else joint.state[:, :7])
+            assert np.abs(lead).max() < 0.5
+            assert np.abs(lead[1:]).mean() > 1e-3  # targets, not the state
+        if space == "joint_delta":  # the same motion: each delta is the joint-position scene's target minus
+            targets = run("joint_position", 0)  # the joints measured at that step
+            for joint, target in zip(same_joint, targets, strict=True):
+                steps = min(joint.num_frames, target.num_frames, 20)  # before contacts amplify the rounding
+                np.testing.assert_allclose(joint.state[:steps], target.state[:steps], atol=1e-4)
+                np.testing.assert_allclose(joint.actions[:steps, :7] + joint.state[:steps, :7],
+                                           target.actions[:steps, :7], atol=1e-4)
+            scene.action_space = space
         outcomes: dict[str, list[bool]] = {task: [] for task in TASK_NAMES[:3]}
         for start in (0, 6, 12, 18, 24):
-            episodes = same_joint if start == 0 else run("joint_position", start)
+            episodes = same_joint if start == 0 else run(space, start)
             for ep in episodes:
                 outcomes[ep.task].append(ep.success)
             if start == 0:
@@ -327,10 +341,10 @@ def test_joint_position_scene_runs_the_expert_through_its_ik_and_replays(scene: 
             assert np.mean(results) >= MIN_SUCCESS, f"{task}: {sum(results)}/{len(results)}"
 
         class JointPolicy(NullPolicy):
-            action_space = "joint_position"
+            action_space = space
 
         scene.action_space = "ee_delta_pose"
-        with pytest.raises(ValueError, match="joint_position cannot drive a scene taking ee_delta_pose"):
+        with pytest.raises(ValueError, match=f"{space} cannot drive a scene taking ee_delta_pose"):
             run_batch(scene, [EpisodeRequest(0, "pick_cube", 1)], JointPolicy(), fps=10.0, render=False, max_steps=2)
     finally:
         scene.action_space = "ee_delta_pose"

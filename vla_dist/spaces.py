@@ -32,10 +32,25 @@ JOINT_POSITION = {
     ),
     "frame": "joint",
 }
+# Relative joint actions (ManiSkill's pd_joint_delta_pos; openpi trains joint-space pi0 on targets
+# relative to the current joints): a policy reading its joints cannot reproduce the next target by
+# copying them, which is how absolute targets let it ignore the images (docs/recipes.md).
+JOINT_DELTA = {
+    "type": "joint_delta",
+    "dim": 8,
+    "names": [f"joint{i}_delta" for i in range(1, 8)] + ["gripper"],
+    "description": (
+        "Per control step: position targets of the Franka's seven arm joints as offsets (rad) from the joints' "
+        "measured positions at that step, gripper command (>0 close, <=0 open)."
+    ),
+    "frame": "joint",
+}
 # The action spaces the simulator takes (sim.action_space), by type. The scripted expert speaks
-# end-effector deltas; in a joint-position scene its actions become the joint targets the scene's own
-# inverse kinematics gives for them (sim/scene.py), so both spaces have the same expert.
-ACTION_SPACES: dict[str, dict[str, object]] = {space["type"]: space for space in (EE_DELTA_POSE, JOINT_POSITION)}
+# end-effector deltas; in a joint scene its actions become the joint targets the scene's own inverse
+# kinematics gives for them (sim/scene.py), or their offsets from the measured joints, so every space
+# has the same expert.
+ACTION_SPACES: dict[str, dict[str, object]] = {
+    space["type"]: space for space in (EE_DELTA_POSE, JOINT_POSITION, JOINT_DELTA)}
 ACTION_SPACE = EE_DELTA_POSE  # the default
 STATE_SPACE = {
     "dim": 15,

@@ -43,7 +43,8 @@ class SimSection:
     dt: float = 0.01  # physics step, seconds
     substeps: int = 2
     # What the arm is commanded in (vla_dist/spaces.py): "ee_delta_pose" (hand target deltas through the
-    # scene's inverse kinematics) or "joint_position" (the seven joint targets). Collection records it
+    # scene's inverse kinematics), "joint_position" (the seven joint targets) or "joint_delta" (those
+    # targets as offsets from the measured joints). Collection records it
     # in the manifest; a policy runs only in a scene of its own action space (the embodiment recipes)
     action_space: str = "ee_delta_pose"
     # What the cameras see, none of which changes physics or success (vla_dist/sim/appearance.py): the

@@ -71,12 +71,13 @@ def speaks(policy: Policy, scene: TabletopScene) -> str:
 
 
 def in_scene_space(action: torch.Tensor, space: str, scene: TabletopScene) -> torch.Tensor:
-    """`action` (in `space`) as the scene takes it: end-effector deltas in a joint-position scene become
-    the joint targets of the scene's inverse kinematics (what an end-effector scene executes)."""
+    """`action` (in `space`) as the scene takes it: end-effector deltas in a joint scene become the joint
+    targets of the scene's inverse kinematics (what an end-effector scene executes), or their offsets
+    from the measured joints."""
     if space == scene.action_space:
         return action
-    if (space, scene.action_space) == ("ee_delta_pose", "joint_position"):
-        return scene.joint_targets(action)
+    if space == "ee_delta_pose" and scene.action_space in ("joint_position", "joint_delta"):
+        return scene.joint_command(action)
     raise ValueError(f"a policy acting in {space} cannot drive a scene taking {scene.action_space} actions")
 
 

@@ -1,13 +1,15 @@
 """The Genesis table-top scene: a Franka Panda, a red cube, a blue cube and a green target disk.
 
 One `TabletopScene` is one Genesis scene built with `n_envs` parallel environments; every call takes
-or returns batched tensors with leading dimension `n_envs`. It takes one of two action spaces
+or returns batched tensors with leading dimension `n_envs`. It takes one of three action spaces
 (`vla_dist.spaces.ACTION_SPACES`, sim.action_space): the end-effector delta pose of the hand plus a
-gripper command, applied through batched inverse kinematics and joint position control, or the joint
-position targets themselves plus the gripper command. Physics runs `decimation` steps per action.
-`joint_targets` is the first path's inverse kinematics on its own: the scripted expert, which speaks
-end-effector deltas, drives a joint-position scene through it and executes exactly what an
-end-effector scene would (the same joint targets), so both spaces share one expert.
+gripper command, applied through batched inverse kinematics and joint position control; the joint
+position targets themselves plus the gripper command; or those targets as offsets from the measured
+joints (joint_delta: the offsets include what holds the arm up against the PD controllers' sag).
+Physics runs `decimation` steps per action. `joint_targets` is the first path's inverse kinematics
+on its own: the scripted expert, which speaks end-effector deltas, drives a joint scene through it
+(`joint_command`) and executes what an end-effector scene would (the same joint targets; in
+joint_delta up to the float rounding of target - joints + joints), so every space shares one expert.
 
 Deltas move the hand's *commanded* target pose, not its measured pose (ManiSkill calls this
 `pd_ee_target_delta_pose`): joint PD control sags under gravity by about a centimetre, and deltas on
@@ -226,12 +228,26 @@ class TabletopScene:
         )
         return torch.cat((qpos[:, :7].to(torch.float32), actions[:, 6:7]), dim=1)
 
+    def joint_command(self, ee_actions: torch.Tensor) -> torch.Tensor:
+        """End-effector delta actions [B, 7] as this joint scene's actions [B, 8]: `joint_targets`
+        (joint_position), or those targets' offsets from the measured joints (joint_delta), which `step`
+        adds back. Call once per control step, before `step`."""
+        targets = self.joint_targets(ee_actions)
+        if self.action_space == "joint_delta":
+            targets[:, :7] -= self._arm_positions()
+        return targets
+
+    def _arm_positions(self) -> torch.Tensor:
+        return self.robot.get_dofs_position(self.arm_dofs).to(torch.float32)
+
     def step(self, actions: torch.Tensor) -> None:
         """Apply one control action per env ([B, 7] or [B, 8], as `action_space` says) and advance
         physics `decimation` steps."""
         actions = actions.to(torch.float32)
         if self.action_space == "ee_delta_pose":
             actions = self.joint_targets(actions)
+        elif self.action_space == "joint_delta":
+            actions = torch.cat((self._arm_positions() + actions[:, :7], actions[:, 7:]), dim=1)
         self.robot.control_dofs_position(actions[:, :7], self.arm_dofs)
         close = actions[:, 7] > 0
         self._gripper_closed = close
