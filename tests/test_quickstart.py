@@ -14,7 +14,8 @@ import pytest
 
 from vla_dist.cli import main
 from vla_dist.config import load_config, validate
-from vla_dist.quickstart import SIZING, plan, stage_overrides, stages_made_from
+from vla_dist.quickstart import SIZING, plan, stage_overrides
+from vla_dist.stages import dependents
 
 Quickstart = tuple[Path, Path, subprocess.CompletedProcess]
 
@@ -158,7 +159,7 @@ def test_a_stage_run_again_sets_aside_the_stages_made_from_its_output(tmp_path: 
     configs = [validate(load_config(None, [*stage_overrides(stage, [f"run.dir={tmp_path}"], tmp_path),
                                            *(f"{key}=null" for key in stage.made_earlier)])) for stage in stages]
     names = [stage.name for stage in stages]
-    made_from = {name: {names[j] for j in later} for name, later in zip(names, stages_made_from(stages, configs),
+    made_from = {name: {names[j] for j in later} for name, later in zip(names, dependents(stages, configs),
                                                                          strict=True)}
     assert made_from["train-full"] == {"eval-full", "train-lora", "eval-lora"}
     assert made_from["eval-full"] == {"train-lora", "eval-lora"}

@@ -15,7 +15,6 @@ from vla_dist.config import ConfigError, load_config, validate
 from vla_dist.recipes.report import collect_rows, markdown, paired_text, write_report
 from vla_dist.recipes.run import (
     check_budgets,
-    dependents,
     ordered,
     plan,
     recipe_file,
@@ -24,7 +23,7 @@ from vla_dist.recipes.run import (
     stage_config,
 )
 from vla_dist.rollout.evaluate import wilson_interval
-from vla_dist.stages import set_aside
+from vla_dist.stages import dependents, set_aside
 
 
 def _base(*overrides: str):

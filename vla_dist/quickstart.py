@@ -27,13 +27,14 @@ import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from vla_dist.config import load_config, validate
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
-from vla_dist.stages import dependents, made_earlier_paths, run_stage, set_aside
+from vla_dist.stages import dependents, run_stage, set_aside_later
 
 # What turns the tiny CPU default (configs/quickstart.yaml) into a run whose policy learns a task within
 # the quickstart's 20-30 minutes on 2 cores: the sft-pick recipe (configs/recipe/sft-pick.yaml, every
@@ -97,7 +98,7 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
         return validate(load_config(config, [*stage_overrides(stage, overrides, root), *extra]))
 
     configs = [stage_config(stage, up_front=True) for stage in stages]  # every bad config fails here, first
-    after = stages_made_from(stages, configs)
+    after = dependents(stages, configs)  # what each stage's output makes later: set aside when it reruns
     save_resolved(base, root)
     started = time.perf_counter()
     reports: dict[str, dict[str, Any]] = {}
@@ -108,12 +109,8 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
         command = _command_line(config, overrides, stage, root)
         log(f"[{number}/{len(stages)}] {stage.name}: {command}")
         stage_started = time.perf_counter()
-
-        def redo_later(later: list[int] = after[number - 1]) -> None:
-            for index in later:
-                set_aside(stages[index].command, configs[index], log)
-
-        reports[stage.name], kept_seconds = run_stage(stage.command, cfg, log, before_run=redo_later)
+        reports[stage.name], kept_seconds = run_stage(
+            stage.command, cfg, log, before_run=partial(set_aside_later, stages, configs, after[number - 1], log))
         if kept_seconds is None:
             seconds[stage.name] = round(time.perf_counter() - stage_started, 1)
         else:  # not run now: the time the run that made it took, from its own report
@@ -128,14 +125,6 @@ def run_quickstart(config: str | None, overrides: Sequence[str], log: Callable[[
     return {"command": "quickstart", "run_dir": str(root), "wall_s": summary["wall_s"],
             **{f"{row['name']}_success_rate": row["success_rate"] for row in summary["policies"]},
             "summary": str(root / "summary.md"), "summary_png": str(root / "summary.png")}
-
-
-def stages_made_from(stages: list[Stage], configs: list[RunConfig]) -> list[list[int]]:
-    """Per stage, the later stages made from its output (an evaluation of a training, LoRA from the
-    full fine-tune's export, ...): set aside when the stage runs again, e.g. train-full resuming after
-    train.steps was raised. `configs`: the stages' up-front configs."""
-    return dependents([(stage.command, cfg, made_earlier_paths(stage.overrides, stage.made_earlier))
-                       for stage, cfg in zip(stages, configs, strict=True)])
 
 
 def _dataset_episodes(cfg: RunConfig) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
@@ -83,15 +83,24 @@ def stage_inputs(command: str, cfg: RunConfig) -> list[Path]:
     return [Path(path).absolute() for path in inputs if path]
 
 
-def dependents(stages: Sequence[tuple[str, RunConfig, Sequence[str]]]) -> list[list[int]]:
+class PlannedStage(Protocol):
+    """What `dependents` reads of a plan's stage (quickstart.Stage, recipes.run.RecipeStage)."""
+
+    command: str
+    overrides: tuple[str, ...]
+    made_earlier: tuple[str, ...]  # keys naming an earlier stage's output: nulled in the up-front config
+
+
+def dependents(stages: Sequence[PlannedStage], configs: Sequence[RunConfig]) -> list[list[int]]:
     """For each stage of a plan, the later stages made from its output, directly or through another
     stage: an evaluation from its training, a second evaluation from the policy the first exported, an
     RL, DAgger or selection stage from a policy, a training from a collected or selected dataset.
-    `stages`: (command, its config as checked up front, the paths that config nulled because an earlier
-    stage makes them)."""
-    outputs = [stage_outputs(command, cfg) for command, cfg, _ in stages]
-    inputs = [stage_inputs(command, cfg) + [Path(path).absolute() for path in later]
-              for command, cfg, later in stages]
+    `configs`: the stages' up-front configs; the paths they null are read from the stages' overrides."""
+    outputs = [stage_outputs(stage.command, cfg) for stage, cfg in zip(stages, configs, strict=True)]
+    inputs = [stage_inputs(stage.command, cfg) + [Path(value).absolute() for key, _, value in
+                                                  (o.partition("=") for o in stage.overrides)
+                                                  if key in stage.made_earlier]
+              for stage, cfg in zip(stages, configs, strict=True)]
     direct = [[j for j in range(i + 1, len(stages))
                if any(path == out or out in path.parents for path in inputs[j] for out in outputs[i])]
               for i in range(len(stages))]
@@ -108,9 +117,11 @@ def dependents(stages: Sequence[tuple[str, RunConfig, Sequence[str]]]) -> list[l
     return result
 
 
-def made_earlier_paths(overrides: Sequence[str], made_earlier: Sequence[str]) -> list[str]:
-    """The paths a plan's stage overrides name for its `made_earlier` keys (nulled in its up-front config)."""
-    return [value for key, _, value in (o.partition("=") for o in overrides) if key in made_earlier]
+def set_aside_later(stages: Sequence[PlannedStage], configs: Sequence[RunConfig], later: Sequence[int],
+                    log: Log) -> None:
+    """`set_aside` every stage in `later` (indices of `stages`, e.g. one entry of `dependents`)."""
+    for index in later:
+        set_aside(stages[index].command, configs[index], log)
 
 
 def set_aside(command: str, cfg: RunConfig, log: Log) -> None:

@@ -25,7 +25,7 @@ comparison). Collection keeps the recipe's own run.seed, so a dataset does not d
 ran first. A stage whose report says it finished is kept, a stopped one resumes: re-running the same
 command continues an interrupted comparison, and adding a recipe later runs only that recipe. A stage
 that runs again (a larger train.steps resumes it; a dataset collected anew) first moves what later
-stages made from its earlier output to PATH.stale (`dependents`): their evaluations, the policies
+stages made from its earlier output to PATH.stale (`stages.dependents`): their evaluations, the policies
 started from it, and so on, which then run again.
 
 Fairness is checked before anything runs: every SFT recipe trains the baseline's number of samples
@@ -41,6 +41,7 @@ import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,7 @@ from vla_dist import atomic
 from vla_dist.config import ConfigError, load_config, validate
 from vla_dist.config.load import find_config_file
 from vla_dist.config.schema import RunConfig
-from vla_dist.stages import dependents as stage_dependents
-from vla_dist.stages import made_earlier_paths, run_stage, set_aside
+from vla_dist.stages import dependents, run_stage, set_aside_later
 
 Log = Callable[[str], None]
 RECIPE_DIR = Path("configs/recipe")
@@ -228,11 +228,8 @@ def run_recipes(names: Sequence[str], overrides: Sequence[str], log: Log = print
             f"{stage.name}: {line}")
         # when it runs (or resumes to a larger budget), what was made from its earlier output is set
         # aside first: a kill from then on leaves no result of the old output looking current
-        def redo_later(later: list[int] = after[number - 1]) -> None:
-            for index in later:
-                set_aside(stages[index].command, configs[index], log)
-
-        run_stage(stage.command, stage_config(files[stage.recipe], stage, overrides), log, before_run=redo_later)
+        run_stage(stage.command, stage_config(files[stage.recipe], stage, overrides), log,
+                  before_run=partial(set_aside_later, stages, configs, after[number - 1], log))
     from vla_dist.recipes.report import write_report
     from vla_dist.runtime import stop_command_ray
 
@@ -256,13 +253,6 @@ def stage_config(file: str, stage: RecipeStage, overrides: Sequence[str], up_fro
     output nulled, since validation looks for what they name."""
     extra = [f"{key}=null" for key in stage.made_earlier] if up_front else []
     return validate(load_config(recipe_file(file), [*overrides, *stage.overrides, *extra]))
-
-
-def dependents(stages: Sequence[RecipeStage], configs: Sequence[RunConfig]) -> list[list[int]]:
-    """stages.dependents of the plan: `configs` are the stages' up-front configs; the paths they null
-    (made by an earlier stage) are read from the stages' overrides."""
-    return stage_dependents([(stage.command, cfg, made_earlier_paths(stage.overrides, stage.made_earlier))
-                             for stage, cfg in zip(stages, configs, strict=True)])
 
 
 def record_comparison(root: Path, base: RunConfig, files: dict[str, tuple[str, RunConfig]],
