@@ -5,7 +5,9 @@ files the command leaves and the plan's printed command lines reproduce it alone
 resumable lives here, once: a stage whose report.json says it finished is kept (not re-run), a train
 or rl stage that stopped early (a signal, for a requeue) is run again and resumes from its own
 checkpoint (dagger: from its last finished round), and a collect stage reuses a dataset that
-already holds enough episodes.
+already holds enough episodes. A stage holds a lock on what it writes while it decides and runs
+(vla_dist/locks.py): two plans sharing a stage (the baseline's training, a dataset) never write it at
+once; the second waits, then keeps the first's result.
 """
 
 from __future__ import annotations
@@ -32,12 +34,18 @@ def run_stage(command: str, cfg: RunConfig, log: Log,
     earlier run's result is kept (collect: a reused dataset this stage collected before; one collected
     elsewhere is timed like a run stage, the check that it holds enough episodes). `before_run` is
     called when the stage is about to run (a plan sets aside what was made from its earlier output)."""
-    kept = kept_stage(command, cfg, log)
-    if kept is not None:
-        return kept
-    if before_run is not None:
-        before_run()
-    return _run(command, cfg, log), None
+    from vla_dist.locks import holding
+
+    def waiting(path: Path) -> None:
+        log(f"    another process is writing {path}: waiting for it to finish")
+
+    with holding(stage_outputs(command, cfg), on_wait=waiting):
+        kept = kept_stage(command, cfg, log)
+        if kept is not None:
+            return kept
+        if before_run is not None:
+            before_run()
+        return _run(command, cfg, log), None
 
 
 def kept_stage(command: str, cfg: RunConfig, log: Log) -> tuple[dict[str, Any], float | None] | None:

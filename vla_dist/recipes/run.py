@@ -49,6 +49,7 @@ from vla_dist import atomic
 from vla_dist.config import ConfigError, load_config, validate
 from vla_dist.config.load import find_config_file
 from vla_dist.config.schema import RunConfig
+from vla_dist.locks import holding
 from vla_dist.stages import dependents, run_stage, set_aside_later
 
 Log = Callable[[str], None]
@@ -260,19 +261,24 @@ def record_comparison(root: Path, base: RunConfig, files: dict[str, tuple[str, R
     """RECIPES_DIR/comparison.json: what the report compares. A later run adding recipes, seeds or evaluation
     variants extends it."""
     path = root / COMPARISON
+    with holding([path]):  # two runs started at once into one recipes.dir: neither loses the other's recipes
+        _extend_comparison(path, base, files, overrides)
+
+
+def _extend_comparison(path: Path, base: RunConfig, files: dict[str, tuple[str, RunConfig]],
+                       overrides: Sequence[str]) -> None:
     earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     recipes = {**earlier.get("recipes", {}), **{
         name: {"file": str(recipe_file(file)), "command": cfg.recipes.command, "start_from": cfg.recipes.start_from,
                "control": recipe_name(cfg.recipes.control) if cfg.recipes.control else None}
         for name, (file, cfg) in files.items()}}
     if earlier and earlier.get("baseline") != recipe_name(base.recipes.baseline):
-        raise ConfigError("recipes.baseline", f"{root} compares against {earlier.get('baseline')!r}: use another "
-                          f"recipes.dir for a comparison against {base.recipes.baseline!r}")
+        raise ConfigError("recipes.baseline", f"{path.parent} compares against {earlier.get('baseline')!r}: use "
+                          f"another recipes.dir for a comparison against {base.recipes.baseline!r}")
     seeds = sorted({*earlier.get("seeds", []), *base.recipes.seeds})
     # a later run with fewer evaluation variants (e.g. an RL recipe scored on the default scene only)
     # must not drop the rows of the variants earlier runs evaluated
     evals = list(dict.fromkeys([*earlier.get("evals", []), *base.recipes.evals]))
     record = {"baseline": recipe_name(base.recipes.baseline), "seeds": seeds,
               "evals": evals, "recipes": recipes, "overrides": list(overrides)}
-    root.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, json.dumps(record, indent=2) + "\n")
