@@ -153,8 +153,37 @@ def test_rl_config_errors_name_their_keys(tmp_path: Path) -> None:
         validate(load_config(None, [*base, "rl.horizon=9"]))
     with pytest.raises(ConfigError, match="rl.algorithm"):
         validate(load_config(None, [*base, "rl.algorithm=a2c"]))
+    with pytest.raises(ConfigError, match="rl.critic_warmup"):
+        validate(load_config(None, [*base, "rl.iterations=2", "rl.critic_warmup=2"]))
+    with pytest.raises(ConfigError, match="rl.critic_warmup"):
+        validate(load_config(None, [*base, "rl.algorithm=grpo", "rl.group_size=2", "rl.critic_warmup=1",
+                                    "rl.iterations=3"]))
+    with pytest.raises(ConfigError, match="rl.target_kl"):
+        validate(load_config(None, [*base, "rl.target_kl=-0.1"]))
     with pytest.raises(ConfigError, match="model.pretrained"):  # before Ray starts
         run_rl(validate(load_config(None, base)))
+
+
+@pytest.mark.heavy  # 2 RL iterations: ~60 s
+@pytest.mark.ci
+def test_critic_warmup_keeps_the_policy_and_target_kl_stops_the_update(pretrained: dict[str, Path],
+                                                                        local_ray: None, tmp_path: Path) -> None:
+    """Iteration 1 (critic warm-up) trains the value head only: the policy saved after it is the start,
+    bit for bit. Iteration 2 updates the policy, and a KL target its first step overshoots ends the update
+    at the next step (the first whose minibatch finds the policy moved) instead of the 2 epochs planned."""
+    run_dir = tmp_path / "run"
+    run_rl(rl_cfg(run_dir, pretrained["pi0"], "pi0", "rl.critic_warmup=1", "rl.target_kl=1e-6", "rl.epochs=2"))
+    warm, update = [r for r in read_metrics(run_dir / "metrics.jsonl") if "kind" not in r]
+    planned = 2 * max(1, warm["decisions"] // 4)  # epochs x minibatches of 2 decisions on each of 2 ranks
+    assert planned >= 4, warm["decisions"]
+    assert warm["critic_warmup"] and not warm["kl_stopped"] and warm["optimizer_steps"] == planned
+    assert warm["value_loss"] > 0
+    start, after_warmup = weights(pretrained["pi0"]), weights(run_dir / "checkpoints/step_1/policy")
+    assert all(torch.equal(start[k], after_warmup[k]) for k in start)
+    assert not update["critic_warmup"] and update["kl_stopped"] and update["optimizer_steps"] == 2
+    assert update["approx_kl"] > 0
+    end = weights(run_dir / "checkpoints/step_2/policy")
+    assert any(not torch.equal(start[k], end[k]) for k in start)
 
 
 def _kill_first_rollout(stop: threading.Event, killed: list[int]) -> None:

@@ -30,6 +30,11 @@ def _rl_sampling(cfg: RunConfig) -> None:
         if rl.episodes_per_iteration % rl.group_size:
             raise ConfigError("rl.episodes_per_iteration", f"GRPO: must be a multiple of rl.group_size "
                               f"({rl.group_size}), got {rl.episodes_per_iteration}")
+    if rl.critic_warmup and rl.algorithm != "ppo":
+        raise ConfigError("rl.critic_warmup", f"only PPO has a value head to warm up; rl.algorithm={rl.algorithm}")
+    if rl.critic_warmup >= rl.iterations:
+        raise ConfigError("rl.critic_warmup", f"must be < rl.iterations ({rl.iterations}), or the policy never "
+                          f"updates; got {rl.critic_warmup}")
     if rl.horizon > cfg.model.chunk_size:
         raise ConfigError("rl.horizon", f"a decision executes at most one chunk: must be <= model.chunk_size "
                           f"({cfg.model.chunk_size}), got {rl.horizon}")
@@ -52,6 +57,8 @@ RL_CHECKS: list[Check] = [
     at_least("rl.epochs", 1),
     at_least("rl.minibatch_size", 1),
     greater_than("rl.clip", 0),
+    at_least("rl.target_kl", 0),
+    at_least("rl.critic_warmup", 0),
     at_least("rl.value_coef", 0),
     in_range("rl.gamma", 0, 1),
     in_range("rl.gae_lambda", 0, 1),

@@ -253,6 +253,12 @@ class RLSection:
     epochs: int = 2  # passes over each iteration's decisions
     minibatch_size: int = 8  # decisions per rank per optimizer step
     clip: float = 0.2  # PPO ratio clip
+    # stop an iteration's update early once a minibatch's approx KL to the sampling policy (mean over ranks)
+    # passes 1.5x this (Stable-Baselines3's rule); 0: off. Large first steps are what undid a 75% policy
+    target_kl: float = 0.0
+    # PPO: the first N iterations train the value head only, so no policy step follows a random critic's
+    # advantages (with rl.value_trains_backbone the value loss still moves the shared backbone)
+    critic_warmup: int = 0
     value_coef: float = 0.5  # PPO: weight of the value loss
     value_trains_backbone: bool = False  # PPO: the value loss also trains the shared backbone (else the head only)
     gamma: float = 0.99  # per decision

@@ -119,19 +119,29 @@ class RLWorker(DeepSpeedRank):
         self.engine.train()
         per_step = rl.minibatch_size * self.world_size
         steps_per_epoch = max(1, count // per_step)
+        # iteration counts from 0: iterations 0..critic_warmup-1 fit the critic to this policy's returns
+        warming = rl.algorithm == "ppo" and iteration < rl.critic_warmup
         sums: dict[str, float] = {}
+        optimizer_steps, kl_stopped = 0, False
         for epoch in range(rl.epochs):
             shuffle = torch.Generator().manual_seed(hash((seed, iteration, epoch)) & 0x7FFF_FFFF)
             order = torch.randperm(count, generator=shuffle)
             for minibatch in torch.tensor_split(order, steps_per_epoch):
                 mine = torch.tensor_split(minibatch, self.world_size)[self.rank]
-                stats = self._step(traj, positions[mine], old_log_probs[mine], advantages[mine], returns[mine])
+                stats = self._step(traj, positions[mine], old_log_probs[mine], advantages[mine], returns[mine],
+                                   train_policy=not warming)
+                optimizer_steps += 1
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
-        optimizer_steps = rl.epochs * steps_per_epoch
+                # every rank takes the same decision (the mean over ranks): the steps stay collective
+                if rl.target_kl and not warming and self._all_mean(stats["approx_kl"]) > 1.5 * rl.target_kl:
+                    kl_stopped = True
+                    break
+            if kl_stopped:
+                break
         out = {key: self._all_mean(value / optimizer_steps) for key, value in sorted(sums.items())}
-        return {**out, "decisions": count, "optimizer_steps": optimizer_steps, "logprob_drift": drift,
-                "update_s": time.perf_counter() - started,
+        return {**out, "decisions": count, "optimizer_steps": optimizer_steps, "kl_stopped": kl_stopped,
+                "critic_warmup": warming, "logprob_drift": drift, "update_s": time.perf_counter() - started,
                 "advantage_nonzero": float((advantages.abs() > 1e-6).float().mean())}
 
     @torch.no_grad()
@@ -163,12 +173,14 @@ class RLWorker(DeepSpeedRank):
         return self.engine(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]])
 
     def _step(self, traj: Trajectories, at: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-              returns: torch.Tensor) -> dict[str, float]:
+              returns: torch.Tensor, train_policy: bool = True) -> dict[str, float]:
+        """One optimizer step; `train_policy=False` (critic warm-up): the value loss alone, so the policy's
+        gradients are zero (the value head reads detached features unless rl.value_trains_backbone)."""
         rl = self.cfg.rl
         log_prob, _, value, entropy = self._forward(traj, at)
         device = log_prob.device
         policy_loss, stats = ppo_policy_loss(log_prob.float(), old_log_probs.to(device), advantages.to(device), rl.clip)
-        loss = policy_loss
+        loss = policy_loss if train_policy else torch.zeros((), device=device)
         if value is not None:
             critic = value_loss(value.float(), returns.to(device))
             loss = loss + rl.value_coef * critic
