@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from vla_dist.config.load import save_resolved
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
+from vla_dist.locks import holding
 from vla_dist.rollout.episodes import selected_tasks
 
 REPORT = "report.json"
@@ -34,8 +35,6 @@ def run_stage(command: str, cfg: RunConfig, log: Log,
     earlier run's result is kept (collect: a reused dataset this stage collected before; one collected
     elsewhere is timed like a run stage, the check that it holds enough episodes). `before_run` is
     called when the stage is about to run (a plan sets aside what was made from its earlier output)."""
-    from vla_dist.locks import holding
-
     def waiting(path: Path) -> None:
         log(f"    another process is writing {path}: waiting for it to finish")
 

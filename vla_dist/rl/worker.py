@@ -120,7 +120,8 @@ class RLWorker(DeepSpeedRank):
         per_step = rl.minibatch_size * self.world_size
         steps_per_epoch = max(1, count // per_step)
         # iteration counts from 0: iterations 0..critic_warmup-1 fit the critic to this policy's returns
-        warming = rl.algorithm == "ppo" and iteration < rl.critic_warmup
+        # (validation allows a warm-up under PPO only)
+        warming = iteration < rl.critic_warmup
         sums: dict[str, float] = {}
         optimizer_steps, kl_stopped = 0, False
         for epoch in range(rl.epochs):
