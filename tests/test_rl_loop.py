@@ -62,9 +62,11 @@ def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_r
                                             family: str, algorithm: str) -> None:
     run_dir = tmp_path / "run"
     # pi0 draws each decision's stochastic denoising step (the logprob_drift check below then also
-    # checks that every decision's log-probability is recomputed at its own step)
+    # checks that every decision's log-probability is recomputed at its own step) and executes its
+    # rollouts as evaluation does, the overlapping chunks averaged (rl.temporal_ensemble)
+    extra = ["rl.temporal_ensemble=0.01"] if family == "pi0" else []
     cfg = rl_cfg(run_dir, pretrained[family], family, f"rl.algorithm={algorithm}", "rl.eval_every=2",
-                 "eval.episodes=2", "rl.random_sde_step=true")
+                 "eval.episodes=2", "rl.random_sde_step=true", *extra)
     report = run_rl(cfg)
     rows = read_metrics(run_dir / "metrics.jsonl")
     updates = [r for r in rows if "kind" not in r]
@@ -72,7 +74,7 @@ def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_r
     assert [r["iteration"] for r in updates] == [1, 2] and [r["version"] for r in updates] == [1, 2]
     assert [r["iteration"] for r in evals] == [0, 2] and all(r["eval_episodes"] == 2 for r in evals)
     for row in updates:
-        assert row["episodes"] == 4 and row["env_steps"] > 0 and row["sync_bytes"] > 0
+        assert row["episodes"] == 4 and 0 < row["env_steps"] <= 4 * 8 and row["sync_bytes"] > 0  # task.max_steps=8
         assert row["optimizer_steps"] >= 1 and row["advantage_nonzero"] > 0  # the shaped reward reached the loss
     # Iteration 1's update moved the weights (nonzero KL to the sampling policy) ...
     assert updates[0]["approx_kl"] > 0
@@ -160,6 +162,8 @@ def test_rl_config_errors_name_their_keys(tmp_path: Path) -> None:
                                     "rl.iterations=3"]))
     with pytest.raises(ConfigError, match="rl.target_kl"):
         validate(load_config(None, [*base, "rl.target_kl=-0.1"]))
+    with pytest.raises(ConfigError, match="rl.temporal_ensemble"):
+        validate(load_config(None, [*base, "rl.temporal_ensemble=-0.01"]))
     with pytest.raises(ConfigError, match="model.pretrained"):  # before Ray starts
         run_rl(validate(load_config(None, base)))
 

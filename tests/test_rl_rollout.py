@@ -12,7 +12,7 @@ from vla_dist.data.episode import Episode
 from vla_dist.rl.flow_sde import SDESample, chunk_log_prob
 from vla_dist.rl.rollout import Exploration, ExplorationPolicy, RolloutBatch, rollout_batch
 from vla_dist.rl.token_sampling import bins_log_prob
-from vla_dist.rollout.runner import EpisodeRequest, run_batch
+from vla_dist.rollout.runner import EpisodeRequest, Observation, run_batch
 from vla_dist.sim.scene import TabletopScene
 
 MAX_STEPS = 10
@@ -89,3 +89,41 @@ def test_rewards_and_dones_follow_the_episodes() -> None:
     assert batch.dones.tolist() == [[False, False, True], [False, False, True], [True, False, False]]
     assert batch.valid.tolist() == [[True] * 3, [True] * 3, [True, False, False]]
     assert batch.executed[0, 2].tolist() == [True] + [False] * (model.chunk_size - 1)
+
+
+def test_ensembled_rollouts_execute_the_average_of_the_sampled_chunks() -> None:
+    """rl.temporal_ensemble: each control step executes ACT's weighted average of every sampled chunk
+    that covers it (the held-out evaluation's execution), and a decision counts every chunk step
+    that ran, not only its first `horizon` ones."""
+    model = build("pi0")
+    k = 0.5  # far from uniform, so the weights' order (oldest first) matters
+    policy = ExplorationPolicy(model, Exploration(horizon=2, temporal_ensemble=k), version=0,
+                               cameras=("front", "wrist"))
+    policy.reset(torch.zeros(2, dtype=torch.long), ["pick up the cube"] * 2, [11, 12])
+    size = model.spec.image_size
+    generator = torch.Generator().manual_seed(0)
+    executed_actions = []
+    for _ in range(6):  # decisions at steps 0, 2 and 4
+        images = {cam: torch.randint(0, 256, (2, size, size, 3), generator=generator, dtype=torch.uint8).numpy()
+                  for cam in ("front", "wrist")}
+        obs = Observation(images=images, proprio=torch.randn(2, 15, generator=generator), privileged={},
+                          instructions=["pick up the cube"] * 2)
+        executed_actions.append(policy.act(obs))
+    chunks = [model.unnormalize_actions(record.actions[..., : model.action_dim]).float()  # type: ignore[union-attr]
+              for record in policy.records]
+    assert len(chunks) == 3
+    weights = torch.exp(-k * torch.arange(3, dtype=torch.float32))
+    torch.testing.assert_close(executed_actions[0], chunks[0][:, 0])
+    torch.testing.assert_close(executed_actions[1], chunks[0][:, 1])
+    torch.testing.assert_close(executed_actions[2], (weights[0] * chunks[0][:, 2] + weights[1] * chunks[1][:, 0])
+                               / weights[:2].sum())
+    torch.testing.assert_close(executed_actions[5], (weights[0] * chunks[0][:, 5] + weights[1] * chunks[1][:, 3]
+                                                     + weights[2] * chunks[2][:, 1]) / weights.sum())
+    # Episodes of 5 and 6 steps: decision 1 (step 2) fed steps 2, 3, 4 of the first one, 2..5 of the second.
+    episodes = [Episode("a", "pick_cube", "x", 11, False, 10, actions=torch.zeros(5, 7).numpy()),
+                Episode("b", "pick_cube", "x", 12, True, 10, actions=torch.zeros(6, 7).numpy())]
+    batch = rollout_batch(policy, episodes, model.chunk_size)
+    assert batch.executed[0, 1].tolist() == [True] * 3 + [False] * (model.chunk_size - 3)
+    assert batch.executed[1, 1].tolist() == [True] * 4 + [False] * (model.chunk_size - 4)
+    assert batch.executed[1, 0].tolist() == [True] * 6 + [False] * (model.chunk_size - 6)
+    assert batch.lengths.tolist() == [5, 6]

@@ -53,6 +53,7 @@ RL_CHECKS: list[Check] = [
     at_least("rl.sde_step", 0),
     greater_than("rl.noise_level", 0),
     greater_than("rl.temperature", 0),
+    at_least("rl.temporal_ensemble", 0),
     greater_than("rl.lr", 0),
     at_least("rl.epochs", 1),
     at_least("rl.minibatch_size", 1),

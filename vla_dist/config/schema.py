@@ -249,6 +249,9 @@ class RLSection:
     sde_step: int = 0  # pi0: which Euler step (1..model.num_inference_steps-1) is stochastic; 0: the middle one
     random_sde_step: bool = False  # pi0: each decision draws its stochastic step uniformly (1..N-1) instead
     temperature: float = 1.0  # action tokens: sampling temperature
+    # > 0: rollouts execute as evaluation with eval.temporal_ensemble does, each step the ACT average
+    # (weights exp(-k i)) of the overlapping sampled chunks; 0: each chunk's first rl.horizon actions as they are
+    temporal_ensemble: float = 0.0
     lr: float = 1.0e-5  # constant, AdamW (train.weight_decay, train.grad_clip apply)
     epochs: int = 2  # passes over each iteration's decisions
     minibatch_size: int = 8  # decisions per rank per optimizer step

@@ -72,7 +72,7 @@ def collect_rollouts(pool: Any, requests: list[EpisodeRequest], groups: list[int
     traj = join_rollouts([r.batch for r in ordered], [r.tasks for r in ordered], [r.seeds for r in ordered],
                          [[groups[q.index] for q in chunk] for chunk in chunks])
     seconds = time.perf_counter() - started
-    executed_steps = int(traj.executed.sum())  # control steps the episodes took (padding envs not counted)
+    executed_steps = int(traj.lengths.sum())  # control steps the episodes took (padding envs not counted)
     return traj, {"rollout_s": seconds, "env_steps": executed_steps, "env_steps_per_s": executed_steps / seconds,
                   "chunks_retried": stats.chunks_retried - before[0],
                   "actor_failures": stats.actor_failures - before[1]}
@@ -88,7 +88,7 @@ def rollout_summary(traj: Trajectories, tasks: list[str]) -> dict[str, Any]:
     return {"success_rate": wins / traj.episodes, "successes": wins, "episodes": traj.episodes,
             "ci95": [round(low, 4), round(high, 4)], "per_task_success": per_task,
             "mean_return": float((traj.rewards * traj.valid).sum(1).mean()),
-            "mean_length": float(traj.executed.sum((1, 2)).float().mean())}
+            "mean_length": float(traj.lengths.float().mean())}
 
 
 def run_rl(cfg: RunConfig) -> dict[str, Any]:

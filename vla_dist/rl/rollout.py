@@ -23,6 +23,7 @@ from vla_dist.data.episode import Episode
 from vla_dist.models.policy import PolicyInputs, VLAPolicy
 from vla_dist.rl.flow_sde import SDESample, sample_chunk
 from vla_dist.rl.token_sampling import sample_bins
+from vla_dist.rollout.policies import temporal_ensemble
 from vla_dist.rollout.runner import Observation, reach_distance
 
 
@@ -34,20 +35,26 @@ def _stream_seed(seed: int, stream: int, version: int) -> int:
 class Exploration:
     """How the policy explores: pi0 through Flow-SDE (`sde_step`, `noise_level`; `random_sde_step`:
     each decision draws its stochastic step from 1..N-1 with its env's generator instead), action
-    tokens by sampling at `temperature`. `horizon`: control steps each sampled chunk is executed for."""
+    tokens by sampling at `temperature`. `horizon`: control steps between decisions; without
+    `temporal_ensemble` each sampled chunk's first `horizon` actions are executed as they are. With
+    `temporal_ensemble` > 0 every control step executes ACT's average (weights exp(-k i)) of what each
+    chunk sampled in the last chunk_size steps proposes for it, as evaluation with
+    eval.temporal_ensemble does (horizon 1: the same execution, exploration noise aside)."""
 
     horizon: int = 4
     noise_level: float = 0.5
     sde_step: int = 5
     temperature: float = 1.0
     random_sde_step: bool = False
+    temporal_ensemble: float = 0.0
 
 
 def exploration_from(cfg: RunConfig) -> Exploration:
     """The `rl` section's exploration, its 0 defaults resolved (the whole chunk, the middle step)."""
     horizon, sde_step = rl_exploration_steps(cfg)
     return Exploration(horizon=horizon, noise_level=cfg.rl.noise_level, sde_step=sde_step,
-                       temperature=cfg.rl.temperature, random_sde_step=cfg.rl.random_sde_step)
+                       temperature=cfg.rl.temperature, random_sde_step=cfg.rl.random_sde_step,
+                       temporal_ensemble=cfg.rl.temporal_ensemble)
 
 
 class ExplorationPolicy:
@@ -78,6 +85,7 @@ class ExplorationPolicy:
         self.records: list[torch.Tensor | SDESample] = []
         self.reach: list[torch.Tensor] = []  # per decision: grasp point to cube (m), for a shaped reward only
         self.queue = torch.zeros(0)
+        self.history: list[tuple[int, torch.Tensor]] = []  # temporal ensembling: (step sampled, chunk)
 
     @torch.no_grad()
     def act(self, obs: Observation) -> torch.Tensor:
@@ -92,8 +100,14 @@ class ExplorationPolicy:
             self.records.append(record)
             if "cube_pos" in obs.privileged:  # the reward's, never the model's input
                 self.reach.append(reach_distance(obs))
-            self.queue = chunk[:, :horizon].to(torch.float32)
-        action = self.queue[:, self.step % horizon]
+            if self.exploration.temporal_ensemble > 0:
+                self.history.append((self.step, chunk.to(torch.float32)))
+            else:
+                self.queue = chunk[:, :horizon].to(torch.float32)
+        if self.exploration.temporal_ensemble > 0:
+            self.history, action = temporal_ensemble(self.history, self.step, self.exploration.temporal_ensemble)
+        else:
+            action = self.queue[:, self.step % horizon]
         self.step += 1
         return action
 
@@ -126,8 +140,10 @@ class ExplorationPolicy:
 @dataclass
 class RolloutBatch:
     """B envs x D decisions. `valid` [B, D]: the env was still running when decision d was taken;
-    `executed` [B, D, chunk]: chunk steps that ran; `rewards`/`dones` [B, D]: sparse success reward
-    on the decision during which the episode succeeded, done on the one during which it ended."""
+    `executed` [B, D, chunk]: chunk steps whose action reached the simulator (under temporal
+    ensembling every step of the chunk that ran, each as one of the averaged proposals);
+    `rewards`/`dones` [B, D]: sparse success reward on the decision during which the episode
+    succeeded, done on the one during which it ended; `lengths` [B]: control steps each episode ran."""
 
     images: torch.Tensor  # uint8 [B, D, n_cam, H, W, 3]
     states: torch.Tensor  # float32 [B, D, S]
@@ -139,6 +155,7 @@ class RolloutBatch:
     rewards: torch.Tensor
     dones: torch.Tensor
     success: torch.Tensor  # bool [B]
+    lengths: torch.Tensor  # long [B]
     version: int
     reach: torch.Tensor | None = None  # float32 [B, D]: grasp point to cube (m) at each decision (shaped reward)
 
@@ -156,7 +173,9 @@ def rollout_batch(policy: ExplorationPolicy, episodes: list[Episode], chunk_size
     first_step = torch.arange(count) * horizon  # [D]
     valid = first_step[None, :] < lengths[:, None]
     steps = first_step[:, None] + torch.arange(chunk_size)[None, :]  # [D, chunk]
-    executed = (steps[None] < lengths[:, None, None]) & (torch.arange(chunk_size) < horizon)[None, None, :]
+    executed = steps[None] < lengths[:, None, None]
+    if policy.exploration.temporal_ensemble == 0:  # only the first `horizon` actions of a chunk run
+        executed &= (torch.arange(chunk_size) < horizon)[None, None, :]
     last = (lengths - 1).clamp(min=0) // horizon  # the decision during which each episode ended
     dones = torch.zeros(batch, count, dtype=torch.bool)
     dones[torch.arange(batch), last] = True
@@ -167,7 +186,7 @@ def rollout_batch(policy: ExplorationPolicy, episodes: list[Episode], chunk_size
         records=[record[:batch] if isinstance(record, torch.Tensor) else record.rows(batch)
                  for record in policy.records], valid=valid, executed=executed,
         rewards=rewards, dones=dones & valid,
-        success=success, version=policy.version,
+        success=success, lengths=lengths, version=policy.version,
         reach=torch.stack(policy.reach, dim=1)[:batch] if len(policy.reach) == count else None,
     )
 

@@ -33,6 +33,7 @@ class Trajectories:
     rewards: torch.Tensor  # float32 [E, D]: sparse success reward
     dones: torch.Tensor  # bool [E, D]
     success: torch.Tensor  # bool [E]
+    lengths: torch.Tensor  # long [E]: control steps each episode ran
     reach: torch.Tensor | None  # float32 [E, D] or None
     version: int
     sde_steps: torch.Tensor | None = None  # long [E, D]: pi0, each decision's stochastic denoising step
@@ -108,6 +109,7 @@ def join_rollouts(batches: list[RolloutBatch], tasks: list[list[str]], seeds: li
         tasks=[t for ts in tasks for t in ts], seeds=[s for ss in seeds for s in ss],
         groups=torch.tensor([g for gs in groups for g in gs], dtype=torch.long),
         sample_log_probs=cat("log_probs"), valid=cat("valid"), executed=cat("executed"), rewards=cat("rewards"),
-        dones=cat("dones"), success=torch.cat([b.success for b in batches]), reach=reach, version=versions.pop(),
+        dones=cat("dones"), success=torch.cat([b.success for b in batches]),
+        lengths=torch.cat([b.lengths for b in batches]), reach=reach, version=versions.pop(),
         **per_decision,
     )

@@ -48,6 +48,19 @@ class PolicySource:
     recorded: dict[int, np.ndarray] | None = None
 
 
+def temporal_ensemble(history: list[tuple[int, torch.Tensor]], step: int,
+                      k: float) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor]:
+    """ACT's temporal ensemble at control step `step`: every chunk [B, chunk, A] made at a step
+    `made` in `history` (oldest first) that still covers `step` proposes its action for it; they are
+    averaged with weights exp(-k * i), i = 0 for the oldest. Returns (the chunks that still cover
+    `step`, the action [B, A]). Evaluation and RL rollouts (rl.temporal_ensemble) share it, so a
+    policy is rolled out exactly as it is scored."""
+    history = [(made, chunk) for made, chunk in history if step - made < chunk.shape[1]]
+    proposals = torch.stack([chunk[:, step - made] for made, chunk in history])  # [n, B, A], oldest first
+    weights = torch.exp(-k * torch.arange(len(history), dtype=torch.float32))
+    return history, (weights[:, None, None] * proposals).sum(dim=0) / weights.sum()
+
+
 class ModelPolicy:
     """A `VLAPolicy` behind the runner's `Policy` interface, timing every decode."""
 
@@ -106,12 +119,8 @@ class ModelPolicy:
 
 
     def _ensembled(self) -> torch.Tensor:
-        """ACT's temporal ensemble: every chunk predicted in the last chunk_size steps proposes an
-        action for this step; they are averaged with weights exp(-k * i), i = 0 for the oldest."""
-        self.history = [(made, c) for made, c in self.history if self.step - made < self.model.chunk_size]
-        proposals = torch.stack([c[:, self.step - made] for made, c in self.history])  # [n, B, A], oldest first
-        weights = torch.exp(-self.ensemble * torch.arange(len(self.history), dtype=torch.float32))
-        return (weights[:, None, None] * proposals).sum(dim=0) / weights.sum()
+        self.history, action = temporal_ensemble(self.history, self.step, self.ensemble)
+        return action
 
     def _noise(self) -> torch.Tensor | None:
         make_noise = getattr(self.model, "make_noise", None)  # flow matching only; token decoding is greedy
