@@ -176,8 +176,12 @@ def test_critic_warmup_keeps_the_policy_and_target_kl_stops_the_update(pretraine
     bit for bit. Iteration 2 updates the policy, and a KL target its first step overshoots ends the update
     at the next step (the first whose minibatch finds the policy moved) instead of the 2 epochs planned."""
     run_dir = tmp_path / "run"
-    run_rl(rl_cfg(run_dir, pretrained["pi0"], "pi0", "rl.critic_warmup=1", "rl.target_kl=1e-6", "rl.epochs=2"))
+    run_rl(rl_cfg(run_dir, pretrained["pi0"], "pi0", "rl.critic_warmup=1", "rl.target_kl=1e-6", "rl.epochs=2",
+                  "rl.value_lr=1e-2"))
     warm, update = [r for r in read_metrics(run_dir / "metrics.jsonl") if "kind" not in r]
+    # DeepSpeed's optimizer holds the value head's own learning rate beside the policy's (rl.lr=1e-3)
+    assert (warm["lr"], warm["value_lr"]) == (1e-3, 1e-2) and (update["lr"], update["value_lr"]) == (1e-3, 1e-2)
+    assert warm["explained_variance"] <= 1.0
     planned = 2 * max(1, warm["decisions"] // 4)  # epochs x minibatches of 2 decisions on each of 2 ranks
     assert planned >= 4, warm["decisions"]
     assert warm["critic_warmup"] and not warm["kl_stopped"] and warm["optimizer_steps"] == planned

@@ -12,7 +12,7 @@ import torch
 
 from tests.test_models import build, make_batch
 from vla_dist.models.pi0 import PI0Policy
-from vla_dist.rl.advantages import gae, group_relative_advantages
+from vla_dist.rl.advantages import explained_variance, gae, group_relative_advantages
 from vla_dist.rl.flow_sde import SDESample, chunk_log_prob, sample_chunk, sde_transition
 from vla_dist.rl.losses import ppo_policy_loss, value_loss
 
@@ -51,6 +51,16 @@ def test_group_relative_advantages() -> None:
     assert advantages.tolist() == pytest.approx([1, -1, -1, 1, 0, 0, -1, 1], abs=1e-4)
     with pytest.raises(ValueError, match="group 3 has one rollout"):
         group_relative_advantages(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 3]))
+
+
+def test_explained_variance() -> None:
+    returns = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    assert explained_variance(returns.clone(), returns) == 1.0  # a critic that predicted every return
+    assert explained_variance(torch.full((4,), 0.5), returns) == 0.0  # only their mean
+    assert explained_variance(1.0 - returns, returns) == -3.0  # the opposite: worse than the mean
+    residual_var = 0.0375 - 0.025**2  # residuals -0.3, 0.1, 0.2, -0.1 about their mean -0.025
+    assert explained_variance(torch.tensor([0.3, 0.9, 0.8, 0.1]), returns) == pytest.approx(1 - residual_var / 0.25)
+    assert explained_variance(torch.rand(4), torch.ones(4)) == 0.0  # returns without spread
 
 
 def test_ppo_clipped_surrogate_and_its_gradient() -> None:

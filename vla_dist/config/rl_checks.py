@@ -61,6 +61,7 @@ RL_CHECKS: list[Check] = [
     at_least("rl.target_kl", 0),
     at_least("rl.critic_warmup", 0),
     at_least("rl.value_coef", 0),
+    at_least("rl.value_lr", 0),
     in_range("rl.gamma", 0, 1),
     in_range("rl.gae_lambda", 0, 1),
     at_least("rl.shaped_reward", 0),

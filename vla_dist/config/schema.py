@@ -263,6 +263,9 @@ class RLSection:
     # advantages (with rl.value_trains_backbone the value loss still moves the shared backbone)
     critic_warmup: int = 0
     value_coef: float = 0.5  # PPO: weight of the value loss
+    # PPO: the value head's learning rate (its own optimizer group); 0: rl.lr. At a policy's lr (1e-5..1e-4)
+    # a head whose output starts at zero barely leaves it in a few hundred steps: advantages stay the returns
+    value_lr: float = 0.0
     value_trains_backbone: bool = False  # PPO: the value loss also trains the shared backbone (else the head only)
     gamma: float = 0.99  # per decision
     gae_lambda: float = 0.95

@@ -56,3 +56,12 @@ def group_relative_advantages(returns: torch.Tensor, groups: torch.Tensor, eps: 
         if std > eps:
             advantages[members] = (group_returns - group_returns.mean()) / (std + eps)
     return advantages
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns): how much of the returns' spread the critic predicted
+    before the update (1: all, 0: no better than their mean, < 0: worse). 0 when the returns do not vary."""
+    spread = float(returns.var(unbiased=False))
+    if spread < 1e-12:
+        return 0.0
+    return 1.0 - float((returns - values).var(unbiased=False)) / spread

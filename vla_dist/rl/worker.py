@@ -19,7 +19,7 @@ import torch
 
 from vla_dist.config.schema import RunConfig, TrainSection
 from vla_dist.distributed.rank import DeepSpeedRank
-from vla_dist.rl.advantages import gae, group_relative_advantages
+from vla_dist.rl.advantages import explained_variance, gae, group_relative_advantages
 from vla_dist.rl.losses import ppo_policy_loss, value_loss
 from vla_dist.rl.trajectories import Trajectories
 
@@ -64,8 +64,12 @@ class RLWorker(DeepSpeedRank):
         value_head = ValueHead(feature_size(policy)) if rl.algorithm == "ppo" else None
         module = ActorCritic(policy, value_head, Sampling(rl.noise_level, rl.temperature), rl.value_trains_backbone)
         ds_config = build_ds_config(rl_train_section(cfg), on_gpu=self.on_gpu)
-        self.engine, *_ = deepspeed.initialize(model=module, config=ds_config,
-                                               model_parameters=[p for p in module.parameters() if p.requires_grad])
+        groups: list[dict[str, Any]] = [{"params": [p for p in module.parameters() if p.requires_grad]}]
+        if value_head is not None and rl.value_lr:  # the head in its own group at its own learning rate;
+            # without rl.value_lr one group as before, so checkpoints saved by earlier versions still resume
+            groups = [{"params": [p for p in policy.parameters() if p.requires_grad]},
+                      {"params": list(value_head.parameters()), "lr": rl.value_lr}]
+        self.engine, *_ = deepspeed.initialize(model=module, config=ds_config, model_parameters=groups)
         self.iteration, self.version = 0, 0
         if resume is not None:
             from vla_dist.checkpoint.universal import load_resume
@@ -141,6 +145,10 @@ class RLWorker(DeepSpeedRank):
             if kl_stopped:
                 break
         out = {key: self._all_mean(value / optimizer_steps) for key, value in sorted(sums.items())}
+        if rl.algorithm == "ppo":
+            out["explained_variance"] = explained_variance(values, returns)
+        lrs = [float(group["lr"]) for group in self.engine.optimizer.param_groups]  # as the optimizer holds them
+        out |= {"lr": lrs[0], **({"value_lr": lrs[-1]} if len(lrs) > 1 else {})}
         return {**out, "decisions": count, "optimizer_steps": optimizer_steps, "kl_stopped": kl_stopped,
                 "critic_warmup": warming, "logprob_drift": drift, "update_s": time.perf_counter() - started,
                 "advantage_nonzero": float((advantages.abs() > 1e-6).float().mean())}
