@@ -12,6 +12,7 @@ import torch
 
 from tests.test_models import build, make_batch
 from vla_dist.models.pi0 import PI0Policy
+from vla_dist.models.policy import PolicyInputs
 from vla_dist.rl.advantages import explained_variance, gae, group_relative_advantages
 from vla_dist.rl.flow_sde import SDESample, chunk_log_prob, sample_chunk, sde_transition
 from vla_dist.rl.losses import ppo_policy_loss, value_loss
@@ -192,6 +193,19 @@ def test_flow_sde_with_a_stochastic_step_per_row(pi0: PI0Policy) -> None:
     num_steps = pi0.spec.num_inference_steps
     assert drawn[0] == drawn[1] and all(1 <= s < num_steps for s in drawn[0]), drawn
     assert len(set(drawn[0])) > 1, drawn  # per env, not one draw for the batch
+    # One batched call gives each env the sample (step, noise, SDE noise) it would draw alone.
+    policy = ExplorationPolicy(pi0, explore, version=1, cameras=("front", "wrist"))
+    policy.reset(torch.zeros(3, dtype=torch.long), batch.instructions, [11, 12, 13])
+    actions, log_prob, record = policy._sample(batch)
+    assert isinstance(record, SDESample)
+    for row, seed in enumerate([11, 12, 13]):
+        alone = ExplorationPolicy(pi0, explore, version=1, cameras=("front", "wrist"))
+        alone.reset(torch.zeros(1, dtype=torch.long), batch.instructions[row : row + 1], [seed])
+        one = PolicyInputs(batch.images[row : row + 1], batch.state[row : row + 1], batch.instructions[row : row + 1])
+        actions_alone, log_prob_alone, record_alone = alone._sample(one)
+        assert record_alone.step.tolist() == [int(record.step[row])]  # type: ignore[union-attr]
+        torch.testing.assert_close(actions_alone[0], actions[row], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(log_prob_alone[0], log_prob[row], rtol=1e-4, atol=1e-3)
 
 
 def test_gaussian_log_prob_matches_torch_distributions(pi0: PI0Policy) -> None:

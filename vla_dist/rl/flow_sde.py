@@ -102,18 +102,25 @@ def _velocity(policy: PI0Policy, prefix: dict[str, torch.Tensor], x: torch.Tenso
 
 @torch.no_grad()
 def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int | torch.Tensor, noise_level: float,
-                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> SDESample:
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                 generators: list[torch.Generator] | None = None) -> SDESample:
     """pi0's Euler sampler with denoising step `step` (one for all rows, or long [B], one per row)
     made stochastic (module docstring). `noise` (the initial x, [B, chunk, A or max_action_dim]) and
-    the SDE's noise come from `generator` when not given, so a seeded generator reproduces the sample."""
+    the SDE's noise come from `generator` when not given, so a seeded generator reproduces the sample.
+    `generators` (one per row) instead: row i draws from generators[i] exactly what it would draw
+    alone, so one batched call gives each row the sample a batch of one would (up to the rounding of
+    batched matmuls) at the cost of about one."""
     num_steps = policy.spec.num_inference_steps
     batch = policy.check_inputs(inputs)
+    if generators is not None and len(generators) != batch:
+        raise ValueError(f"{len(generators)} generators for a batch of {batch}: give one per row")
     steps = torch.as_tensor(step, dtype=torch.long).expand(batch).clone()
     if not bool(((steps >= 1) & (steps < num_steps)).all()):
         raise ValueError(f"the stochastic step must lie in [1, {num_steps - 1}] (t=1 has infinite sigma), got {step}")
     prefix = policy.prepare_prefix(inputs)
     if noise is None:
-        noise = policy.make_noise(batch, generator)
+        noise = (torch.cat([policy.make_noise(1, g) for g in generators]) if generators is not None
+                 else policy.make_noise(batch, generator))
     x = policy.full_noise(noise, batch).float()
     x_before, x_after = torch.empty_like(x), torch.empty_like(x)
     log_prob = torch.zeros(batch, dtype=torch.float32, device=x.device)
@@ -126,7 +133,13 @@ def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int | torch.T
             x = x + dt * velocity
             continue
         mean, std = sde_transition(x, velocity, t, dt, noise_level)
-        eps = torch.randn(x.shape, generator=generator).to(x.device)
+        if generators is None:
+            eps = torch.randn(x.shape, generator=generator).to(x.device)
+        else:  # only the rows stochastic here draw, as each would alone
+            eps = torch.zeros(x.shape)
+            for row in here.nonzero()[:, 0].tolist():
+                eps[row] = torch.randn(x.shape[1:], generator=generators[row])
+            eps = eps.to(x.device)
         eps[..., policy.action_dim :] = 0
         stochastic = mean + std * eps
         x_before[here], x_after[here] = x[here], stochastic[here]

@@ -112,29 +112,25 @@ class ExplorationPolicy:
         return action
 
     def _sample(self, inputs: PolicyInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | SDESample]:
-        """(raw actions [B, chunk, A], log_prob [B], the sampler's record), one stream per env."""
+        """(raw actions [B, chunk, A], log_prob [B], the sampler's record), one stream per env: a row's
+        sample does not depend on the envs beside it."""
         model, exploration = self.model, self.exploration
+        if model.family == "pi0":  # one batched call, each row drawing from its own env's stream
+            steps = [exploration.sde_step] * len(self.generators)
+            if exploration.random_sde_step:  # drawn from the env's stream: reproducible like the noise
+                num_steps = model.spec.num_inference_steps  # type: ignore[attr-defined]
+                steps = [int(torch.randint(1, num_steps, (1,), generator=g)) for g in self.generators]
+            sample = sample_chunk(model, inputs, step=torch.tensor(steps),  # type: ignore[arg-type]
+                                  noise_level=exploration.noise_level, generators=self.generators)
+            return model.unnormalize_actions(sample.actions[..., : model.action_dim]), sample.log_prob, sample
         rows = []
-        for i, generator in enumerate(self.generators):  # per env: batching never changes a sample
+        for i, generator in enumerate(self.generators):  # token by token, per env
             row = PolicyInputs(inputs.images[i : i + 1], inputs.state[i : i + 1], inputs.instructions[i : i + 1])
-            if model.family == "pi0":
-                step = exploration.sde_step
-                if exploration.random_sde_step:  # drawn from the env's stream: reproducible like the noise
-                    num_steps = model.spec.num_inference_steps  # type: ignore[attr-defined]
-                    step = int(torch.randint(1, num_steps, (1,), generator=generator))
-                sample = sample_chunk(model, row, step=step,  # type: ignore[arg-type]
-                                      noise_level=exploration.noise_level, generator=generator)
-                actions = model.unnormalize_actions(sample.actions[..., : model.action_dim])
-                rows.append((actions, sample.log_prob, sample))
-            else:
-                bins, log_prob = sample_bins(model, row, temperature=exploration.temperature,  # type: ignore[arg-type]
-                                             generator=generator)
-                rows.append((model.bins_to_actions(bins), log_prob, bins))  # type: ignore[attr-defined]
-        actions = torch.cat([r[0] for r in rows])
-        log_prob = torch.cat([r[1] for r in rows])
-        records = [r[2] for r in rows]
-        record = SDESample.cat(records) if model.family == "pi0" else torch.cat(records)  # type: ignore[arg-type]
-        return actions, log_prob, record
+            bins, log_prob = sample_bins(model, row, temperature=exploration.temperature,  # type: ignore[arg-type]
+                                         generator=generator)
+            rows.append((model.bins_to_actions(bins), log_prob, bins))  # type: ignore[attr-defined]
+        return (torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]),
+                torch.cat([r[2] for r in rows]))
 
 
 @dataclass
