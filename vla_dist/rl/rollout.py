@@ -89,7 +89,7 @@ class ExplorationPolicy:
 
     @torch.no_grad()
     def act(self, obs: Observation) -> torch.Tensor:
-        horizon = self.exploration.horizon
+        horizon, ensemble = self.exploration.horizon, self.exploration.temporal_ensemble
         if self.step % horizon == 0:
             images = torch.from_numpy(np.stack([obs.images[cam] for cam in self.cameras], axis=1))
             inputs = PolicyInputs(images=images, state=obs.proprio.to(torch.float32), instructions=self.instructions)
@@ -100,12 +100,12 @@ class ExplorationPolicy:
             self.records.append(record)
             if "cube_pos" in obs.privileged:  # the reward's, never the model's input
                 self.reach.append(reach_distance(obs))
-            if self.exploration.temporal_ensemble > 0:
+            if ensemble > 0:
                 self.history.append((self.step, chunk.to(torch.float32)))
             else:
                 self.queue = chunk[:, :horizon].to(torch.float32)
-        if self.exploration.temporal_ensemble > 0:
-            self.history, action = temporal_ensemble(self.history, self.step, self.exploration.temporal_ensemble)
+        if ensemble > 0:
+            self.history, action = temporal_ensemble(self.history, self.step, ensemble)
         else:
             action = self.queue[:, self.step % horizon]
         self.step += 1

@@ -64,11 +64,12 @@ class RLWorker(DeepSpeedRank):
         value_head = ValueHead(feature_size(policy)) if rl.algorithm == "ppo" else None
         module = ActorCritic(policy, value_head, Sampling(rl.noise_level, rl.temperature), rl.value_trains_backbone)
         ds_config = build_ds_config(rl_train_section(cfg), on_gpu=self.on_gpu)
-        groups: list[dict[str, Any]] = [{"params": [p for p in module.parameters() if p.requires_grad]}]
-        if value_head is not None and rl.value_lr:  # the head in its own group at its own learning rate;
-            # without rl.value_lr one group as before, so checkpoints saved by earlier versions still resume
+        groups: list[dict[str, Any]]
+        if value_head is not None and rl.value_lr:  # the head in its own group at its own learning rate
             groups = [{"params": [p for p in policy.parameters() if p.requires_grad]},
                       {"params": list(value_head.parameters()), "lr": rl.value_lr}]
+        else:  # one group as before rl.value_lr, so checkpoints saved by earlier versions still resume
+            groups = [{"params": [p for p in module.parameters() if p.requires_grad]}]
         self.engine, *_ = deepspeed.initialize(model=module, config=ds_config, model_parameters=groups)
         self.iteration, self.version = 0, 0
         if resume is not None:
