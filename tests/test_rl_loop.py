@@ -164,6 +164,9 @@ def test_rl_config_errors_name_their_keys(tmp_path: Path) -> None:
         validate(load_config(None, [*base, "rl.target_kl=-0.1"]))
     with pytest.raises(ConfigError, match="rl.temporal_ensemble"):
         validate(load_config(None, [*base, "rl.temporal_ensemble=-0.01"]))
+    for bad in ("[]", "[features,features]", "[gripper]"):
+        with pytest.raises(ConfigError, match="rl.value_inputs"):
+            validate(load_config(None, [*base, f"rl.value_inputs={bad}"]))
     with pytest.raises(ConfigError, match="model.pretrained"):  # before Ray starts
         run_rl(validate(load_config(None, base)))
 
@@ -177,7 +180,7 @@ def test_critic_warmup_keeps_the_policy_and_target_kl_stops_the_update(pretraine
     at the next step (the first whose minibatch finds the policy moved) instead of the 2 epochs planned."""
     run_dir = tmp_path / "run"
     run_rl(rl_cfg(run_dir, pretrained["pi0"], "pi0", "rl.critic_warmup=1", "rl.target_kl=1e-6", "rl.epochs=2",
-                  "rl.value_lr=1e-2"))
+                  "rl.value_lr=1e-2", "rl.value_inputs=[features,state]"))
     warm, update = [r for r in read_metrics(run_dir / "metrics.jsonl") if "kind" not in r]
     # DeepSpeed's optimizer holds the value head's own learning rate beside the policy's (rl.lr=1e-3)
     assert (warm["lr"], warm["value_lr"]) == (1e-3, 1e-2) and (update["lr"], update["value_lr"]) == (1e-3, 1e-2)

@@ -266,3 +266,37 @@ def test_value_head_on_policy_features_learns_returns(family: str) -> None:
     value_loss(head(policy_features(policy, batch)), returns).backward()
     grads = [p.grad for p in policy.hf_model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_value_head_on_state_predicts_what_the_prompt_features_cannot() -> None:
+    """rl.value_inputs: pi0's prompt features do not see the state (it enters the action expert), so
+    two decisions with the same images and instruction but fingers closed on a cube or on nothing get
+    the same features: a head on them cannot fit returns 1 and 0, one reading the state (every dim, also
+    those the policy does not read, standardized and clipped) fits them."""
+    from vla_dist.rl.value import STATE_CLIP, ValueHead, feature_size, value_input_size, value_inputs
+
+    policy = build("pi0", state_inputs=["s0"])  # the policy reads one joint, not the finger opening (dim 7)
+    one = make_batch(policy, size=1)
+    holds, misses = one.state.clone(), one.state.clone()
+    holds[0, 7], misses[0, 7] = policy.state_mean[7] + policy.state_std[7], policy.state_mean[7] - policy.state_std[7]
+    batch = PolicyInputs(one.images.repeat(2, 1, 1, 1, 1), torch.cat([holds, misses]), one.instructions * 2)
+    returns = torch.tensor([1.0, 0.0])
+    width = {"features": feature_size(policy), "state": policy.spec.state_dim}
+    losses = {}
+    for names in (["features"], ["state"], ["features", "state"]):
+        inputs = value_inputs(policy, batch, names).detach()
+        assert inputs.shape == (2, value_input_size(policy, names)) == (2, sum(width[n] for n in names))
+        head = ValueHead(inputs.shape[1])
+        optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+        for _ in range(200):
+            optimizer.zero_grad()
+            loss = value_loss(head(inputs), returns)
+            loss.backward()
+            optimizer.step()
+        losses[tuple(names)] = float(loss)
+    assert losses[("features",)] > 0.1  # 0.5 x the returns' variance 0.25: nothing to tell them apart
+    assert losses[("state",)] < 1e-3 and losses[("features", "state")] < 1e-3
+    state = value_inputs(policy, batch, ["state"])
+    torch.testing.assert_close(state[:, 7], torch.tensor([1.0, -1.0]))  # standardized, though the policy drops it
+    far = PolicyInputs(batch.images, batch.state + 1e6, batch.instructions)
+    assert float(value_inputs(policy, far, ["state"]).abs().max()) == STATE_CLIP

@@ -8,6 +8,8 @@ from vla_dist.config.rules import Check, at_least, greater_than, in_range, one_o
 from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 
+VALUE_INPUTS = ("features", "state")  # what rl.value_inputs may name (vla_dist/rl/value.py)
+
 
 def _rl_resume(cfg: RunConfig) -> None:
     resume = cfg.rl.resume
@@ -38,6 +40,10 @@ def _rl_sampling(cfg: RunConfig) -> None:
     if rl.horizon > cfg.model.chunk_size:
         raise ConfigError("rl.horizon", f"a decision executes at most one chunk: must be <= model.chunk_size "
                           f"({cfg.model.chunk_size}), got {rl.horizon}")
+    inputs = list(rl.value_inputs)
+    if not inputs or len(set(inputs)) != len(inputs) or not set(inputs) <= set(VALUE_INPUTS):
+        raise ConfigError("rl.value_inputs", f"a non-empty list of distinct names from {list(VALUE_INPUTS)}, "
+                          f"got {inputs}")
     steps = cfg.model.num_inference_steps
     if cfg.model.family == "pi0" and rl.sde_step and not 1 <= rl.sde_step < steps:
         raise ConfigError("rl.sde_step", f"must lie in 1..model.num_inference_steps-1 = 1..{steps - 1} "

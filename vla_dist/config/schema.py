@@ -267,6 +267,11 @@ class RLSection:
     # a head whose output starts at zero barely leaves it in a few hundred steps: advantages stay the returns
     value_lr: float = 0.0
     value_trains_backbone: bool = False  # PPO: the value loss also trains the shared backbone (else the head only)
+    # PPO: what the value head reads. "features": the policy's pooled prompt features; "state": every dim of
+    # the robot's state (joints, finger opening, hand pose), standardized, whatever model.state_inputs the
+    # policy reads (an asymmetric critic: the head is dropped at export). A head without "features" costs
+    # no backbone pass
+    value_inputs: list[str] = field(default_factory=lambda: ["features"])
     gamma: float = 0.99  # per decision
     gae_lambda: float = 0.95
     shaped_reward: float = 0.0  # > 0: add this times the decrease of the grasp point's distance to the cube (m)

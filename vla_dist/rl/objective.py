@@ -16,7 +16,7 @@ from torch import nn
 
 from vla_dist.models.policy import PolicyInputs, VLAPolicy
 from vla_dist.rl.flow_sde import SDESample, step_log_probs
-from vla_dist.rl.value import ValueHead, policy_features
+from vla_dist.rl.value import ValueHead, value_inputs
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,11 @@ class ActorCritic(nn.Module):
     log_prob [B] (comparable with the sampling-time one), value [B] or None, entropy [B] or None)."""
 
     def __init__(self, policy: VLAPolicy, value_head: ValueHead | None, sampling: Sampling,
-                 value_trains_backbone: bool = False) -> None:
+                 value_trains_backbone: bool = False, value_input_names: tuple[str, ...] = ("features",)) -> None:
         super().__init__()
         self.policy, self.value_head, self.sampling = policy, value_head, sampling
         self.value_trains_backbone = value_trains_backbone
+        self.value_input_names = list(value_input_names)  # rl.value_inputs
 
     def forward(self, inputs: PolicyInputs, record: SDESample | torch.Tensor,
                 executed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -61,6 +62,6 @@ class ActorCritic(nn.Module):
             # Off by default: the critic's regression on a few dozen sparse returns would otherwise move
             # the backbone the actions are read from (rl.value_trains_backbone).
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.value_trains_backbone):
-                features = policy_features(self.policy, inputs)
+                features = value_inputs(self.policy, inputs, self.value_input_names)
             value = self.value_head(features)
         return log_prob, steps.sum(-1), value, entropy

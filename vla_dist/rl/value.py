@@ -9,6 +9,12 @@ Features, per family:
   be a fixed random function of the features.
 - action tokens: the last hidden state at the last prompt position, the one that predicts the first
   action token.
+
+`rl.value_inputs` may add (or use alone) the robot's whole state, standardized with the policy's
+statistics: an asymmetric critic, as RLinf's state-based PPO has. What decides a pick is whether the
+fingers closed on the cube (their opening stops at its width) and whether the hand rose with it; the
+pooled prompt features did not tell a decision that will fail from one that will succeed (explained
+variance near 0, docs/recipes.md), and a policy may read only part of the state (model.state_inputs).
 """
 
 from __future__ import annotations
@@ -46,9 +52,29 @@ def policy_features(policy: VLAPolicy, inputs: PolicyInputs) -> torch.Tensor:
     return out.hidden_states[-1][:, -1].float()
 
 
+STATE_CLIP = 5.0  # standard deviations: exploration may reach states the demonstrations' statistics never saw
+
+
+def value_input_size(policy: VLAPolicy, names: list[str]) -> int:
+    """Width of `value_inputs(policy, inputs, names)`."""
+    return (feature_size(policy) if "features" in names else 0) + (policy.spec.state_dim if "state" in names else 0)
+
+
+def value_inputs(policy: VLAPolicy, inputs: PolicyInputs, names: list[str]) -> torch.Tensor:
+    """float32 [B, value_input_size]: the named inputs concatenated in a fixed order (features, state).
+    The state is every dim, standardized and clipped at STATE_CLIP, whatever the policy itself reads."""
+    parts = []
+    if "features" in names:
+        parts.append(policy_features(policy, inputs))
+    if "state" in names:
+        state = inputs.state.to(policy.state_mean.device, torch.float32)
+        parts.append(((state - policy.state_mean) / policy.state_std).clamp(-STATE_CLIP, STATE_CLIP))
+    return torch.cat(parts, dim=-1)
+
+
 class ValueHead(nn.Module):
-    """V(s) from features: LayerNorm -> Linear -> tanh -> Linear(1). The output layer starts at zero,
-    so the first iteration's advantages are the plain returns (no random baseline)."""
+    """V(s) from `value_inputs`: LayerNorm -> Linear -> tanh -> Linear(1). The output layer starts at
+    zero, so the first iteration's advantages are the plain returns (no random baseline)."""
 
     def __init__(self, features: int, hidden: int = 256) -> None:
         super().__init__()

@@ -47,7 +47,7 @@ class RLWorker(DeepSpeedRank):
         from vla_dist.models.build import load_policy
         from vla_dist.models.policy import DTYPES
         from vla_dist.rl.objective import ActorCritic, Sampling
-        from vla_dist.rl.value import ValueHead, feature_size
+        from vla_dist.rl.value import ValueHead, value_input_size
         from vla_dist.train.lora import apply_lora, trainable_count
 
         assert cfg.model.pretrained, "validated by the driver"
@@ -61,8 +61,9 @@ class RLWorker(DeepSpeedRank):
                 _save_base(policy, Path(cfg.run.dir) / BASE)
             apply_lora(policy, cfg.train.lora)
         rl = cfg.rl
-        value_head = ValueHead(feature_size(policy)) if rl.algorithm == "ppo" else None
-        module = ActorCritic(policy, value_head, Sampling(rl.noise_level, rl.temperature), rl.value_trains_backbone)
+        value_head = ValueHead(value_input_size(policy, list(rl.value_inputs))) if rl.algorithm == "ppo" else None
+        module = ActorCritic(policy, value_head, Sampling(rl.noise_level, rl.temperature), rl.value_trains_backbone,
+                             tuple(rl.value_inputs))
         ds_config = build_ds_config(rl_train_section(cfg), on_gpu=self.on_gpu)
         groups: list[dict[str, Any]]
         if value_head is not None and rl.value_lr:  # the head in its own group at its own learning rate
