@@ -206,6 +206,9 @@ def test_flow_sde_with_a_stochastic_step_per_row(pi0: PI0Policy) -> None:
         assert record_alone.step.tolist() == [int(record.step[row])]  # type: ignore[union-attr]
         torch.testing.assert_close(actions_alone[0], actions[row], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(log_prob_alone[0], log_prob[row], rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="not both"):  # two streams for one draw: refused, not guessed
+        sample_chunk(pi0, batch, step=1, noise_level=0.5, generator=torch.Generator(),
+                     generators=[torch.Generator() for _ in range(3)])
 
 
 def test_gaussian_log_prob_matches_torch_distributions(pi0: PI0Policy) -> None:

@@ -114,6 +114,8 @@ def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int | torch.T
     batch = policy.check_inputs(inputs)
     if generators is not None and len(generators) != batch:
         raise ValueError(f"{len(generators)} generators for a batch of {batch}: give one per row")
+    if generators is not None and generator is not None:  # which would draw is not obvious: refuse
+        raise ValueError("give generator (the batch's stream) or generators (one per row), not both")
     steps = torch.as_tensor(step, dtype=torch.long).expand(batch).clone()
     if not bool(((steps >= 1) & (steps < num_steps)).all()):
         raise ValueError(f"the stochastic step must lie in [1, {num_steps - 1}] (t=1 has infinite sigma), got {step}")
