@@ -164,6 +164,10 @@ def test_rl_config_errors_name_their_keys(tmp_path: Path) -> None:
         validate(load_config(None, [*base, "rl.target_kl=-0.1"]))
     with pytest.raises(ConfigError, match="rl.temporal_ensemble"):
         validate(load_config(None, [*base, "rl.temporal_ensemble=-0.01"]))
+    for bad in (["rl.value_epochs=2"], ["rl.value_epochs=2", "rl.value_lr=1e-3", "rl.value_trains_backbone=true"],
+                ["rl.value_epochs=2", "rl.value_lr=1e-3", "rl.algorithm=grpo", "rl.group_size=2"]):
+        with pytest.raises(ConfigError, match="rl.value_epochs"):
+            validate(load_config(None, [*base, *bad]))
     for bad in ("[]", "[features,features]", "[gripper]"):
         with pytest.raises(ConfigError, match="rl.value_inputs"):
             validate(load_config(None, [*base, f"rl.value_inputs={bad}"]))
@@ -180,7 +184,7 @@ def test_critic_warmup_keeps_the_policy_and_target_kl_stops_the_update(pretraine
     at the next step (the first whose minibatch finds the policy moved) instead of the 2 epochs planned."""
     run_dir = tmp_path / "run"
     run_rl(rl_cfg(run_dir, pretrained["pi0"], "pi0", "rl.critic_warmup=1", "rl.target_kl=1e-6", "rl.epochs=2",
-                  "rl.value_lr=1e-2", "rl.value_inputs=[features,state]"))
+                  "rl.value_lr=1e-2", "rl.value_inputs=[features,state]", "rl.value_epochs=3"))
     warm, update = [r for r in read_metrics(run_dir / "metrics.jsonl") if "kind" not in r]
     # DeepSpeed's optimizer holds the value head's own learning rate beside the policy's (rl.lr=1e-3)
     assert (warm["lr"], warm["value_lr"]) == (1e-3, 1e-2) and (update["lr"], update["value_lr"]) == (1e-3, 1e-2)
@@ -189,6 +193,10 @@ def test_critic_warmup_keeps_the_policy_and_target_kl_stops_the_update(pretraine
     assert planned >= 4, warm["decisions"]
     assert warm["critic_warmup"] and not warm["kl_stopped"] and warm["optimizer_steps"] == planned
     assert warm["value_loss"] > 0
+    # rl.value_epochs: value-only passes before the update fit the returns (their loss falls) and end with
+    # the policy's rate restored (read back above); the policy's 0-rate steps moved nothing (below)
+    assert warm["value_fit_steps"] == 3 * max(1, (warm["decisions"] // 2) // 2)
+    assert update["value_fit_last"] < update["value_fit_first"] and warm["value_fit_last"] < warm["value_fit_first"]
     start, after_warmup = weights(pretrained["pi0"]), weights(run_dir / "checkpoints/step_1/policy")
     assert all(torch.equal(start[k], after_warmup[k]) for k in start)
     assert not update["critic_warmup"] and update["kl_stopped"] and update["optimizer_steps"] == 2

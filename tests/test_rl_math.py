@@ -303,3 +303,32 @@ def test_value_head_on_state_predicts_what_the_prompt_features_cannot() -> None:
     torch.testing.assert_close(state[:, 7], torch.tensor([1.0, -1.0]))  # standardized, though the policy drops it
     far = PolicyInputs(batch.images, batch.state + 1e6, batch.instructions)
     assert float(value_inputs(policy, far, ["state"]).abs().max()) == STATE_CLIP
+
+
+def test_learning_rate_zero_moves_nothing_whatever_the_momentum() -> None:
+    """rl.value_epochs fits the value head with the policy's optimizer group at learning rate 0: after a
+    policy step (Adam's momentum non-zero), zero-gradient steps move the policy outside the block
+    (what the fit must avoid) and not inside it; the rate comes back afterwards, also on error."""
+    from vla_dist.rl.worker import learning_rate_zero
+
+    policy, head = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([{"params": [policy]}, {"params": [head], "lr": 1e-2}], lr=1e-3, weight_decay=0.1)
+    (policy.sum() + head.sum()).backward()
+    optimizer.step()
+
+    def value_step() -> None:
+        optimizer.zero_grad(set_to_none=False)  # DeepSpeed's flat buffers: zeros, not None
+        (head**2).sum().backward()
+        optimizer.step()
+
+    before, head_before = policy.detach().clone(), head.detach().clone()
+    with learning_rate_zero(optimizer.param_groups[0]):
+        value_step()
+        assert optimizer.param_groups[0]["lr"] == 0.0
+    assert torch.equal(policy.detach(), before) and not torch.equal(head.detach(), head_before)
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+    value_step()  # the momentum of the policy's step moves it when its rate is not held at 0
+    assert not torch.equal(policy.detach(), before)
+    with pytest.raises(RuntimeError), learning_rate_zero(optimizer.param_groups[0]):
+        raise RuntimeError("a failed step")
+    assert optimizer.param_groups[0]["lr"] == 1e-3

@@ -8,7 +8,8 @@ file `.NAME.lock`, not a file whose presence means "locked": a process that dies
 node's job) releases it with its file descriptors, so a crash never leaves a stale lock to delete by
 hand. Sibling, not inside: a stage set aside is renamed to PATH.stale, and the lock must stay with the
 name. The lock files stay after release, empty: unlinking one on release would let a process still
-waiting on the old file and a newcomer creating a new one both hold "the" lock. On NFS, Linux maps `flock` to the server's byte-range locks (NFSv4), so a shared recipes.dir
+waiting on the old file and a newcomer creating a new one both hold "the" lock. On NFS, Linux maps
+`flock` to the server's byte-range locks (NFSv4), so a shared recipes.dir
 on a cluster filesystem is covered too.
 """
 

@@ -40,6 +40,14 @@ def _rl_sampling(cfg: RunConfig) -> None:
     if rl.horizon > cfg.model.chunk_size:
         raise ConfigError("rl.horizon", f"a decision executes at most one chunk: must be <= model.chunk_size "
                           f"({cfg.model.chunk_size}), got {rl.horizon}")
+    if rl.value_epochs:
+        why = ("only PPO has a value head" if rl.algorithm != "ppo" else
+               "the head is fitted at rl.value_lr while the policy's learning rate is held at 0: set rl.value_lr > 0"
+               if not rl.value_lr else
+               "the fit reads detached inputs; with rl.value_trains_backbone the value loss trains the backbone"
+               if rl.value_trains_backbone else "")
+        if why:
+            raise ConfigError("rl.value_epochs", f"{why} (got rl.value_epochs={rl.value_epochs})")
     inputs = list(rl.value_inputs)
     if not inputs or len(set(inputs)) != len(inputs) or not set(inputs) <= set(VALUE_INPUTS):
         raise ConfigError("rl.value_inputs", f"a non-empty list of distinct names from {list(VALUE_INPUTS)}, "
@@ -68,6 +76,7 @@ RL_CHECKS: list[Check] = [
     at_least("rl.critic_warmup", 0),
     at_least("rl.value_coef", 0),
     at_least("rl.value_lr", 0),
+    at_least("rl.value_epochs", 0),
     in_range("rl.gamma", 0, 1),
     in_range("rl.gae_lambda", 0, 1),
     at_least("rl.shaped_reward", 0),

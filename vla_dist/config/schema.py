@@ -267,6 +267,10 @@ class RLSection:
     # a head whose output starts at zero barely leaves it in a few hundred steps: advantages stay the returns
     value_lr: float = 0.0
     value_trains_backbone: bool = False  # PPO: the value loss also trains the shared backbone (else the head only)
+    # PPO: passes of value-only minibatch steps over each iteration's decisions, before the policy's update,
+    # on the inputs the head read when the decisions were evaluated (no backbone pass). The policy's steps
+    # (and a KL target ending them) leave the head a few dozen steps per iteration: too few to fit returns
+    value_epochs: int = 0
     # PPO: what the value head reads. "features": the policy's pooled prompt features; "state": every dim of
     # the robot's state (joints, finger opening, hand pose), standardized, whatever model.state_inputs the
     # policy reads (an asymmetric critic: the head is dropped at export). A head without "features" costs

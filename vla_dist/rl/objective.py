@@ -10,6 +10,7 @@ parameters it needs as it goes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,9 +38,18 @@ def token_step_log_probs(policy: VLAPolicy, inputs: PolicyInputs, bins: torch.Te
     return chosen.reshape(bins.shape).sum(-1), entropy
 
 
+class Evaluation(NamedTuple):
+    """What ActorCritic.forward computes for a batch of decisions."""
+
+    log_prob: torch.Tensor  # [B], over the executed chunk steps
+    whole: torch.Tensor  # [B], the whole chunk's (comparable with the sampling-time one)
+    value: torch.Tensor | None  # [B] (PPO)
+    entropy: torch.Tensor | None  # [B] (action tokens)
+    value_inputs: torch.Tensor | None  # [B, F]: what the value head read (PPO), detached unless it trains the backbone
+
+
 class ActorCritic(nn.Module):
-    """policy + optional value head. forward -> (log_prob [B] over executed steps, whole-chunk
-    log_prob [B] (comparable with the sampling-time one), value [B] or None, entropy [B] or None)."""
+    """policy + optional value head; forward -> Evaluation."""
 
     def __init__(self, policy: VLAPolicy, value_head: ValueHead | None, sampling: Sampling,
                  value_trains_backbone: bool = False, value_input_names: tuple[str, ...] = ("features",)) -> None:
@@ -49,7 +59,7 @@ class ActorCritic(nn.Module):
         self.value_input_names = list(value_input_names)  # rl.value_inputs
 
     def forward(self, inputs: PolicyInputs, record: SDESample | torch.Tensor,
-                executed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                executed: torch.Tensor) -> Evaluation:
         entropy = None
         if isinstance(record, SDESample):
             steps = step_log_probs(self.policy, inputs, record, self.sampling.noise_level)  # type: ignore[arg-type]
@@ -57,11 +67,11 @@ class ActorCritic(nn.Module):
             steps, entropy = token_step_log_probs(self.policy, inputs, record, self.sampling.temperature)
         executed = executed.to(steps.device)
         log_prob = (steps * executed).sum(-1)
-        value = None
+        value = features = None
         if self.value_head is not None:
             # Off by default: the critic's regression on a few dozen sparse returns would otherwise move
             # the backbone the actions are read from (rl.value_trains_backbone).
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.value_trains_backbone):
                 features = value_inputs(self.policy, inputs, self.value_input_names)
             value = self.value_head(features)
-        return log_prob, steps.sum(-1), value, entropy
+        return Evaluation(log_prob, steps.sum(-1), value, entropy, features)

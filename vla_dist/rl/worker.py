@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +110,7 @@ class RLWorker(DeepSpeedRank):
         started = time.perf_counter()
         positions = traj.positions()  # [N, 2]
         count = positions.shape[0]
-        old_log_probs, whole, values = self._evaluate(traj, positions)
+        old_log_probs, whole, values, mine, value_inputs = self._evaluate(traj, positions)
         drift = float((whole - traj.sample_log_probs[positions[:, 0], positions[:, 1]]).abs().max())
         rewards = traj.shaped_rewards(rl.shaped_reward)
         if rl.algorithm == "ppo":
@@ -123,6 +125,7 @@ class RLWorker(DeepSpeedRank):
             episode_adv = group_relative_advantages((rewards * traj.valid).sum(1), traj.groups)
             advantages, returns = episode_adv[positions[:, 0]], torch.zeros(count)
         self.engine.train()
+        fit = self._fit_value(value_inputs, returns[mine], iteration) if rl.value_epochs else {}
         per_step = rl.minibatch_size * self.world_size
         steps_per_epoch = max(1, count // per_step)
         # iteration counts from 0: iterations 0..critic_warmup-1 fit the critic to this policy's returns
@@ -151,24 +154,53 @@ class RLWorker(DeepSpeedRank):
             out["explained_variance"] = explained_variance(values, returns)
         lrs = [float(group["lr"]) for group in self.engine.optimizer.param_groups]  # as the optimizer holds them
         out |= {"lr": lrs[0], **({"value_lr": lrs[-1]} if len(lrs) > 1 else {})}
-        return {**out, "decisions": count, "optimizer_steps": optimizer_steps, "kl_stopped": kl_stopped,
+        return {**out, **fit, "decisions": count, "optimizer_steps": optimizer_steps, "kl_stopped": kl_stopped,
                 "critic_warmup": warming, "logprob_drift": drift, "update_s": time.perf_counter() - started,
                 "advantage_nonzero": float((advantages.abs() > 1e-6).float().mean())}
 
+    def _fit_value(self, inputs: torch.Tensor | None, returns: torch.Tensor, iteration: int) -> dict[str, float]:
+        """Collective: rl.value_epochs passes of value-only steps, each rank on its share of the decisions
+        (the inputs its head read in `_evaluate`; DeepSpeed averages the gradients). The policy's group is
+        held at learning rate 0 meanwhile, so Adam's momentum from earlier policy steps moves nothing; the
+        policy's moments still decay (zero gradients), as after a critic warm-up."""
+        rl = self.cfg.rl
+        assert inputs is not None and len(inputs) == len(returns), "PPO evaluates a value per decision"
+        head = self.engine.module.value_head
+        # the same number of steps on every rank (shares differ by at most one decision)
+        steps = max(1, int(self._all_min(len(returns))) // rl.minibatch_size)
+        losses: list[float] = []
+        with learning_rate_zero(self.engine.optimizer.param_groups[0]):  # the policy's group
+            for epoch in range(rl.value_epochs):
+                # ints only: a str's hash differs between processes
+                shuffle = torch.Generator().manual_seed(hash((self.cfg.run.seed, iteration, epoch, 1)) & 0x7FFF_FFFF)
+                total = 0.0
+                for rows in torch.tensor_split(torch.randperm(len(returns), generator=shuffle), steps):
+                    loss = value_loss(head(inputs[rows].to(self.engine.device)).float(),
+                                      returns[rows].to(self.engine.device))
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    total += float(loss.detach())
+                losses.append(self._all_mean(total / steps))
+        return {"value_fit_first": losses[0], "value_fit_last": losses[-1],
+                "value_fit_steps": float(steps * rl.value_epochs)}
+
     @torch.no_grad()
-    def _evaluate(self, traj: Trajectories, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _evaluate(self, traj: Trajectories, positions: torch.Tensor) -> tuple[Any, ...]:
         """Collective: (log-probs over executed steps, whole-chunk log-probs, values) of every
-        decision, each rank computing a share and all ranks receiving all."""
+        decision, each rank computing a share and all ranks receiving all; then this rank's share
+        (indices into positions) and what its value head read for them (PPO; else None)."""
         import torch.distributed as dist
 
         self.engine.eval()
         shares = torch.tensor_split(torch.arange(positions.shape[0]), self.world_size)
         mine = shares[self.rank]
-        rows = []
+        rows, read = [], []
         for chunk in torch.split(mine, self.cfg.rl.minibatch_size):
             at = positions[chunk]
-            log_prob, whole, value, _ = self._forward(traj, at)
+            log_prob, whole, value, _, value_inputs = self._forward(traj, at)
             value = value if value is not None else torch.zeros_like(log_prob)
+            if value_inputs is not None:
+                read.append(value_inputs.detach().float().cpu())
             rows.append(torch.stack([log_prob.float().cpu(), whole.float().cpu(), value.float().cpu()], dim=1))
         local = torch.cat(rows) if rows else torch.zeros(0, 3)
         longest = max(len(s) for s in shares)
@@ -177,10 +209,10 @@ class RLWorker(DeepSpeedRank):
         gathered = [torch.zeros(longest, 3) for _ in range(self.world_size)]
         dist.all_gather(gathered, padded)
         out = torch.cat([g[: len(s)] for g, s in zip(gathered, shares, strict=True)])
-        return out[:, 0], out[:, 1], out[:, 2]
+        return out[:, 0], out[:, 1], out[:, 2], mine, (torch.cat(read) if read else None)
 
     def _forward(self, traj: Trajectories, at: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The engine on the decisions at `at` [n, 2]: ActorCritic's (log_prob, whole, value, entropy)."""
+        """The engine on the decisions at `at` [n, 2]: ActorCritic's Evaluation."""
         return self.engine(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]])
 
     def _step(self, traj: Trajectories, at: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
@@ -188,7 +220,7 @@ class RLWorker(DeepSpeedRank):
         """One optimizer step; `train_policy=False` (critic warm-up): the value loss alone, so the policy's
         gradients are zero (the value head reads detached features unless rl.value_trains_backbone)."""
         rl = self.cfg.rl
-        log_prob, _, value, entropy = self._forward(traj, at)
+        log_prob, _, value, entropy, _ = self._forward(traj, at)
         device = log_prob.device
         policy_loss, stats = ppo_policy_loss(log_prob.float(), old_log_probs.to(device), advantages.to(device), rl.clip)
         loss = policy_loss if train_policy else torch.zeros((), device=device)
@@ -229,6 +261,17 @@ class RLWorker(DeepSpeedRank):
             state = {"iteration": meta["iteration"], "version": meta["version"]}
             (path / RL_STATE).write_text(json.dumps(state) + "\n", encoding="utf-8")
         dist.barrier()
+
+
+@contextmanager
+def learning_rate_zero(group: dict[str, Any]) -> Iterator[None]:
+    """An optimizer param group at learning rate 0 for the block (restored after, also on error): Adam(W)
+    then moves none of its parameters, whatever momentum they carry, and decays none."""
+    lr, group["lr"] = group["lr"], 0.0
+    try:
+        yield
+    finally:
+        group["lr"] = lr
 
 
 def _save_base(policy: Any, out: Path) -> None:
