@@ -82,3 +82,29 @@ def test_large_k_executes_the_oldest_chunk(saved_pi0: Path) -> None:
 def test_negative_k_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"eval\.temporal_ensemble"):
         validate(load_config(None, ["eval.temporal_ensemble=-0.1"]))
+
+
+def test_eval_noise_level_executes_the_flow_sde_sample_of_each_envs_stream(saved_pi0: Path) -> None:
+    """eval.noise_level: the chunk executed is Flow-SDE's sample (a stochastic step per env, then the
+    sampler's draws) from each env's own seeded stream, as RL's rollouts draw them; not the ODE's."""
+    from vla_dist.rl.flow_sde import sample_chunk
+
+    policy = ModelPolicy(PolicySource(kind="model", path=str(saved_pi0), action_horizon=2, noise_level=0.5))
+    policy.reset(torch.zeros(2, dtype=torch.long), ["pick up the red cube"] * 2, SEEDS)
+    acted = torch.stack([policy.act(o) for o in observations()[:2]])  # one chunk's first two actions
+    model = load_policy(saved_pi0).eval()
+    generators = [torch.Generator().manual_seed(seed) for seed in SEEDS]
+    steps = torch.tensor([int(torch.randint(1, model.spec.num_inference_steps, (1,), generator=g)) for g in generators])
+    o = observations()[0]
+    inputs = PolicyInputs(torch.from_numpy(np.stack([o.images[cam] for cam in ("front", "wrist")], axis=1)),
+                          o.proprio, o.instructions)
+    sample = sample_chunk(model, inputs, step=steps, noise_level=0.5, generators=generators)
+    expected = model.unnormalize_actions(sample.actions[..., : model.action_dim])
+    torch.testing.assert_close(acted, expected[:, :2].transpose(0, 1), rtol=1e-4, atol=1e-4)
+    assert (acted[0] - hand_chunks(saved_pi0)[0][:, 0]).abs().max() > 1e-3  # not the deterministic sampler
+    tokens = saved_pi0.parent / "tokens"
+    build("action_tokens").save_pretrained(tokens)
+    with pytest.raises(ValueError, match="eval.noise_level"):
+        ModelPolicy(PolicySource(kind="model", path=str(tokens), noise_level=0.5))
+    with pytest.raises(ConfigError, match="eval.noise_level"):
+        validate(load_config(None, ["eval.noise_level=-0.1"]))

@@ -126,6 +126,7 @@ MODEL_CHECKS: list[Check] = [
     one_of("eval.seeds", ("heldout", "collection")),
     at_least("eval.action_horizon", 0),
     at_least("eval.temporal_ensemble", 0.0),
+    at_least("eval.noise_level", 0.0),
     at_least("eval.num_videos", 0),
     _eval_checkpoint,
     _eval_offline_data,

@@ -152,6 +152,10 @@ class EvalSection:
     # > 0: temporal ensembling (ACT, Zhao et al. 2023): predict a chunk every step and execute the
     # average of every prediction made for this step, weighted exp(-k * age rank), oldest first; 0: off
     temporal_ensemble: float = 0.0
+    # pi0: > 0 scores the Flow-SDE sampler RL explores with (vla_dist/rl/flow_sde.py: noise of this scale
+    # at one denoising step drawn per decision, as rl.random_sde_step) instead of the ODE sampler: what a
+    # policy's RL rollouts succeed at, on the held-out layouts; 0: the ODE sampler (the deployed policy)
+    noise_level: float = 0.0
     num_videos: int = 4  # episodes written as mp4 under run.dir/videos/ (successes and failures alternate)
     # "heldout": layouts never collected (a seed stream disjoint from collection's); "collection": the
     # layouts `vla-dist collect` draws under the same run.seed and task.name (episode i = collected

@@ -232,6 +232,7 @@ def run_eval(cfg: RunConfig) -> dict[str, object]:
         "checkpoint": source.path,
         "seeds": cfg.eval.seeds,  # held-out layouts, or the collection's (a policy's own training layouts)
         "appearance": appearance_of(cfg.sim).to_dict(),  # the scene the cameras saw (default or perturbed)
+        "sampler": {"flow_sde_noise": source.noise_level} if source.noise_level else "deterministic",
         **success_summary(ordered, tasks),
         **decode_summary(tally, bool(source.compile)),
         "wall_seconds": round(time.perf_counter() - started, 2),

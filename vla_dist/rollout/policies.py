@@ -26,7 +26,7 @@ from vla_dist.spaces import CAMERAS
 
 if TYPE_CHECKING:
     from vla_dist.config.schema import RunConfig
-    from vla_dist.models import VLAPolicy
+    from vla_dist.models import PolicyInputs, VLAPolicy
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class PolicySource:
     path: str | None = None  # model: directory with the saved policy
     action_horizon: int = 0  # model: actions executed per predicted chunk; 0 = the whole chunk
     temporal_ensemble: float = 0.0  # model: > 0 re-plans every step and averages overlapping chunks (ACT)
+    noise_level: float = 0.0  # model (pi0): > 0 samples chunks with Flow-SDE exploration (eval.noise_level)
     cameras: tuple[str, ...] = CAMERAS
     torch_threads: int = 1  # per actor: actors already run in parallel, one per core
     compile: bool = False  # model: decode through the torch.compile'd kernels (model.compile)
@@ -79,6 +80,9 @@ class ModelPolicy:
         if not 1 <= self.horizon <= self.model.chunk_size:
             raise ValueError(f"action_horizon {self.horizon} must be in 1..{self.model.chunk_size}")
         self.ensemble = source.temporal_ensemble
+        self.noise_level = source.noise_level
+        if self.noise_level > 0 and not hasattr(self.model, "make_noise"):
+            raise ValueError(f"eval.noise_level: Flow-SDE sampling is pi0's; this policy is {self.model.family}")
         if self.ensemble > 0:
             self.horizon = 1  # a prediction every step; the executed action averages the overlapping ones
         self.decode_seconds = 0.0  # inside predict_chunk, compilation excluded
@@ -103,7 +107,10 @@ class ModelPolicy:
             inputs = PolicyInputs(images=images, state=obs.proprio.to(torch.float32), instructions=self.instructions)
             compiled_before = self._decoder_compile_seconds()
             started = time.perf_counter()
-            chunk = self.model.predict_chunk(inputs, noise=self._noise())
+            if self.noise_level > 0:
+                chunk = self._sde_chunk(inputs)
+            else:
+                chunk = self.model.predict_chunk(inputs, noise=self._noise())
             # A compile (once per actor and batch bucket) would swamp the per-chunk latency: report apart.
             compiled = self._decoder_compile_seconds() - compiled_before
             self.compile_seconds += compiled
@@ -121,6 +128,17 @@ class ModelPolicy:
     def _ensembled(self) -> torch.Tensor:
         self.history, action = temporal_ensemble(self.history, self.step, self.ensemble)
         return action
+
+    def _sde_chunk(self, inputs: PolicyInputs) -> torch.Tensor:
+        """Raw actions [B, chunk, A] from the Flow-SDE sampler as RL's rollouts draw them (a stochastic
+        step per decision and env, noise eval.noise_level), each env from its own stream."""
+        from vla_dist.rl.flow_sde import sample_chunk
+
+        num_steps = self.model.spec.num_inference_steps
+        steps = torch.tensor([int(torch.randint(1, num_steps, (1,), generator=g)) for g in self.generators])
+        sample = sample_chunk(self.model, inputs, step=steps, noise_level=self.noise_level,  # type: ignore[arg-type]
+                              generators=self.generators)
+        return self.model.unnormalize_actions(sample.actions[..., : self.model.action_dim])
 
     def _noise(self) -> torch.Tensor | None:
         make_noise = getattr(self.model, "make_noise", None)  # flow matching only; token decoding is greedy
@@ -162,7 +180,8 @@ def model_source(cfg: RunConfig, path: str, relabel: bool = False) -> PolicySour
     """A saved policy as the sim actors run it, for `vla-dist eval` and relabelling collection alike:
     eval.action_horizon, eval.temporal_ensemble, model.compile, the task's cameras."""
     return PolicySource(kind="model", path=str(path), action_horizon=cfg.eval.action_horizon,
-                        temporal_ensemble=cfg.eval.temporal_ensemble, cameras=tuple(cfg.task.cameras),
+                        temporal_ensemble=cfg.eval.temporal_ensemble, noise_level=cfg.eval.noise_level,
+                        cameras=tuple(cfg.task.cameras),
                         compile=cfg.model.compile, relabel=relabel)
 
 
