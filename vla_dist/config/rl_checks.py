@@ -41,11 +41,13 @@ def _rl_sampling(cfg: RunConfig) -> None:
         raise ConfigError("rl.horizon", f"a decision executes at most one chunk: must be <= model.chunk_size "
                           f"({cfg.model.chunk_size}), got {rl.horizon}")
     if rl.value_epochs:
-        why = ("only PPO has a value head" if rl.algorithm != "ppo" else
-               "the head is fitted at rl.value_lr while the policy's learning rate is held at 0: set rl.value_lr > 0"
-               if not rl.value_lr else
-               "the fit reads detached inputs; with rl.value_trains_backbone the value loss trains the backbone"
-               if rl.value_trains_backbone else "")
+        why = ""
+        if rl.algorithm != "ppo":
+            why = "only PPO has a value head"
+        elif not rl.value_lr:
+            why = "the head is fitted at rl.value_lr while the policy's learning rate is held at 0: set rl.value_lr > 0"
+        elif rl.value_trains_backbone:
+            why = "the fit reads detached inputs; with rl.value_trains_backbone the value loss trains the backbone"
         if why:
             raise ConfigError("rl.value_epochs", f"{why} (got rl.value_epochs={rl.value_epochs})")
     inputs = list(rl.value_inputs)

@@ -150,6 +150,20 @@ def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int | torch.T
     return SDESample(actions=x, step=steps, x_before=x_before, x_after=x_after, log_prob=log_prob)
 
 
+def sample_env_chunks(policy: PI0Policy, inputs: PolicyInputs, generators: list[torch.Generator],
+                      noise_level: float, sde_step: int | None = None) -> tuple[torch.Tensor, SDESample]:
+    """(raw actions [B, chunk, A], the sample) for B envs, each drawing from its own stream: the
+    stochastic step is `sde_step`, or (None) drawn per env from 1..N-1 on its stream first, then the
+    sampler's noise (`sample_chunk(generators=...)`). RL's rollouts and `eval.noise_level` share it."""
+    if sde_step is None:
+        num_steps = policy.spec.num_inference_steps
+        steps = torch.tensor([int(torch.randint(1, num_steps, (1,), generator=g)) for g in generators])
+    else:
+        steps = torch.tensor([sde_step] * len(generators))
+    sample = sample_chunk(policy, inputs, step=steps, noise_level=noise_level, generators=generators)
+    return policy.unnormalize_actions(sample.actions[..., : policy.action_dim]), sample
+
+
 def step_log_probs(policy: PI0Policy, inputs: PolicyInputs, sample: SDESample, noise_level: float) -> torch.Tensor:
     """[B, chunk] log-probability of `sample`'s stochastic step per chunk step, under the policy's
     current weights, with gradients: one forward of the model per row (the cost of a flow-matching

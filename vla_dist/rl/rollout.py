@@ -21,7 +21,7 @@ from vla_dist.config.rl_checks import rl_exploration_steps
 from vla_dist.config.schema import RunConfig
 from vla_dist.data.episode import Episode
 from vla_dist.models.policy import PolicyInputs, VLAPolicy
-from vla_dist.rl.flow_sde import SDESample, sample_chunk
+from vla_dist.rl.flow_sde import SDESample, sample_env_chunks
 from vla_dist.rl.token_sampling import sample_bins
 from vla_dist.rollout.policies import temporal_ensemble
 from vla_dist.rollout.runner import Observation, reach_distance
@@ -116,13 +116,11 @@ class ExplorationPolicy:
         sample does not depend on the envs beside it."""
         model, exploration = self.model, self.exploration
         if model.family == "pi0":  # one batched call, each row drawing from its own env's stream
-            steps = [exploration.sde_step] * len(self.generators)
-            if exploration.random_sde_step:  # drawn from the env's stream: reproducible like the noise
-                num_steps = model.spec.num_inference_steps  # type: ignore[attr-defined]
-                steps = [int(torch.randint(1, num_steps, (1,), generator=g)) for g in self.generators]
-            sample = sample_chunk(model, inputs, step=torch.tensor(steps),  # type: ignore[arg-type]
-                                  noise_level=exploration.noise_level, generators=self.generators)
-            return model.unnormalize_actions(sample.actions[..., : model.action_dim]), sample.log_prob, sample
+            # a random step is drawn from the env's stream: reproducible like the noise
+            sde_step = None if exploration.random_sde_step else exploration.sde_step
+            actions, sample = sample_env_chunks(model, inputs, self.generators,  # type: ignore[arg-type]
+                                                exploration.noise_level, sde_step)
+            return actions, sample.log_prob, sample
         rows = []
         for i, generator in enumerate(self.generators):  # token by token, per env
             row = PolicyInputs(inputs.images[i : i + 1], inputs.state[i : i + 1], inputs.instructions[i : i + 1])

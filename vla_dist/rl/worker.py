@@ -188,7 +188,7 @@ class RLWorker(DeepSpeedRank):
     def _evaluate(self, traj: Trajectories, positions: torch.Tensor) -> tuple[Any, ...]:
         """Collective: (log-probs over executed steps, whole-chunk log-probs, values) of every
         decision, each rank computing a share and all ranks receiving all; then this rank's share
-        (indices into positions) and what its value head read for them (PPO; else None)."""
+        (indices into positions) and what its value head read for them (kept for rl.value_epochs; else None)."""
         import torch.distributed as dist
 
         self.engine.eval()
@@ -199,7 +199,7 @@ class RLWorker(DeepSpeedRank):
             at = positions[chunk]
             log_prob, whole, value, _, value_inputs = self._forward(traj, at)
             value = value if value is not None else torch.zeros_like(log_prob)
-            if value_inputs is not None:
+            if value_inputs is not None and self.cfg.rl.value_epochs:  # only rl.value_epochs' fit reads them
                 read.append(value_inputs.detach().float().cpu())
             rows.append(torch.stack([log_prob.float().cpu(), whole.float().cpu(), value.float().cpu()], dim=1))
         local = torch.cat(rows) if rows else torch.zeros(0, 3)

@@ -132,13 +132,10 @@ class ModelPolicy:
     def _sde_chunk(self, inputs: PolicyInputs) -> torch.Tensor:
         """Raw actions [B, chunk, A] from the Flow-SDE sampler as RL's rollouts draw them (a stochastic
         step per decision and env, noise eval.noise_level), each env from its own stream."""
-        from vla_dist.rl.flow_sde import sample_chunk
+        from vla_dist.rl.flow_sde import sample_env_chunks
 
-        num_steps = self.model.spec.num_inference_steps
-        steps = torch.tensor([int(torch.randint(1, num_steps, (1,), generator=g)) for g in self.generators])
-        sample = sample_chunk(self.model, inputs, step=steps, noise_level=self.noise_level,  # type: ignore[arg-type]
-                              generators=self.generators)
-        return self.model.unnormalize_actions(sample.actions[..., : self.model.action_dim])
+        actions, _ = sample_env_chunks(self.model, inputs, self.generators, self.noise_level)  # type: ignore[arg-type]
+        return actions
 
     def _noise(self) -> torch.Tensor | None:
         make_noise = getattr(self.model, "make_noise", None)  # flow matching only; token decoding is greedy
