@@ -448,19 +448,34 @@ def test_recipe_configs_compose_and_validate(recipe: Path, tmp_path: Path) -> No
     cfg = validate(load_config(recipe, [f"run.dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}"]))
     from vla_dist.rollout.episodes import selected_tasks
 
-    assert cfg.eval.episodes * len(selected_tasks(cfg.task.name)) >= 30 and cfg.train.steps >= 1000
+    assert cfg.eval.episodes * len(selected_tasks(cfg.task.name)) >= 30
     if recipe.stem in ("sft-pick", "sft-all", "rl-pick", "base-pick"):  # the recipes that succeed, as measured
         assert cfg.model.state_inputs == ["gripper_width"] and cfg.data.random_shift > 0
+        assert cfg.train.steps >= 1000
         return
     # a comparison recipe (vla-dist recipes): changes something of the baseline's, at its budget
     from vla_dist.config import to_yaml
     from vla_dist.recipes.run import samples_trained
 
-    base = validate(load_config(PROJECT_ROOT / "configs" / "recipe" / "base-pick.yaml",
-                                [f"run.dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}"]))
+    def recipe_config(name: str):
+        return validate(load_config(PROJECT_ROOT / "configs" / "recipe" / f"{name}.yaml",
+                                    [f"run.dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}"]))
+
+    base = recipe_config("base-pick")
     assert to_yaml(cfg) != to_yaml(base)
+    if cfg.recipes.baseline == recipe.stem:  # the baseline of a comparison of its own (a weak start for RL):
+        assert cfg.recipes.dir != base.recipes.dir  # base-pick trained for fewer steps, in another recipes.dir
+        assert 0 < cfg.train.steps < base.train.steps
+        from dataclasses import asdict
+
+        changed = {f"{section}.{key}" for section, values in asdict(cfg).items() if isinstance(values, dict)
+                   for key, value in values.items() if asdict(base)[section][key] != value}
+        assert changed <= {"train.steps", "train.save_every", "run.dir", "recipes.dir", "recipes.baseline"}
+        return
+    assert cfg.train.steps >= 1000
+    base = recipe_config(cfg.recipes.baseline)  # what this recipe is compared with
     if cfg.recipes.start_from and cfg.select.pool is None:  # a continuation (rl, dagger, more SFT): its budget
-        assert cfg.recipes.start_from in ("base-pick", "task-push-stack")  # comes on top, reported
+        assert cfg.recipes.start_from in ("base-pick", "task-push-stack", "base-pick-short")  # comes on top
         if cfg.model.retarget:  # re-targeting: to another action space than its start's, on few demonstrations
             assert cfg.sim.action_space != base.sim.action_space and cfg.collect.episodes < base.collect.episodes
         return

@@ -14,6 +14,7 @@ from vla_dist.cli import main
 from vla_dist.config import ConfigError, load_config, validate
 from vla_dist.recipes.report import collect_rows, markdown, paired_text, write_report
 from vla_dist.recipes.run import (
+    baseline_name,
     check_budgets,
     ordered,
     plan,
@@ -28,6 +29,36 @@ from vla_dist.stages import dependents, set_aside
 
 def _base(*overrides: str):
     return validate(load_config(recipe_file("base-pick"), list(overrides)))
+
+
+def test_the_recipes_files_name_their_comparisons_baseline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The weak-start RL recipes declare base-pick-short (base-pick stopped early) as their baseline: the
+    comparison runs it first, in its own recipes.dir, and the RL stages read its policy. A recipe of another
+    baseline beside them is refused before anything runs; the command line's recipes.baseline wins."""
+    assert baseline_name([], ["rl-short-critic", "rl-short-state-critic"]) == "base-pick-short"
+    assert baseline_name([], ["perception-jitter"]) == baseline_name([]) == "base-pick"
+    assert baseline_name(["recipes.baseline=base-pick"], ["rl-short-critic"]) == "base-pick"
+    with pytest.raises(ConfigError) as error:
+        baseline_name([], ["rl-short-critic", "perception-jitter"])
+    assert error.value.key == "recipes.baseline" and "rl-short-critic -> base-pick-short" in str(error.value)
+    assert main(["recipes", "run", "rl-short-critic", "perception-jitter", f"recipes.dir={tmp_path}"]) == 2
+    assert "recipes.baseline" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+    short = validate(load_config(recipe_file("base-pick-short"), []))
+    base = _base()
+    assert short.recipes.dir != base.recipes.dir and short.train.steps < base.train.steps
+    assert short.collect.episodes == base.collect.episodes and short.data.dir == base.data.dir
+    overrides = [f"recipes.dir={tmp_path}", "recipes.seeds=[5]"]
+    recipes = ordered(["rl-short-critic", "rl-short-state-critic"], short.recipes.baseline, overrides)
+    assert list(recipes) == ["base-pick-short", "rl-short-critic", "rl-short-state-critic"]
+    check_budgets(recipes, "base-pick-short")
+    stages = {(s.recipe, s.name): s for s in plan(recipes, validate(load_config(recipe_file("base-pick-short"),
+                                                                                 overrides)))}
+    start = tmp_path / "base-pick-short" / "seed_5" / "eval-default" / "policy"
+    for name in ("rl-short-critic", "rl-short-state-critic"):
+        assert f"model.pretrained={start}" in stages[(name, "rl")].overrides
+    assert recipes["rl-short-state-critic"].recipes.control == "rl-short-critic"
+    assert recipes["rl-short-state-critic"].rl.value_inputs == ["features", "state"]
 
 
 def test_plan_runs_the_baseline_first_and_rl_after_the_policy_it_starts_from(tmp_path: Path) -> None:

@@ -129,10 +129,10 @@ def _run_recipes(args: argparse.Namespace) -> int:
                           "not --config; the baseline is recipes.baseline")
     names = [word for word in args.overrides if "=" not in word]
     overrides = [word for word in args.overrides if "=" in word]
-    cfg = validate(load_config(recipe_file(baseline_name(overrides)), overrides))
+    if args.action == "report" and names:
+        raise ConfigError(None, f"vla-dist recipes report takes no recipe names, got {names}")
+    cfg = validate(load_config(recipe_file(baseline_name(overrides, names)), overrides))
     if args.action == "report":
-        if names:
-            raise ConfigError(None, f"vla-dist recipes report takes no recipe names, got {names}")
         from vla_dist.recipes.report import write_report
 
         report = write_report(cfg.recipes.dir)

@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="post-training recipes against a baseline: same seeds, budget and held-out layouts",
         description="run NAME...: for every seed in recipes.seeds, collect (once per recipe; a data.dir that "
         "already holds the episodes is reused), train or rl, and evaluate every recipes.evals variant, each "
-        "recipe from configs/recipe/NAME.yaml (or a .yaml path) and the baseline recipes.baseline first, as "
+        "recipe from configs/recipe/NAME.yaml (or a .yaml path) and the baseline first (recipes.baseline: the "
+        "command line's, else the one the recipes' files name; its file gives recipes.dir), as "
         "separate stages under recipes.dir/NAME/seed_S/; a finished stage is kept on a re-run. Every config "
         "and the budgets (each SFT recipe trains the baseline's samples) are checked before anything runs. "
         "Then, like report, writes recipes.dir/recipes.{md,json,png}: success per recipe, eval and task "

@@ -326,7 +326,9 @@ class RecipesSection:
 
     dir: str = "runs/recipes"  # one directory per recipe and seed, and recipes.{md,json,png}
     seeds: list[int] = field(default_factory=lambda: [0])  # run.seed of each repetition (init, data order, layouts)
-    baseline: str = "base-pick"  # configs/recipe/<name>.yaml that every other recipe is compared with
+    # configs/recipe/<name>.yaml that every other recipe is compared with; a recipe's file names its own
+    # (the recipes of one comparison name the same one); the command line's wins
+    baseline: str = "base-pick"
     command: str = "train"  # how the recipe post-trains: "train" (SFT on its data), "rl" or "dagger" (those commands)
     start_from: str | None = None  # a recipe whose policy (same seed) this one continues; null: model.pretrained
     # a recipe this one is also compared with, layout by layout: the same budget without what this one

@@ -211,7 +211,7 @@ def samples_trained(cfg: RunConfig) -> int:
 
 def run_recipes(names: Sequence[str], overrides: Sequence[str], log: Log = print) -> dict[str, Any]:
     """Run the plan (every config checked first), then write the report."""
-    base = _recipe_config(baseline_name(overrides), overrides)
+    base = _recipe_config(baseline_name(overrides, names), overrides)
     root = Path(base.recipes.dir)
     recipes = ordered(names, base.recipes.baseline, overrides)
     check_budgets(recipes, recipe_name(base.recipes.baseline))
@@ -240,13 +240,20 @@ def run_recipes(names: Sequence[str], overrides: Sequence[str], log: Log = print
             "stages": len(stages), "wall_s": round(time.perf_counter() - started, 1), **report}
 
 
-def baseline_name(overrides: Sequence[str]) -> str:
-    """recipes.baseline from the command line, else the schema's default (it names the baseline file)."""
+def baseline_name(overrides: Sequence[str], names: Sequence[str] = ()) -> str:
+    """The comparison's baseline (it names the baseline's file): recipes.baseline from the command line,
+    else the one the named recipes' files declare (all the same one), else the schema's default."""
     for override in reversed(overrides):
         key, _, value = override.partition("=")
         if key.strip() == "recipes.baseline":
             return value.strip()
-    return RunConfig().recipes.baseline
+    declared = {name: _recipe_config(name, overrides, made_earlier=("model.pretrained",)).recipes.baseline
+                for name in names}
+    if len(set(declared.values())) > 1:
+        each = ", ".join(f"{recipe_name(name)} -> {baseline}" for name, baseline in declared.items())
+        raise ConfigError("recipes.baseline", f"the recipes are compared with different baselines ({each}): run "
+                          "each baseline's recipes in a comparison of their own, or give recipes.baseline=NAME")
+    return next(iter(declared.values()), RunConfig().recipes.baseline)
 
 
 def stage_config(file: str, stage: RecipeStage, overrides: Sequence[str], up_front: bool = False) -> RunConfig:
