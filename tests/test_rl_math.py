@@ -244,6 +244,32 @@ def test_token_sampling_log_prob_is_recomputed_and_follows_the_temperature() -> 
     assert (bins_log_prob(policy, batch, bins, temperature=1.0, valid_steps=half) > log_prob).all()
 
 
+def test_token_sampling_with_a_stream_per_row_draws_what_each_row_draws_alone() -> None:
+    """RL's envs sample their action tokens in one batched forward per token, each from its own
+    stream: row i's chunk is the one it samples alone from generators[i], whatever its neighbours."""
+    from vla_dist.models.action_tokens import ActionTokenPolicy
+    from vla_dist.models.policy import PolicyInputs
+    from vla_dist.rl.token_sampling import sample_bins
+
+    policy = build("action_tokens")
+    assert isinstance(policy, ActionTokenPolicy)
+    batch = make_batch(policy, size=3)
+    streams = [torch.Generator().manual_seed(seed) for seed in (11, 12, 13)]
+    bins, log_prob = sample_bins(policy, batch, temperature=1.0, generators=streams)
+    for row, seed in enumerate((11, 12, 13)):
+        alone = PolicyInputs(batch.images[row : row + 1], batch.state[row : row + 1], batch.instructions[row : row + 1])
+        row_bins, row_log_prob = sample_bins(policy, alone, temperature=1.0,
+                                             generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(bins[row : row + 1], row_bins)
+        torch.testing.assert_close(log_prob[row : row + 1], row_log_prob, rtol=1e-4, atol=1e-4)
+    # different streams draw different chunks (one stream for all would not show the rows apart)
+    assert not torch.equal(bins[0], bins[1])
+    with pytest.raises(ValueError, match="one per row"):
+        sample_bins(policy, batch, temperature=1.0, generators=streams[:2])
+    with pytest.raises(ValueError, match="not both"):
+        sample_bins(policy, batch, temperature=1.0, generator=torch.Generator(), generators=streams)
+
+
 @pytest.mark.parametrize("family", ["pi0", "action_tokens"])
 def test_value_head_on_policy_features_learns_returns(family: str) -> None:
     """Features depend on what the policy sees (images, instruction), and a value head on them fits

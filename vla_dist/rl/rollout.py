@@ -121,14 +121,9 @@ class ExplorationPolicy:
             actions, sample = sample_env_chunks(model, inputs, self.generators,  # type: ignore[arg-type]
                                                 exploration.noise_level, sde_step)
             return actions, sample.log_prob, sample
-        rows = []
-        for i, generator in enumerate(self.generators):  # token by token, per env
-            row = PolicyInputs(inputs.images[i : i + 1], inputs.state[i : i + 1], inputs.instructions[i : i + 1])
-            bins, log_prob = sample_bins(model, row, temperature=exploration.temperature,  # type: ignore[arg-type]
-                                         generator=generator)
-            rows.append((model.bins_to_actions(bins), log_prob, bins))  # type: ignore[attr-defined]
-        return (torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]),
-                torch.cat([r[2] for r in rows]))
+        bins, log_prob = sample_bins(model, inputs, temperature=exploration.temperature,  # type: ignore[arg-type]
+                                     generators=self.generators)  # one batched forward per token
+        return model.bins_to_actions(bins), log_prob, bins  # type: ignore[attr-defined]
 
 
 @dataclass

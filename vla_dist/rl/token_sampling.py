@@ -24,11 +24,19 @@ def _check_temperature(temperature: float) -> None:
 
 @torch.no_grad()
 def sample_bins(policy: ActionTokenPolicy, inputs: PolicyInputs, *, temperature: float,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None,
+                generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(bins long [B, chunk, A], log_prob float32 [B]): one sampled chunk per row, token by token
-    with the KV cache (predict_bins' loop with sampling in place of argmax)."""
+    with the KV cache (predict_bins' loop with sampling in place of argmax). `generator` draws the
+    batch's tokens from one stream; `generators` (one per row) instead: row i draws from generators[i]
+    what it would draw sampled alone, so RL's envs sample in one batched forward per token and a
+    row's chunk does not depend on the envs beside it."""
     _check_temperature(temperature)
     batch = policy.check_inputs(inputs)
+    if generators is not None and len(generators) != batch:
+        raise ValueError(f"{len(generators)} generators for a batch of {batch}: give one per row")
+    if generators is not None and generator is not None:  # which would draw is not obvious: refuse
+        raise ValueError("give generator (the batch's stream) or generators (one per row), not both")
     prompt = policy.prepare_prompt(inputs)
     out = policy.hf_model(**prompt, use_cache=True, logits_to_keep=1)
     past, mask, position = out.past_key_values, prompt["attention_mask"], prompt["position_ids"][:, -1:]
@@ -37,7 +45,11 @@ def sample_bins(policy: ActionTokenPolicy, inputs: PolicyInputs, *, temperature:
     for step in range(policy.num_action_tokens):
         logits = out.logits[:, -1].float().index_select(-1, policy.action_token_ids) / temperature
         logp = logits.log_softmax(-1).cpu()
-        bins = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]  # [B]
+        if generators is None:
+            bins = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]  # [B]
+        else:  # the forward is batched; each row's draw comes from its own stream
+            bins = torch.cat([torch.multinomial(logp[row : row + 1].exp(), 1, generator=g)[:, 0]
+                              for row, g in enumerate(generators)])
         log_prob += logp.gather(-1, bins[:, None])[:, 0]
         chosen.append(bins)
         if step == policy.num_action_tokens - 1:
