@@ -216,8 +216,10 @@ def load_hf_model(root: Path, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
+        # use_kernels=False: from 5.25 transformers swaps layers for Hub kernels by default, fetched over the
+        # network (none at run time here) and refusing the meta device check_weights_match loads onto
         return model_class.from_pretrained(str(root), local_files_only=True, output_loading_info=True,
-                                           ignore_mismatched_sizes=True, **kwargs)
+                                           ignore_mismatched_sizes=True, use_kernels=False, **kwargs)
     except (OSError, RuntimeError, ValueError) as error:
         raise PretrainedError(f"{root}: transformers cannot load it: {str(error).splitlines()[0]}") from None
     finally:
