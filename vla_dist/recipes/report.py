@@ -189,13 +189,14 @@ def markdown(summary: dict[str, Any]) -> str:
              "evaluations ran, the successes lost and gained and the exact McNemar p-value of that split (paired; "
              "listed, not used to call effects). A recipe run at fewer seeds than the baseline is compared with "
              "the baseline at its seeds. A recipe continuing another's policy (from X) counts the "
-             "samples and rollouts it added to X's.")]
+             "samples and rollouts it added to X's. Samples, rollouts and wall time are totals over its seeds.")]
     first = summary["evals"][0]
     for variant in summary["evals"]:
         lines += ["", f"## eval: {variant}", "",
                   ("| recipe | task | success | 95% interval | per seed | vs baseline | effect | same layouts: "
                   f"lost/gained vs baseline (p) | vs {first} eval (p) | vs control: difference, effect, same "
-                  "layouts (p) | samples trained | rollouts (rl, dagger) | wall (s) |"),
+                  "layouts (p) | samples trained (all seeds) | rollouts (rl, dagger; all seeds) | wall (s; all seeds) "
+                  "|"),
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in summary["rows"] if r["eval"] == variant):
             per_seed = ", ".join(f"{w}/{n}" for w, n in row["per_seed"].values())
