@@ -468,8 +468,9 @@ def test_recipe_configs_compose_and_validate(recipe: Path, tmp_path: Path) -> No
         assert 0 < cfg.train.steps < base.train.steps
         from dataclasses import asdict
 
-        changed = {f"{section}.{key}" for section, values in asdict(cfg).items() if isinstance(values, dict)
-                   for key, value in values.items() if asdict(base)[section][key] != value}
+        ours, theirs = asdict(cfg), asdict(base)
+        changed = {f"{section}.{key}" for section, values in ours.items() if isinstance(values, dict)
+                   for key, value in values.items() if theirs[section][key] != value}
         assert changed <= {"train.steps", "train.save_every", "run.dir", "recipes.dir", "recipes.baseline"}
         return
     assert cfg.train.steps >= 1000

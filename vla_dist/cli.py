@@ -129,12 +129,12 @@ def _run_recipes(args: argparse.Namespace) -> int:
                           "not --config; the baseline is recipes.baseline")
     names = [word for word in args.overrides if "=" not in word]
     overrides = [word for word in args.overrides if "=" in word]
-    if args.action == "report" and names:
-        raise ConfigError(None, f"vla-dist recipes report takes no recipe names, got {names}")
-    cfg = validate(load_config(recipe_file(baseline_name(overrides, names)), overrides))
     if args.action == "report":
+        if names:
+            raise ConfigError(None, f"vla-dist recipes report takes no recipe names, got {names}")
         from vla_dist.recipes.report import write_report
 
+        cfg = validate(load_config(recipe_file(baseline_name(overrides)), overrides))  # its recipes.dir
         report = write_report(cfg.recipes.dir)
         print(Path(report["report"]).read_text(encoding="utf-8"))
         _print_summary("recipes report", report, f"report: {report['report']}   plot: {report['plot']}")
