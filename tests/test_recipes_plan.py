@@ -6,6 +6,7 @@ commands run for real at tiny size in tests/test_recipes_run.py."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,13 @@ def test_the_recipes_files_name_their_comparisons_baseline(tmp_path: Path, capsy
     overrides = [f"recipes.dir={tmp_path}", "recipes.seeds=[5]"]
     recipes = ordered(["rl-short-critic", "rl-short-state-critic"], short.recipes.baseline, overrides)
     assert list(recipes) == ["base-pick-short", "rl-short-critic", "rl-short-state-critic"]
+    # one `recipes run` composes each recipe once: what baseline_name composed to read the declared
+    # baseline is what ordered returns, the same configs as composed afresh
+    composed: dict = {}
+    assert baseline_name(overrides, ["rl-short-critic", "rl-short-state-critic"], composed) == "base-pick-short"
+    reused = ordered(["rl-short-critic", "rl-short-state-critic"], "base-pick-short", overrides, composed)
+    assert reused["rl-short-critic"] is composed["rl-short-critic"]
+    assert {n: asdict(c) for n, c in reused.items()} == {n: asdict(c) for n, c in recipes.items()}
     check_budgets(recipes, "base-pick-short")
     stages = {(s.recipe, s.name): s for s in plan(recipes, validate(load_config(recipe_file("base-pick-short"),
                                                                                  overrides)))}

@@ -148,14 +148,15 @@ def policy_dir(root: Path, name: str, seed: int, first_eval: str, command: str =
     return root / name / f"seed_{seed}" / f"eval-{first_eval}" / "policy"
 
 
-def ordered(names: Sequence[str], baseline: str, overrides: Sequence[str]) -> dict[str, RunConfig]:
-    """name -> the recipe's config in its up-front form (model.pretrained nulled: it may name a policy an
-    earlier stage makes; each stage loads its own config when it runs), the baseline first and every
-    recipe after the one it starts from; a recipe named twice runs once."""
+def ordered(names: Sequence[str], baseline: str, overrides: Sequence[str],
+            composed: dict[str, RunConfig] | None = None) -> dict[str, RunConfig]:
+    """name -> the recipe's config in its up-front form (`up_front_config`), the baseline first and every
+    recipe after the one it starts from; a recipe named twice runs once. `composed`: configs composed
+    earlier in this run (by `baseline_name`), reused rather than composed again."""
     wanted = [recipe_name(baseline)] + [recipe_name(n) for n in names if recipe_name(n) != recipe_name(baseline)]
     files = {recipe_name(n): n for n in [baseline, *names]}
-    configs = {name: _recipe_config(files[name], overrides, made_earlier=("model.pretrained",))
-               for name in dict.fromkeys(wanted)}
+    composed = {} if composed is None else composed
+    configs = {name: up_front_config(files[name], overrides, composed) for name in dict.fromkeys(wanted)}
     result: dict[str, RunConfig] = {}
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
@@ -187,6 +188,15 @@ def _recipe_config(name: str, overrides: Sequence[str], made_earlier: Sequence[s
     return validate(load_config(recipe_file(name), [*overrides, *(f"{key}=null" for key in made_earlier)]))
 
 
+def up_front_config(name: str, overrides: Sequence[str], composed: dict[str, RunConfig]) -> RunConfig:
+    """The recipe's config as checked before any stage runs: model.pretrained nulled (it may name a policy
+    an earlier stage makes; each stage loads its own config when it runs). Kept in `composed` by name, so
+    one `recipes run` composes each recipe's files once."""
+    if recipe_name(name) not in composed:
+        composed[recipe_name(name)] = _recipe_config(name, overrides, made_earlier=("model.pretrained",))
+    return composed[recipe_name(name)]
+
+
 def check_budgets(recipes: dict[str, RunConfig], baseline: str) -> None:
     """Same data and compute as the baseline for every SFT recipe, else fail naming the key. A recipe
     that continues another's policy (recipes.start_from: rl, dagger, more SFT) spends a budget on top of
@@ -211,9 +221,10 @@ def samples_trained(cfg: RunConfig) -> int:
 
 def run_recipes(names: Sequence[str], overrides: Sequence[str], log: Log = print) -> dict[str, Any]:
     """Run the plan (every config checked first), then write the report."""
-    base = _recipe_config(baseline_name(overrides, names), overrides)
+    composed: dict[str, RunConfig] = {}
+    base = _recipe_config(baseline_name(overrides, names, composed), overrides)
     root = Path(base.recipes.dir)
-    recipes = ordered(names, base.recipes.baseline, overrides)
+    recipes = ordered(names, base.recipes.baseline, overrides, composed)
     check_budgets(recipes, recipe_name(base.recipes.baseline))
     stages = plan(recipes, base)
     files = {recipe_name(n): n for n in [base.recipes.baseline, *names]}
@@ -240,15 +251,17 @@ def run_recipes(names: Sequence[str], overrides: Sequence[str], log: Log = print
             "stages": len(stages), "wall_s": round(time.perf_counter() - started, 1), **report}
 
 
-def baseline_name(overrides: Sequence[str], names: Sequence[str] = ()) -> str:
+def baseline_name(overrides: Sequence[str], names: Sequence[str] = (),
+                  composed: dict[str, RunConfig] | None = None) -> str:
     """The comparison's baseline (it names the baseline's file): recipes.baseline from the command line,
-    else the one the named recipes' files declare (all the same one), else the schema's default."""
+    else the one the named recipes' files declare (all the same one), else the schema's default.
+    `composed` keeps the configs composed to read it, for `ordered`."""
     for override in reversed(overrides):
         key, _, value = override.partition("=")
         if key.strip() == "recipes.baseline":
             return value.strip()
-    declared = {name: _recipe_config(name, overrides, made_earlier=("model.pretrained",)).recipes.baseline
-                for name in names}
+    composed = {} if composed is None else composed
+    declared = {name: up_front_config(name, overrides, composed).recipes.baseline for name in names}
     if len(set(declared.values())) > 1:
         each = ", ".join(f"{recipe_name(name)} -> {baseline}" for name, baseline in declared.items())
         raise ConfigError("recipes.baseline", f"the recipes are compared with different baselines ({each}): run "
