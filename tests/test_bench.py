@@ -38,6 +38,27 @@ def test_bench_rl_prints_rollout_and_sync_json(capsys: pytest.CaptureFixture[str
     assert report["ratio"] == pytest.approx(report["value"] / report["baseline"], rel=1e-2)
     # the bytes synced are the policy's parameters (tiny-pi0: about half a million floats)
     assert 1e6 < report["sync_bytes"] < 1e7
+    assert report["sampling"]["envs"] == 1 and report["sampling"]["batched_ms"] > 0
+
+
+@pytest.mark.parametrize("preset", ["tiny-pi0", "tiny-openvla"])
+def test_exploration_sampling_times_the_batched_draw_against_one_env_at_a_time(preset: str) -> None:
+    """bench rl's sampling figure: both ways draw the same decisions (each env from its own stream), so
+    the figure compares two ways of doing one thing; both timed, the ratio theirs."""
+    import torch
+
+    from vla_dist.bench.rl import exploration_sampling
+    from vla_dist.config import load_config
+    from vla_dist.models.build import build_policy, placeholder_manifest
+    from vla_dist.rl.rollout import Exploration
+
+    cfg = load_config(None, [f"model.preset={preset}", "task.image_size=32"])
+    torch.manual_seed(0)
+    policy = build_policy(cfg.model, placeholder_manifest())
+    figure = exploration_sampling(policy, Exploration(horizon=4, noise_level=0.5, sde_step=5), 3,
+                                  tuple(cfg.task.cameras))
+    assert figure["envs"] == 3 and figure["batched_ms"] > 0 and figure["one_env_at_a_time_ms"] > 0
+    assert figure["speedup"] == pytest.approx(figure["one_env_at_a_time_ms"] / figure["batched_ms"], rel=1e-2)
 
 
 def test_bench_report_puts_the_contract_keys_first() -> None:

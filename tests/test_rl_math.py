@@ -187,7 +187,7 @@ def test_flow_sde_with_a_stochastic_step_per_row(pi0: PI0Policy) -> None:
     for _ in range(2):
         policy = ExplorationPolicy(pi0, explore, version=1, cameras=("front", "wrist"))
         policy.reset(torch.zeros(3, dtype=torch.long), batch.instructions, [11, 12, 13])
-        _, log_prob, record = policy._sample(batch)
+        _, log_prob, record = policy.sample_decision(batch)
         assert isinstance(record, SDESample) and torch.isfinite(log_prob).all()
         drawn.append(record.step.tolist())
     num_steps = pi0.spec.num_inference_steps
@@ -196,13 +196,13 @@ def test_flow_sde_with_a_stochastic_step_per_row(pi0: PI0Policy) -> None:
     # One batched call gives each env the sample (step, noise, SDE noise) it would draw alone.
     policy = ExplorationPolicy(pi0, explore, version=1, cameras=("front", "wrist"))
     policy.reset(torch.zeros(3, dtype=torch.long), batch.instructions, [11, 12, 13])
-    actions, log_prob, record = policy._sample(batch)
+    actions, log_prob, record = policy.sample_decision(batch)
     assert isinstance(record, SDESample)
     for row, seed in enumerate([11, 12, 13]):
         alone = ExplorationPolicy(pi0, explore, version=1, cameras=("front", "wrist"))
         alone.reset(torch.zeros(1, dtype=torch.long), batch.instructions[row : row + 1], [seed])
         one = PolicyInputs(batch.images[row : row + 1], batch.state[row : row + 1], batch.instructions[row : row + 1])
-        actions_alone, log_prob_alone, record_alone = alone._sample(one)
+        actions_alone, log_prob_alone, record_alone = alone.sample_decision(one)
         assert record_alone.step.tolist() == [int(record.step[row])]  # type: ignore[union-attr]
         torch.testing.assert_close(actions_alone[0], actions[row], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(log_prob_alone[0], log_prob[row], rtol=1e-4, atol=1e-3)

@@ -213,7 +213,7 @@ def _policy_families(cfg: RunConfig, device: torch.device) -> tuple[list[DecodeF
 
 def _pi0_from_policy(policy: Any) -> DecodeFamily:
     def make_inputs(batch: int) -> Inputs:
-        inputs = policy.prepare_prefix(_policy_inputs(policy, batch))
+        inputs = policy.prepare_prefix(random_policy_inputs(policy, batch))
         gen = torch.Generator().manual_seed(batch)
         return {**inputs, "noise": policy.full_noise(policy.make_noise(batch, gen), batch)}
 
@@ -222,13 +222,13 @@ def _pi0_from_policy(policy: Any) -> DecodeFamily:
 
 def _tokens_from_policy(policy: Any) -> DecodeFamily:
     def make_inputs(batch: int) -> Inputs:
-        return policy.prepare_prompt(_policy_inputs(policy, batch))
+        return policy.prepare_prompt(random_policy_inputs(policy, batch))
 
     return token_family(policy.hf_model, policy.action_token_ids, policy.bin_centers, policy.chunk_size,
                         policy.action_dim, make_inputs)
 
 
-def _policy_inputs(policy: Any, batch: int) -> Any:
+def random_policy_inputs(policy: Any, batch: int) -> Any:
     """Random camera images and states, task instructions of several lengths (padded prompts)."""
     from vla_dist.models.policy import PolicyInputs
     from vla_dist.sim.tasks import TASKS

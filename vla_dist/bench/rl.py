@@ -5,7 +5,10 @@ value    = env-steps/s of policy-driven rollouts with exploration (SimActor.run_
 baseline = env-steps/s of expert-driven stepping with rendering on the same actors (SimActor.measure)
 ratio    = value / baseline: the share of simulation speed that rollouts keep
 Also: weight sync (WeightSync's path: one ray.put, every actor fetches and loads the weights as a
-version) in GB/s against a plain ray.put + ray.get of the same bytes by the same number of actors.
+version) in GB/s against a plain ray.put + ray.get of the same bytes by the same number of actors; and
+`sampling`: one exploring decision for an actor's envs_per_actor envs drawn as the rollouts draw it (one
+batched call, each env from its own stream) against the same envs drawn one at a time (what the
+action-token rollouts did before), ms per decision, in this process on random images and states.
 
 The policy is model.pretrained, or the untrained model.preset (the speed does not depend on the
 weights). Collect.* sizes the pool; rl.* sets the exploration.
@@ -13,6 +16,7 @@ weights). Collect.* sizes the pool; rl.* sets the exploration.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
 
 SYNC_REPEATS = 3
+SAMPLING_REPEATS = 5
 
 
 class _Receiver:
@@ -89,6 +94,7 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
     finally:
         for actor in (*actors, *receivers):
             ray.kill(actor, no_restart=True)
+    sampling = exploration_sampling(load_policy(path), exploration, c.envs_per_actor, tuple(cfg.task.cameras))
     sync_gbps, plain_gbps = size / min(sync_s) / 1e9, size / min(plain_s) / 1e9
     return bench_report(
         "rl", round(policy_rate, 2), "env_steps/s (policy rollouts with exploration)", round(expert_rate, 2),
@@ -96,5 +102,46 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
         family=cfg.model.family, num_actors=c.num_actors, envs_per_actor=c.envs_per_actor, steps_per_episode=steps,
         horizon=exploration.horizon, sync_bytes=size, sync_gb_per_s=round(sync_gbps, 4),
         plain_put_get_gb_per_s=round(plain_gbps, 4),
-        sync_ratio=round(sync_gbps / plain_gbps, 3), sync_s=round(min(sync_s), 4),
+        sync_ratio=round(sync_gbps / plain_gbps, 3), sync_s=round(min(sync_s), 4), sampling=sampling,
     )
+
+
+def exploration_sampling(policy: Any, exploration: Any, batch: int, cameras: tuple[str, ...]) -> dict[str, float]:
+    """ms per decision for `batch` envs: ExplorationPolicy.sample_decision on the batch (the rollouts' way)
+    against one call per env with that env's stream; median of SAMPLING_REPEATS after a warm-up."""
+    import torch
+
+    from vla_dist.bench.decode import random_policy_inputs
+    from vla_dist.models.policy import PolicyInputs
+    from vla_dist.rl.rollout import ExplorationPolicy
+
+    inputs = random_policy_inputs(policy, batch)
+    task_ids, seeds = torch.zeros(batch, dtype=torch.long), list(range(batch))
+    batched = ExplorationPolicy(policy, exploration, 0, cameras)
+    alone = [ExplorationPolicy(policy, exploration, 0, cameras) for _ in range(batch)]
+    for row, single in enumerate(alone):
+        single.reset(task_ids[:1], inputs.instructions[row : row + 1], seeds[row : row + 1])
+    batched.reset(task_ids, inputs.instructions, seeds)
+    rows = [PolicyInputs(inputs.images[r : r + 1], inputs.state[r : r + 1], inputs.instructions[r : r + 1])
+            for r in range(batch)]
+
+    def one_batch() -> None:
+        batched.sample_decision(inputs)
+
+    def one_by_one() -> None:
+        for single, row in zip(alone, rows, strict=True):
+            single.sample_decision(row)
+
+    ms = {name: _median_ms(fn) for name, fn in (("batched", one_batch), ("one_env_at_a_time", one_by_one))}
+    return {"envs": batch, "batched_ms": ms["batched"], "one_env_at_a_time_ms": ms["one_env_at_a_time"],
+            "speedup": round(ms["one_env_at_a_time"] / ms["batched"], 3)}
+
+
+def _median_ms(fn: Any) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(SAMPLING_REPEATS):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return round(1000 * statistics.median(times), 2)

@@ -93,7 +93,7 @@ class ExplorationPolicy:
         if self.step % horizon == 0:
             images = torch.from_numpy(np.stack([obs.images[cam] for cam in self.cameras], axis=1))
             inputs = PolicyInputs(images=images, state=obs.proprio.to(torch.float32), instructions=self.instructions)
-            chunk, log_prob, record = self._sample(inputs)
+            chunk, log_prob, record = self.sample_decision(inputs)
             self.images.append(images)
             self.states.append(inputs.state)
             self.log_probs.append(log_prob)
@@ -111,7 +111,7 @@ class ExplorationPolicy:
         self.step += 1
         return action
 
-    def _sample(self, inputs: PolicyInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | SDESample]:
+    def sample_decision(self, inputs: PolicyInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | SDESample]:
         """(raw actions [B, chunk, A], log_prob [B], the sampler's record), one stream per env: a row's
         sample does not depend on the envs beside it."""
         model, exploration = self.model, self.exploration
