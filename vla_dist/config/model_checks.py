@@ -123,7 +123,7 @@ MODEL_CHECKS: list[Check] = [
     one_of("model.dtype", MODEL_DTYPES),
     at_least("eval.episodes", 1),
     one_of("eval.policy", ("model", "expert")),
-    one_of("eval.seeds", ("heldout", "collection")),
+    one_of("eval.seeds", ("heldout", "collection", "rl")),
     at_least("eval.action_horizon", 0),
     at_least("eval.temporal_ensemble", 0.0),
     at_least("eval.noise_level", 0.0),

@@ -54,6 +54,9 @@ def _rl_sampling(cfg: RunConfig) -> None:
     if not inputs or len(set(inputs)) != len(inputs) or not set(inputs) <= set(VALUE_INPUTS):
         raise ConfigError("rl.value_inputs", f"a non-empty list of distinct names from {list(VALUE_INPUTS)}, "
                           f"got {inputs}")
+    if cfg.eval.seeds == "rl" and not rl.layouts:
+        raise ConfigError("eval.seeds", "eval.seeds=rl scores the pool of layouts an RL run practised: give its "
+                          "rl.layouts (> 0), the run's own")
     steps = cfg.model.num_inference_steps
     if cfg.model.family == "pi0" and rl.sde_step and not 1 <= rl.sde_step < steps:
         raise ConfigError("rl.sde_step", f"must lie in 1..model.num_inference_steps-1 = 1..{steps - 1} "
@@ -64,6 +67,7 @@ RL_CHECKS: list[Check] = [
     at_least("rl.iterations", 1),
     one_of("rl.algorithm", ("ppo", "grpo")),
     at_least("rl.episodes_per_iteration", 1),
+    at_least("rl.layouts", 0),
     at_least("rl.group_size", 1),
     at_least("rl.horizon", 0),
     at_least("rl.sde_step", 0),

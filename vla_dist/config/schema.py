@@ -160,6 +160,8 @@ class EvalSection:
     # "heldout": layouts never collected (a seed stream disjoint from collection's); "collection": the
     # layouts `vla-dist collect` draws under the same run.seed and task.name (episode i = collected
     # episode i): scores a policy on its own training layouts, e.g. to check it can replay what it learned
+    # "rl": the pool of rl.layouts layouts an RL run with the same run.seed practised (episode i = layout
+    # i mod rl.layouts)
     seeds: str = "heldout"
     # A dataset directory (shards + manifest.json) of held-out episodes: score the policy without a
     # simulator (data from a real robot) by the error of its predicted chunks against the recorded
@@ -247,6 +249,11 @@ class RLSection:
     iterations: int = 2  # rollout -> update -> weight sync rounds (total, counting those before a resume)
     algorithm: str = "ppo"  # "ppo" (clipped ratio, GAE, value head on the policy's features) or "grpo"
     episodes_per_iteration: int = 8  # rollouts per iteration (GRPO: groups of group_size on one seed)
+    # > 0: the rollouts practise a fixed pool of this many layouts, cycled in order across iterations
+    # (layout j is rl_seed(run.seed, 0, j) with task j mod tasks); `vla-dist eval` with eval.seeds=rl scores
+    # a policy on the same pool: does RL learn what it practises (before asking it to generalize)?
+    # 0: every rollout group a fresh layout
+    layouts: int = 0
     group_size: int = 4  # GRPO: rollouts of the same layout whose returns are compared
     horizon: int = 0  # control steps each sampled chunk is executed for (one PPO decision); 0: the whole chunk
     noise_level: float = 0.5  # pi0 Flow-SDE: exploration noise scale of the stochastic denoising step

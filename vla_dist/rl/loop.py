@@ -30,7 +30,7 @@ from vla_dist.errors import ConfigError
 from vla_dist.models.files import is_foundation_dir
 from vla_dist.rl.rollout import Exploration, exploration_from
 from vla_dist.rl.trajectories import Trajectories, join_rollouts
-from vla_dist.rollout.episodes import rl_seed, selected_tasks
+from vla_dist.rollout.episodes import practice_layout, rl_seed, selected_tasks
 from vla_dist.rollout.evaluate import eval_requests, run_requests, success_summary, wilson_interval
 from vla_dist.rollout.runner import EpisodeRequest
 from vla_dist.train.metrics import MetricsLog, read_metrics
@@ -41,14 +41,17 @@ RESUME_HINT = "run the same command again (rl.resume=auto) to continue from it"
 
 def rollout_requests(cfg: RunConfig, iteration: int) -> tuple[list[EpisodeRequest], list[int]]:
     """(requests, group of each): rl.episodes_per_iteration episodes; under GRPO groups of
-    rl.group_size share a layout (PPO: a group per episode). Tasks rotate over groups."""
+    rl.group_size share a layout (PPO: a group per episode). Tasks rotate over groups; with rl.layouts
+    the groups cycle that fixed pool (`practice_layout`), each layout keeping its task."""
     rl, tasks = cfg.rl, selected_tasks(cfg.task.name)
     size = rl.group_size if rl.algorithm == "grpo" else 1
     requests, groups = [], []
     for index in range(rl.episodes_per_iteration):
         group = index // size
-        requests.append(EpisodeRequest(index, tasks[group % len(tasks)], rl_seed(cfg.run.seed, iteration, group),
-                                        paraphrases=tuple(cfg.task.paraphrases)))
+        slot, seed = group, rl_seed(cfg.run.seed, iteration, group)
+        if rl.layouts:
+            slot, seed = practice_layout(cfg.run.seed, iteration, group, rl.episodes_per_iteration // size, rl.layouts)
+        requests.append(EpisodeRequest(index, tasks[slot % len(tasks)], seed, paraphrases=tuple(cfg.task.paraphrases)))
         groups.append(group)
     return requests, groups
 
@@ -209,8 +212,9 @@ def _eval_due(cfg: RunConfig, iteration: int, first: int) -> bool:
 
 
 def _evaluate(cfg: RunConfig, pool: Any, iteration: int, metrics: MetricsLog) -> dict[str, Any]:
-    """Held-out greedy evaluation of the actors' current weights (eval.* decoding settings), on the
-    layouts `vla-dist eval` uses under the same run.seed: disjoint from the rollouts' (stream 2)."""
+    """Greedy evaluation of the actors' current weights (eval.* decoding settings), on the layouts
+    `vla-dist eval` uses under the same run.seed: held out, disjoint from the rollouts' (stream 2), or
+    with eval.seeds=rl the pool the rollouts practise (rl.layouts)."""
     tasks, requests = eval_requests(cfg, cfg.rl.eval_episodes or cfg.eval.episodes)
     started = time.perf_counter()
     tally, _ = run_requests(pool, requests, cfg.collect.envs_per_actor)

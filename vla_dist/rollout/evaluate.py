@@ -24,7 +24,7 @@ from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 from vla_dist.models.files import PretrainedError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
-from vla_dist.rollout.episodes import episode_seed, eval_seed, selected_tasks
+from vla_dist.rollout.episodes import episode_seed, eval_seed, rl_seed, selected_tasks
 from vla_dist.rollout.output import write_videos
 from vla_dist.rollout.policies import PolicySource, model_source, simulator_mismatch_of
 from vla_dist.rollout.runner import EpisodeRequest
@@ -108,11 +108,16 @@ def closest_goal_cm(outcomes: list[EpisodeOutcome]) -> dict[str, float] | None:
 def eval_requests(cfg: RunConfig, episodes_per_task: int) -> tuple[list[str], list[EpisodeRequest]]:
     """(tasks, requests): the same seeds for the same run.seed, so evals of one run score the same layouts.
     Episode i runs tasks[i % len(tasks)] on a held-out layout, or (eval.seeds="collection") on the layout
-    collection episode i had: the task rotation and seed of `vla-dist collect` under the same run.seed."""
+    collection episode i had: the task rotation and seed of `vla-dist collect` under the same run.seed,
+    or (eval.seeds="rl") on layout i mod rl.layouts of the pool an RL run practised, with its task."""
     tasks = selected_tasks(cfg.task.name)
     total = episodes_per_task * len(tasks)
-    seed_of = episode_seed if cfg.eval.seeds == "collection" else eval_seed
     paraphrases = tuple(cfg.task.paraphrases)
+    if cfg.eval.seeds == "rl":
+        pool = cfg.rl.layouts
+        return tasks, [EpisodeRequest(i, tasks[(i % pool) % len(tasks)], rl_seed(cfg.run.seed, 0, i % pool),
+                                      paraphrases=paraphrases) for i in range(total)]
+    seed_of = episode_seed if cfg.eval.seeds == "collection" else eval_seed
     return tasks, [EpisodeRequest(i, tasks[i % len(tasks)], seed_of(cfg.run.seed, i), paraphrases=paraphrases)
                    for i in range(total)]
 

@@ -1,0 +1,57 @@
+"""rl.layouts: RL practising a fixed pool of layouts, and eval.seeds=rl scoring a policy on that pool.
+The check before asking RL to generalize is whether it learns what it practises; these tests pin the
+mechanism: which layouts the rollouts get, and that the evaluation plays exactly those."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from vla_dist.config.load import load_config
+from vla_dist.config.validate import validate
+from vla_dist.errors import ConfigError
+from vla_dist.rl.loop import rollout_requests
+from vla_dist.rollout.evaluate import eval_requests
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return validate(load_config(None, [f"run.dir={tmp_path}", "run.seed=3", *overrides]))
+
+
+def test_rollouts_cycle_the_pool_and_each_layout_keeps_its_task(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "task.name=all", "rl.layouts=6", "rl.episodes_per_iteration=4")
+    drawn = [(r.task, r.seed) for iteration in range(1, 7) for r in rollout_requests(cfg, iteration)[0]]
+    pool = Counter(drawn)
+    assert len(pool) == 6 and set(pool.values()) == {4}  # 24 rollouts: every layout 4 times
+    assert len({seed for _, seed in pool}) == 6  # a layout is one (task, seed): never two tasks
+    assert len({task for task, _ in pool}) == 3
+    # the evaluation of the pool plays exactly those (task, layout) pairs, each once
+    tasks, requests = eval_requests(_cfg(tmp_path, "task.name=all", "rl.layouts=6", "eval.seeds=rl",
+                                         "eval.episodes=2"), 2)
+    assert tasks == ["pick_cube", "push_cube", "stack_cube"]
+    assert Counter((r.task, r.seed) for r in requests) == Counter(dict.fromkeys(pool, 1))
+    # without a pool every rollout group gets a fresh layout, none of the pool's, none twice
+    fresh = _cfg(tmp_path, "task.name=all", "rl.episodes_per_iteration=4")
+    seeds = [r.seed for iteration in range(1, 7) for r in rollout_requests(fresh, iteration)[0]]
+    assert len(set(seeds)) == len(seeds) == 24 and not set(seeds) & {seed for _, seed in pool}
+
+
+def test_grpo_groups_share_a_pool_layout(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "task.name=pick_cube", "rl.layouts=3", "rl.algorithm=grpo", "rl.group_size=2",
+               "rl.episodes_per_iteration=4")
+    first, groups = rollout_requests(cfg, 1)
+    second, _ = rollout_requests(cfg, 2)
+    assert groups == [0, 0, 1, 1] and first[0].seed == first[1].seed != first[2].seed == first[3].seed
+    assert second[0].seed == second[1].seed and second[2].seed == first[0].seed  # layouts 2, then 0 again
+    assert len({r.seed for r in (*first, *second)}) == 3
+
+
+def test_scoring_the_pool_needs_the_pool(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="eval.seeds"):
+        _cfg(tmp_path, "eval.seeds=rl")
+    with pytest.raises(ConfigError, match="rl.layouts"):
+        _cfg(tmp_path, "rl.layouts=-1")
+    with pytest.raises(ConfigError, match="eval.seeds"):
+        _cfg(tmp_path, "eval.seeds=practice")
