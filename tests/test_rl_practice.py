@@ -22,7 +22,7 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 def test_rollouts_cycle_the_pool_and_each_layout_keeps_its_task(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "task.name=all", "rl.layouts=6", "rl.episodes_per_iteration=4")
-    drawn = [(r.task, r.seed) for iteration in range(1, 7) for r in rollout_requests(cfg, iteration)[0]]
+    drawn = [(r.task, r.seed) for iteration in range(6) for r in rollout_requests(cfg, iteration)[0]]
     pool = Counter(drawn)
     assert len(pool) == 6 and set(pool.values()) == {4}  # 24 rollouts: every layout 4 times
     assert len({seed for _, seed in pool}) == 6  # a layout is one (task, seed): never two tasks
@@ -32,17 +32,22 @@ def test_rollouts_cycle_the_pool_and_each_layout_keeps_its_task(tmp_path: Path) 
                                          "eval.episodes=2"), 2)
     assert tasks == ["pick_cube", "push_cube", "stack_cube"]
     assert Counter((r.task, r.seed) for r in requests) == Counter(dict.fromkeys(pool, 1))
-    # without a pool every rollout group gets a fresh layout, none of the pool's, none twice
+    # without a pool every rollout group gets a fresh layout, none twice; the pool is the first
+    # iteration's fresh layouts kept (with 4 groups an iteration: its 4, then 2 that iteration 0 of a
+    # run with 6 groups would draw), and no later iteration's
     fresh = _cfg(tmp_path, "task.name=all", "rl.episodes_per_iteration=4")
-    seeds = [r.seed for iteration in range(1, 7) for r in rollout_requests(fresh, iteration)[0]]
-    assert len(set(seeds)) == len(seeds) == 24 and not set(seeds) & {seed for _, seed in pool}
+    seeds = [r.seed for iteration in range(6) for r in rollout_requests(fresh, iteration)[0]]
+    assert len(set(seeds)) == len(seeds) == 24
+    assert set(seeds[:4]) < {seed for _, seed in pool} and not set(seeds[4:]) & {seed for _, seed in pool}
+    wide = _cfg(tmp_path, "task.name=all", "rl.episodes_per_iteration=6")
+    assert set(pool) == {(r.task, r.seed) for r in rollout_requests(wide, 0)[0]}
 
 
 def test_grpo_groups_share_a_pool_layout(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "task.name=pick_cube", "rl.layouts=3", "rl.algorithm=grpo", "rl.group_size=2",
                "rl.episodes_per_iteration=4")
-    first, groups = rollout_requests(cfg, 1)
-    second, _ = rollout_requests(cfg, 2)
+    first, groups = rollout_requests(cfg, 0)  # the RL loop counts iterations from 0
+    second, _ = rollout_requests(cfg, 1)
     assert groups == [0, 0, 1, 1] and first[0].seed == first[1].seed != first[2].seed == first[3].seed
     assert second[0].seed == second[1].seed and second[2].seed == first[0].seed  # layouts 2, then 0 again
     assert len({r.seed for r in (*first, *second)}) == 3

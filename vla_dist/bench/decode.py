@@ -153,7 +153,7 @@ def bench_decode(families: list[DecodeFamily], batch_sizes: tuple[int, ...], pri
             row["max_abs_diff"] = float((compiled_out.float() - reference.float()).abs().max())
             paths = {"hf_eager": family.hf_eager, **decoders}
             for path, fn in paths.items():
-                seconds = _time_call(fn, inputs)
+                seconds = time_call(fn, inputs)
                 row[path] = {
                     "ms_per_chunk": round(1000 * seconds, 3),
                     "actions_per_s": round(batch * family.chunk_size / seconds, 1),
@@ -288,7 +288,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _time_call(fn: Callable[[Inputs], Any], inputs: Inputs) -> float:
+def time_call(fn: Callable[[Inputs], Any], inputs: Inputs) -> float:
     """Median seconds per call over at least MIN_REPEATS calls and MIN_SECONDS (after one warm-up)."""
     fn(inputs)
     _sync()

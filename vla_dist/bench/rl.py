@@ -16,16 +16,17 @@ weights). Collect.* sizes the pool; rl.* sets the exploration.
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vla_dist.bench.common import bench_report
 from vla_dist.config.schema import RunConfig
 
+if TYPE_CHECKING:
+    from vla_dist.rl.rollout import Exploration
+
 SYNC_REPEATS = 3
-SAMPLING_REPEATS = 5
 
 
 class _Receiver:
@@ -62,7 +63,8 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
     try:
         from vla_dist.models import load_policy
 
-        weights = {name: p.detach().clone() for name, p in load_policy(path).named_parameters()}
+        policy = load_policy(path)  # the sync's bytes here, the sampling figure below
+        weights = {name: p.detach().clone() for name, p in policy.named_parameters()}
         size = sum(t.numel() * t.element_size() for t in weights.values())
         ray.get([a.set_weights.remote(0, weights) for a in actors])  # warm: loads the model, first sync
         sync_s, plain_s = [], []
@@ -94,7 +96,7 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
     finally:
         for actor in (*actors, *receivers):
             ray.kill(actor, no_restart=True)
-    sampling = exploration_sampling(load_policy(path), exploration, c.envs_per_actor, tuple(cfg.task.cameras))
+    sampling = exploration_sampling(policy, exploration, c.envs_per_actor, tuple(cfg.task.cameras))
     sync_gbps, plain_gbps = size / min(sync_s) / 1e9, size / min(plain_s) / 1e9
     return bench_report(
         "rl", round(policy_rate, 2), "env_steps/s (policy rollouts with exploration)", round(expert_rate, 2),
@@ -106,12 +108,13 @@ def run_rl_bench(cfg: RunConfig) -> dict[str, object]:
     )
 
 
-def exploration_sampling(policy: Any, exploration: Any, batch: int, cameras: tuple[str, ...]) -> dict[str, float]:
+def exploration_sampling(policy: Any, exploration: Exploration, batch: int,
+                         cameras: tuple[str, ...]) -> dict[str, float]:
     """ms per decision for `batch` envs: ExplorationPolicy.sample_decision on the batch (the rollouts' way)
-    against one call per env with that env's stream; median of SAMPLING_REPEATS after a warm-up."""
+    against one call per env with that env's stream; bench.decode's timing (median after a warm-up)."""
     import torch
 
-    from vla_dist.bench.decode import random_policy_inputs
+    from vla_dist.bench.decode import random_policy_inputs, time_call
     from vla_dist.models.policy import PolicyInputs
     from vla_dist.rl.rollout import ExplorationPolicy
 
@@ -132,16 +135,7 @@ def exploration_sampling(policy: Any, exploration: Any, batch: int, cameras: tup
         for single, row in zip(alone, rows, strict=True):
             single.sample_decision(row)
 
-    ms = {name: _median_ms(fn) for name, fn in (("batched", one_batch), ("one_env_at_a_time", one_by_one))}
+    ms = {name: round(1000 * time_call(lambda _, fn=fn: fn(), {}), 2)
+          for name, fn in (("batched", one_batch), ("one_env_at_a_time", one_by_one))}
     return {"envs": batch, "batched_ms": ms["batched"], "one_env_at_a_time_ms": ms["one_env_at_a_time"],
             "speedup": round(ms["one_env_at_a_time"] / ms["batched"], 3)}
-
-
-def _median_ms(fn: Any) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(SAMPLING_REPEATS):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return round(1000 * statistics.median(times), 2)

@@ -250,7 +250,7 @@ class RLSection:
     algorithm: str = "ppo"  # "ppo" (clipped ratio, GAE, value head on the policy's features) or "grpo"
     episodes_per_iteration: int = 8  # rollouts per iteration (GRPO: groups of group_size on one seed)
     # > 0: the rollouts practise a fixed pool of this many layouts, cycled in order across iterations
-    # (layout j is rl_seed(run.seed, 0, j) with task j mod tasks); `vla-dist eval` with eval.seeds=rl scores
+    # (layout j: the first iteration's fresh layout j, with task j mod tasks); `vla-dist eval` with eval.seeds=rl scores
     # a policy on the same pool: does RL learn what it practises (before asking it to generalize)?
     # 0: every rollout group a fresh layout
     layouts: int = 0

@@ -39,12 +39,18 @@ def rl_seed(run_seed: int, iteration: int, index: int) -> int:
     return int(np.random.SeedSequence([run_seed, iteration, index, RL_SEED_STREAM]).generate_state(1)[0])
 
 
+def practice_seed(run_seed: int, j: int) -> int:
+    """Layout seed of layout j of RL's practice pool (rl.layouts): the layout fresh RL rollouts would give
+    group j of the first iteration (iteration 0), so the pool is a run's first layouts, kept."""
+    return rl_seed(run_seed, 0, j)
+
+
 def practice_layout(run_seed: int, iteration: int, group: int, groups: int, layouts: int) -> tuple[int, int]:
-    """(pool index j, layout seed) of RL rollout group `group` of `iteration` (of `groups` per iteration)
-    when rl.layouts = `layouts` > 0: the pool's layouts taken in order, continuing across iterations,
-    so every layout is practised equally often."""
-    j = ((iteration - 1) * groups + group) % layouts
-    return j, rl_seed(run_seed, 0, j)
+    """(pool index j, layout seed) of RL rollout group `group` of `iteration` (from 0, as the RL loop
+    counts; `groups` per iteration) when rl.layouts = `layouts` > 0: the pool's layouts taken in order,
+    continuing across iterations, so every layout is practised equally often."""
+    j = (iteration * groups + group) % layouts
+    return j, practice_seed(run_seed, j)
 
 
 DAGGER_SEED_STREAM = 3  # DAgger's rollouts (vla_dist/dagger.py): apart from demonstrations, held-out evals and RL

@@ -24,7 +24,7 @@ from vla_dist.config.schema import RunConfig
 from vla_dist.errors import ConfigError
 from vla_dist.models.files import PretrainedError
 from vla_dist.rollout.actor import ChunkResult, EpisodeOutcome
-from vla_dist.rollout.episodes import episode_seed, eval_seed, rl_seed, selected_tasks
+from vla_dist.rollout.episodes import episode_seed, eval_seed, practice_seed, selected_tasks
 from vla_dist.rollout.output import write_videos
 from vla_dist.rollout.policies import PolicySource, model_source, simulator_mismatch_of
 from vla_dist.rollout.runner import EpisodeRequest
@@ -113,10 +113,10 @@ def eval_requests(cfg: RunConfig, episodes_per_task: int) -> tuple[list[str], li
     tasks = selected_tasks(cfg.task.name)
     total = episodes_per_task * len(tasks)
     paraphrases = tuple(cfg.task.paraphrases)
-    if cfg.eval.seeds == "rl":
-        pool = cfg.rl.layouts
-        return tasks, [EpisodeRequest(i, tasks[(i % pool) % len(tasks)], rl_seed(cfg.run.seed, 0, i % pool),
-                                      paraphrases=paraphrases) for i in range(total)]
+    if cfg.eval.seeds == "rl":  # layout j = i mod rl.layouts of the pool, with the task it is practised on
+        slots = [i % cfg.rl.layouts for i in range(total)]
+        return tasks, [EpisodeRequest(i, tasks[j % len(tasks)], practice_seed(cfg.run.seed, j), paraphrases=paraphrases)
+                       for i, j in enumerate(slots)]
     seed_of = episode_seed if cfg.eval.seeds == "collection" else eval_seed
     return tasks, [EpisodeRequest(i, tasks[i % len(tasks)], seed_of(cfg.run.seed, i), paraphrases=paraphrases)
                    for i in range(total)]
