@@ -13,6 +13,11 @@ states and asks the expert. Each of dagger.rounds rounds:
                                       (`vla-dist train model.pretrained=...`)
     round_R/policy                    its export: the next round's policy; run.dir/policy is the last
 
+With dagger.labels=own the expert labels nothing: a round keeps the policy's own executed actions in
+its successful rollouts (self-imitation, as rejection-sampling fine-tuning does for language models:
+the reward filters the policy's own behaviour and the flow-matching or token loss imitates what
+passed), the same rollouts and steps as DAgger at no expert cost.
+
 The rollouts are the round's policy on layouts it never trained on, so their success (report.json,
 dagger.png) is the learning curve, measured at no extra simulation. A finished round is kept; a
 stopped one resumes (complete labels are reused, training resumes from its checkpoint).
@@ -59,9 +64,11 @@ def run_dagger(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
         collect_cfg = _round_config(cfg, here / "collect", here / "labels")
         collect_cfg.collect.episodes = d.episodes_per_round
         collect_cfg.collect.relabel_policy = str(policy)
+        collect_cfg.collect.labels = d.labels
         labels = _reused_labels(collect_cfg)
         if labels is None:
-            log(f"round {number}/{d.rounds}: {d.episodes_per_round} rollouts of {policy}, labelled by the expert")
+            labelled_by = "labelled by the expert" if d.labels == "expert" else "its successes kept as they ran"
+            log(f"round {number}/{d.rounds}: {d.episodes_per_round} rollouts of {policy}, {labelled_by}")
             collect_cfg.collect.overwrite = True  # an interrupted round's partial labels are redone
             labels = run_collect(collect_cfg, seed_of=partial(dagger_seed, cfg.run.seed, number),
                                  id_prefix=f"dagger{number}-")  # ids apart from the demonstrations' in the aggregate
@@ -80,7 +87,8 @@ def run_dagger(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
         episodes = int(labels["attempts"])
         rounds.append({
             "round": number, "rollouts": episodes, "successes": successes, "success_rate": successes / episodes,
-            "labelled_frames": int(labels["frames_written"]), "aggregate_episodes": int(aggregate["episodes"]),
+            "labelled_frames": int(labels["frames_written"]), "episodes_added": int(labels["episodes_written"]),
+            "aggregate_episodes": int(aggregate["episodes"]),
             "train_steps": int(trained["steps"]),
             "train_samples": int(trained["steps"]) * int(trained["global_batch_size"]),
             "wall_s": round(time.perf_counter() - round_started, 1),
@@ -117,7 +125,9 @@ def _reused_labels(cfg: RunConfig) -> dict[str, Any] | None:
     manifest = existing_dataset(cfg)
     if manifest is None or not report_path.is_file():
         return None
-    if (manifest.get("extra") or {}).get("relabel_policy") != cfg.collect.relabel_policy:
+    extra = manifest.get("extra") or {}
+    if (extra.get("relabel_policy"), extra.get("labels") or "expert") != (cfg.collect.relabel_policy,
+                                                                        cfg.collect.labels):
         return None
     return json.loads(report_path.read_text(encoding="utf-8"))
 
@@ -143,7 +153,8 @@ def _report(cfg: RunConfig, rounds: list[dict[str, Any]], stopped_by: str | None
     for row in rounds:
         row["ci95"] = list(wilson_interval(row["successes"], row["rollouts"]))
     report = {
-        "command": "dagger", "rounds": rounds, "last_round": rounds[-1]["round"] if rounds else 0,
+        "command": "dagger", "labels": cfg.dagger.labels, "rounds": rounds,
+        "last_round": rounds[-1]["round"] if rounds else 0,
         "rounds_asked": cfg.dagger.rounds, "start_policy": cfg.model.pretrained,
         "policy": str(root / POLICY) if len(rounds) == cfg.dagger.rounds else None,
         "rollout_episodes": sum(r["rollouts"] for r in rounds),
@@ -154,11 +165,11 @@ def _report(cfg: RunConfig, rounds: list[dict[str, Any]], stopped_by: str | None
         "plot": str(root / "dagger.png"),
     }
     atomic.write_text(root / "report.json", json.dumps(report, indent=2) + "\n")
-    _plot(rounds, root / "dagger.png")
+    _plot(rounds, root / "dagger.png", "DAgger" if cfg.dagger.labels == "expert" else "Self-imitation")
     return report
 
 
-def _plot(rounds: list[dict[str, Any]], path: Path) -> None:
+def _plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
     """The rollouts' success per round (the policy each round starts with), with 95% intervals."""
     import matplotlib
 
@@ -175,7 +186,7 @@ def _plot(rounds: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("rollout success (%)")
     ax.set_ylim(0, 100)
     ax.set_xticks(xs)
-    ax.set_title("DAgger: success of each round's rollouts, 95% Wilson")
+    ax.set_title(f"{title}: success of each round's rollouts, 95% Wilson")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

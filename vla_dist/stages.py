@@ -209,10 +209,12 @@ def _check_collected_alike(manifest: dict[str, Any], cfg: RunConfig) -> None:
     recorded = {"task.paraphrases": list(extra.get("paraphrases") or []),
                 "collect.action_noise": float(extra.get("action_noise") or 0.0),
                 "collect.relabel_policy": extra.get("relabel_policy"),
+                "collect.labels": extra.get("labels") or "expert",
                 "sim.action_space": action_space_type(manifest["action_space"]) if "action_space" in manifest
                 else "ee_delta_pose"}
     wanted = {"task.paraphrases": list(cfg.task.paraphrases), "collect.action_noise": float(cfg.collect.action_noise),
-              "collect.relabel_policy": cfg.collect.relabel_policy, "sim.action_space": cfg.sim.action_space}
+              "collect.relabel_policy": cfg.collect.relabel_policy, "collect.labels": cfg.collect.labels,
+              "sim.action_space": cfg.sim.action_space}
     # keys a dataset's manifest lacks (recorded before they existed) are the defaults it was collected with
     seen = {**Appearance().to_dict(), **(extra.get("appearance") or {})}
     for name, value in appearance_of(cfg.sim, cfg.collect.camera_jitter, cfg.collect.light_jitter).to_dict().items():

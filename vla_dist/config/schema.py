@@ -78,9 +78,13 @@ class CollectSection:
     # lighting randomization, per batch of envs: light intensity and ambient level scaled by U[1-j, 1+j],
     # the light turned about the vertical by up to j x 180 degrees (vla_dist/sim/appearance.py); 0: fixed
     light_jitter: float = 0.0
-    # DAgger: a saved policy (an export) drives the arm and the scripted expert labels every state it
-    # reaches; every episode is written, success or not (vla_dist/rollout/collect.py); null: the expert
+    # a saved policy (an export) drives the arm for collect.episodes rollouts (vla_dist/rollout/collect.py);
+    # null: the scripted expert collects demonstrations
     relabel_policy: str | None = None
+    # with relabel_policy, what its episodes record: "expert" (DAgger: the scripted expert's label of every
+    # state the policy reaches, every rollout written) or "own" (self-imitation: the policy's own executed
+    # actions, its successful rollouts only)
+    labels: str = "expert"
     num_videos: int = 3  # episodes written as mp4 under run.dir/videos/
     cpus_per_actor: float = 1.0  # Ray resources a sim actor reserves
     overwrite: bool = False  # allow collecting into a data.dir that already holds shards
@@ -304,8 +308,11 @@ class DaggerSection:
     scripted expert, aggregated with data.dir's demonstrations, and training continued on them."""
 
     rounds: int = 3
-    episodes_per_round: int = 32  # rollouts of the current policy per round, every one labelled and kept
+    episodes_per_round: int = 32  # rollouts of the current policy per round (expert labels: each labelled and kept)
     train_steps: int = 500  # optimizer steps per round on the aggregate (train.* as for `vla-dist train`)
+    # what a round's rollouts add to the aggregate (collect.labels): "expert" (DAgger: the expert's labels of
+    # every rollout's states) or "own" (self-imitation, no expert: the policy's own actions in its successes)
+    labels: str = "expert"
 
 
 @dataclass

@@ -105,6 +105,13 @@ def _action_noise_space(cfg: RunConfig) -> None:
                           f"sim.action_space={cfg.sim.action_space} set it to 0")
 
 
+def _own_labels_need_a_policy(cfg: RunConfig) -> None:
+    # the expert's demonstrations are its own actions already; "own" names a policy's rollouts
+    if cfg.collect.labels == "own" and cfg.collect.relabel_policy is None:
+        raise ConfigError("collect.labels", "'own' records a saved policy's own actions: set "
+                          "collect.relabel_policy to that policy (null collects the expert's demonstrations)")
+
+
 def _control_period_fits_dt(cfg: RunConfig) -> None:
     # One action is held for a whole number of physics steps; anything else drifts the control clock.
     period = 1.0 / cfg.task.control_hz
@@ -155,6 +162,8 @@ CHECKS: list[Check] = [
     in_range("collect.camera_jitter", 0, 0.1),
     in_range("collect.light_jitter", 0, 0.9),
     _action_noise_space,
+    one_of("collect.labels", ("expert", "own")),
+    _own_labels_need_a_policy,
     greater_than("collect.cpus_per_actor", 0),
     # data
     output_dir("data.dir"),
@@ -180,6 +189,7 @@ CHECKS: list[Check] = [
     at_least("dagger.rounds", 1),
     at_least("dagger.episodes_per_round", 1),
     at_least("dagger.train_steps", 1),
+    one_of("dagger.labels", ("expert", "own")),
     # select
     one_of("select.score", ("loss", "disagreement", "random")),
     at_least("select.episodes", 1),

@@ -5,9 +5,11 @@ from run.seed and i). Chunks of consecutive episodes go to the actors; finished 
 in index order, so the dataset is the first `collect.episodes` successful episodes by index: exactly
 that many, none twice, and the same dataset for the same config whatever actor died on the way.
 
-With `collect.relabel_policy` (DAgger) a saved policy drives the arm and the scripted expert labels
-every state it reaches: the episodes record the expert's actions on the policy's states, and every
-episode is written, success or not (a failure's states are where the labels teach most).
+With `collect.relabel_policy` a saved policy drives the arm for `collect.episodes` rollouts (every one
+counts, success or not). `collect.labels=expert` (DAgger): the scripted expert labels every state it
+reaches, the episodes record the expert's actions on the policy's states, and every episode is written
+(a failure's states are where the labels teach most). `collect.labels=own` (self-imitation): the
+episodes record the policy's own executed actions, and only its successes are written.
 """
 
 from __future__ import annotations
@@ -46,12 +48,14 @@ class CollectionState:
 
     target: int
     keep_failures: bool
-    count_every: bool = False  # relabelled rollouts: every episode is written and counts toward the target
+    count_every: bool = False  # a policy's rollouts (collect.relabel_policy): every episode counts toward the target
+    write_every: bool = False  # ... and is written (collect.labels=expert); own labels write its successes only
     next_index: int = 0  # next episode index to hand out
     next_commit: int = 0  # first episode index not yet committed
     buffered: dict[int, list[EpisodeOutcome]] = field(default_factory=dict)  # chunk start -> outcomes
     inflight: int = 0  # episodes handed out and not yet returned
-    written: int = 0  # successful episodes written
+    counted: int = 0  # episodes counted toward the target (successes, or every rollout of a policy)
+    written: int = 0  # counted episodes written (successes, or every expert-labelled rollout)
     failures_written: int = 0
     attempts: Counter = field(default_factory=Counter)  # per task, committed episodes
     successes: Counter = field(default_factory=Counter)
@@ -61,9 +65,27 @@ class CollectionState:
     def counts(self, outcome: EpisodeOutcome) -> bool:
         return self.count_every or outcome.success
 
+    def admit(self, task: str, success: bool) -> str | None:
+        """Account one committed episode, in index order; how it is written: "counted" (toward the
+        target), "failure" (a failed demonstration kept by collect.keep_failures) or None (not written)."""
+        self.attempts[task] += 1
+        self.successes[task] += int(success)
+        if (self.count_every or success) and self.counted < self.target:
+            self.counted += 1
+            if not (success or self.write_every):
+                return None  # own labels: a failed rollout counts toward the rollouts and is not imitated
+            self.written += 1
+            self.written_tasks[task] += 1
+            return "counted"
+        if not success and self.keep_failures and not self.count_every:  # demonstrations only
+            self.failures_written += 1
+            self.written_tasks[task] += 1
+            return "failure"
+        return None
+
     def needed(self) -> int:
         buffered = sum(self.counts(o) for outcomes in self.buffered.values() for o in outcomes)
-        return self.target - self.written - buffered - self.inflight
+        return self.target - self.counted - buffered - self.inflight
 
 
 @dataclass
@@ -100,7 +122,8 @@ def run_collect(
     tasks = selected_tasks(cfg.task.name)
     c = cfg.collect
     max_attempts = int(c.episodes * c.max_attempts_factor)
-    state = CollectionState(target=c.episodes, keep_failures=c.keep_failures, count_every=source is not None)
+    state = CollectionState(target=c.episodes, keep_failures=c.keep_failures, count_every=source is not None,
+                            write_every=source is not None and source.relabel)
     action_stats, state_stats = StatsAccumulator(), StatsAccumulator()
     video_samples: list[dict[str, object]] = []
     frames_written = 0
@@ -134,21 +157,15 @@ def run_collect(
 
         def commit(outcome: EpisodeOutcome) -> None:
             nonlocal frames_written
-            state.attempts[outcome.task] += 1
-            state.successes[outcome.task] += int(outcome.success)
-            if state.counts(outcome) and state.written < state.target:
+            written_as = state.admit(outcome.task, outcome.success)
+            if written_as is not None:
                 writer.write(outcome.sample)
-                state.written += 1
-                state.written_tasks[outcome.task] += 1
+            if written_as == "counted":
                 frames_written += outcome.num_frames
                 action_stats.add(outcome.actions)
                 state_stats.add(outcome.state)
                 if len(video_samples) < cfg.collect.num_videos and _wants_video(video_samples, outcome, tasks):
                     video_samples.append(outcome.sample)
-            elif not outcome.success and state.keep_failures:
-                writer.write(outcome.sample)
-                state.failures_written += 1
-                state.written_tasks[outcome.task] += 1
 
         def on_result(chunk: list[EpisodeRequest], result: ChunkResult) -> None:
             nonlocal env_steps
@@ -159,18 +176,18 @@ def run_collect(
                 outcomes = state.buffered.pop(state.next_commit)
                 state.next_commit += len(outcomes)
                 for outcome in outcomes:
-                    if state.written >= state.target:
+                    if state.counted >= state.target:
                         state.surplus += 1
                     else:
                         commit(outcome)
             attempted = sum(state.attempts.values())
             elapsed = time.perf_counter() - collect_started
             progress.update(
-                bar, completed=state.written, rate=state.written / max(elapsed, 1e-9),
+                bar, completed=state.counted, rate=state.counted / max(elapsed, 1e-9),
                 success=sum(state.successes.values()) / max(attempted, 1),
             )
             if on_progress is not None:
-                on_progress(CollectProgress(pool.stats.chunks_done, state.written, state.target, pool.infos))
+                on_progress(CollectProgress(pool.stats.chunks_done, state.counted, state.target, pool.infos))
 
         try:
             stats = pool.run(next_chunk, on_result)
@@ -184,13 +201,16 @@ def run_collect(
 
     wall = time.perf_counter() - started
     collect_wall = time.perf_counter() - collect_started
-    if state.written < state.target:
+    if state.counted < state.target:
         _write_partial_manifest(cfg, data_dir, records, state)
         raise VlaDistError(
-            f"only {state.written} of {state.target} episodes succeeded within {max_attempts} attempts "
+            f"only {state.counted} of {state.target} episodes succeeded within {max_attempts} attempts "
             f"(collect.max_attempts_factor={c.max_attempts_factor}); kept in {data_dir}: {state.written} successful "
             f"and {state.failures_written} failed episodes, listed in manifest.partial.json"
         )
+    if state.written == 0:  # (own labels only: every other collection writes what it counts)
+        raise VlaDistError(f"none of the {state.counted} rollouts of {cfg.collect.relabel_policy} succeeded: "
+                           "collect.labels=own keeps successes only, and there is nothing to imitate")
     manifest_path = _write_manifest(cfg, data_dir, records, state, frames_written, action_stats, state_stats, tasks)
     videos = write_videos(run_dir / "videos", video_samples, cfg)
     attempted = sum(state.attempts.values())
@@ -203,6 +223,7 @@ def run_collect(
         "failures": attempted - succeeded,
         "success_rate": succeeded / max(attempted, 1),  # relabelled: the policy's, on these layouts
         "relabel_policy": cfg.collect.relabel_policy,
+        "labels": cfg.collect.labels if cfg.collect.relabel_policy else "expert",
         "per_task": {
             task: {
                 "attempts": state.attempts[task],
@@ -216,7 +237,7 @@ def run_collect(
         "env_steps": env_steps,
         "wall_seconds": round(wall, 2),
         "collect_seconds": round(collect_wall, 2),
-        "episodes_per_second": state.written / max(collect_wall, 1e-9),
+        "episodes_per_second": state.counted / max(collect_wall, 1e-9),
         "env_steps_per_second": env_steps / max(collect_wall, 1e-9),
         "shards": len(records),
         "dataset_bytes": sum(r.bytes for r in records),
@@ -236,7 +257,8 @@ def run_collect(
 
 def relabelling_source(cfg: RunConfig) -> PolicySource | None:
     """collect.relabel_policy as the actors' policy (run as `vla-dist eval` runs it: eval.action_horizon,
-    eval.temporal_ensemble), or None for the expert's own demonstrations."""
+    eval.temporal_ensemble), labelled by the expert or (collect.labels=own) recording its own actions; or
+    None for the expert's own demonstrations."""
     path = cfg.collect.relabel_policy
     if path is None:
         return None
@@ -249,7 +271,7 @@ def relabelling_source(cfg: RunConfig) -> PolicySource | None:
         raise ConfigError("collect.relabel_policy", str(error)) from None
     if why:
         raise ConfigError("collect.relabel_policy", f"{path} was trained on {why}: it cannot drive this simulator")
-    return model_source(cfg, path, relabel=True)
+    return model_source(cfg, path, relabel=cfg.collect.labels == "expert")
 
 
 def _wants_video(chosen: list[dict[str, object]], outcome: EpisodeOutcome, tasks: list[str]) -> bool:
@@ -285,9 +307,9 @@ def _write_manifest(
         fps=float(cfg.task.control_hz),
         extra={
             "complete": complete,
-            "successful_episodes": sum(state.successes.values()) if state.count_every else state.written,
+            "successful_episodes": sum(state.successes.values()) if state.write_every else state.written,
             "failed_episodes": state.failures_written,
-            "stats_over": "every episode" if state.count_every else "successful episodes",
+            "stats_over": "every episode" if state.write_every else "successful episodes",
             "run_seed": cfg.run.seed,
             # the physics the actions were recorded under: `vla-dist replay` refuses other settings
             "sim": {"dt": cfg.sim.dt, "substeps": cfg.sim.substeps, "backend": cfg.sim.backend,
@@ -297,9 +319,11 @@ def _write_manifest(
             # DART noise on the executed actions (the recorded ones are the expert's): replay re-applies it
             "action_noise": cfg.collect.action_noise,
             "paraphrases": list(cfg.task.paraphrases),  # the instruction phrasings drawn from ([]: all)
-            # DAgger: the policy that drove the arm; the recorded actions are the expert's labels of its
-            # states, not what executed (such a dataset cannot be replayed)
+            # a policy's rollouts: the policy that drove the arm, and whose actions the episodes record:
+            # "expert" (DAgger: the expert's labels of its states, not what executed; such a dataset cannot
+            # be replayed) or "own" (its executed actions, its successes only)
             "relabel_policy": cfg.collect.relabel_policy,
+            "labels": cfg.collect.labels if cfg.collect.relabel_policy else "expert",
             # every episode's object_pos.npy: what training's object head predicts (train.object_target)
             "object_pos": "red cube centre, m, world frame",
         },

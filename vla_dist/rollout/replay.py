@@ -85,8 +85,9 @@ def load_recorded(cfg: RunConfig) -> tuple[list[Episode], list[tuple[str, str]],
     except (ManifestError, FileNotFoundError, OSError) as error:
         raise ConfigError("data.dir", f"no readable dataset at {cfg.data.dir} ({error})") from None
     check_physics(cfg, manifest)
-    relabelled = (manifest.get("extra") or {}).get("relabel_policy")
-    if relabelled:
+    extra = manifest.get("extra") or {}
+    relabelled = extra.get("relabel_policy")
+    if relabelled and (extra.get("labels") or "expert") == "expert":
         raise ConfigError("data.dir", f"{cfg.data.dir} holds DAgger labels (the expert's actions on the states "
                           f"{relabelled} reached), not the actions that executed: it cannot be replayed")
     action_noise = float((manifest.get("extra") or {}).get("action_noise", 0.0))
