@@ -125,9 +125,10 @@ def _reused_labels(cfg: RunConfig) -> dict[str, Any] | None:
     manifest = existing_dataset(cfg)
     if manifest is None or not report_path.is_file():
         return None
-    extra = manifest.get("extra") or {}
-    if (extra.get("relabel_policy"), extra.get("labels") or "expert") != (cfg.collect.relabel_policy,
-                                                                        cfg.collect.labels):
+    from vla_dist.data.manifest import recorded_labels
+
+    recorded = ((manifest.get("extra") or {}).get("relabel_policy"), recorded_labels(manifest))
+    if recorded != (cfg.collect.relabel_policy, cfg.collect.labels):
         return None
     return json.loads(report_path.read_text(encoding="utf-8"))
 

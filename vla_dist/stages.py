@@ -202,6 +202,7 @@ def _check_collected_alike(manifest: dict[str, Any], cfg: RunConfig) -> None:
     """A reused dataset must have been collected the way this stage would collect it: a recipe that
     changes collection (instruction phrasings, DART noise, appearance, action space, tasks) sharing
     another's data.dir would otherwise train on data it did not ask for."""
+    from vla_dist.data.manifest import recorded_labels
     from vla_dist.sim.appearance import Appearance, appearance_of  # imports torch: not at module load
     from vla_dist.spaces import action_space_type
 
@@ -209,7 +210,7 @@ def _check_collected_alike(manifest: dict[str, Any], cfg: RunConfig) -> None:
     recorded = {"task.paraphrases": list(extra.get("paraphrases") or []),
                 "collect.action_noise": float(extra.get("action_noise") or 0.0),
                 "collect.relabel_policy": extra.get("relabel_policy"),
-                "collect.labels": extra.get("labels") or "expert",
+                "collect.labels": recorded_labels(manifest),
                 "sim.action_space": action_space_type(manifest["action_space"]) if "action_space" in manifest
                 else "ee_delta_pose"}
     wanted = {"task.paraphrases": list(cfg.task.paraphrases), "collect.action_noise": float(cfg.collect.action_noise),

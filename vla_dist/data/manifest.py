@@ -111,6 +111,13 @@ def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+def recorded_labels(manifest: Mapping[str, Any]) -> str:
+    """Whose actions a dataset records (collect.labels): "expert" (demonstrations, or DAgger's labels of a
+    policy's states; also every dataset written before the key existed) or "own" (a policy's executed
+    actions in its successful rollouts)."""
+    return str((manifest.get("extra") or {}).get("labels") or "expert")
+
+
 def _check_shard_record(record: object, where: str) -> None:
     # ValueError for wrong types too (TRY004 would want TypeError): this is malformed file content, and
     # read_manifest turns every ValueError into a ManifestError naming the file.

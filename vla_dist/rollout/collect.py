@@ -62,15 +62,16 @@ class CollectionState:
     written_tasks: Counter = field(default_factory=Counter)  # per task, episodes in the dataset (kept failures too)
     surplus: int = 0  # finished after the target was reached; dropped
 
-    def counts(self, outcome: EpisodeOutcome) -> bool:
-        return self.count_every or outcome.success
+    def counts(self, success: bool) -> bool:
+        """Whether an episode with this outcome counts toward the target."""
+        return self.count_every or success
 
     def admit(self, task: str, success: bool) -> str | None:
         """Account one committed episode, in index order; how it is written: "counted" (toward the
         target), "failure" (a failed demonstration kept by collect.keep_failures) or None (not written)."""
         self.attempts[task] += 1
         self.successes[task] += int(success)
-        if (self.count_every or success) and self.counted < self.target:
+        if self.counts(success) and self.counted < self.target:
             self.counted += 1
             if not (success or self.write_every):
                 return None  # own labels: a failed rollout counts toward the rollouts and is not imitated
@@ -84,7 +85,7 @@ class CollectionState:
         return None
 
     def needed(self) -> int:
-        buffered = sum(self.counts(o) for outcomes in self.buffered.values() for o in outcomes)
+        buffered = sum(self.counts(o.success) for outcomes in self.buffered.values() for o in outcomes)
         return self.target - self.counted - buffered - self.inflight
 
 
@@ -223,7 +224,7 @@ def run_collect(
         "failures": attempted - succeeded,
         "success_rate": succeeded / max(attempted, 1),  # relabelled: the policy's, on these layouts
         "relabel_policy": cfg.collect.relabel_policy,
-        "labels": cfg.collect.labels if cfg.collect.relabel_policy else "expert",
+        "labels": cfg.collect.labels,  # "expert" whenever the expert drives (validated)
         "per_task": {
             task: {
                 "attempts": state.attempts[task],
@@ -323,7 +324,7 @@ def _write_manifest(
             # "expert" (DAgger: the expert's labels of its states, not what executed; such a dataset cannot
             # be replayed) or "own" (its executed actions, its successes only)
             "relabel_policy": cfg.collect.relabel_policy,
-            "labels": cfg.collect.labels if cfg.collect.relabel_policy else "expert",
+            "labels": cfg.collect.labels,  # "expert" whenever the expert drives (validated)
             # every episode's object_pos.npy: what training's object head predicts (train.object_target)
             "object_pos": "red cube centre, m, world frame",
         },

@@ -77,7 +77,7 @@ def check_physics(cfg: RunConfig, manifest: Mapping[str, Any]) -> None:
 def load_recorded(cfg: RunConfig) -> tuple[list[Episode], list[tuple[str, str]], float]:
     """The episodes to replay (task.name: one task, or all), images not decoded; shard errors; the
     execution noise they were collected with (collect.action_noise, DART: replayed identically)."""
-    from vla_dist.data.manifest import ManifestError, read_manifest
+    from vla_dist.data.manifest import ManifestError, read_manifest, recorded_labels
     from vla_dist.data.reader import ShardErrors, iter_episodes
 
     try:
@@ -87,10 +87,10 @@ def load_recorded(cfg: RunConfig) -> tuple[list[Episode], list[tuple[str, str]],
     check_physics(cfg, manifest)
     extra = manifest.get("extra") or {}
     relabelled = extra.get("relabel_policy")
-    if relabelled and (extra.get("labels") or "expert") == "expert":
+    if relabelled and recorded_labels(manifest) == "expert":
         raise ConfigError("data.dir", f"{cfg.data.dir} holds DAgger labels (the expert's actions on the states "
                           f"{relabelled} reached), not the actions that executed: it cannot be replayed")
-    action_noise = float((manifest.get("extra") or {}).get("action_noise", 0.0))
+    action_noise = float(extra.get("action_noise", 0.0))
     errors = ShardErrors()
     tasks = selected_tasks(cfg.task.name)
     episodes = [ep for ep in iter_episodes(cfg.data.dir, decode_images=False, on_error=errors) if ep.task in tasks]
