@@ -151,6 +151,8 @@ def test_rl_config_errors_name_their_keys(tmp_path: Path) -> None:
         validate(load_config(None, [*base, "rl.algorithm=grpo", "rl.group_size=3", "rl.episodes_per_iteration=8"]))
     with pytest.raises(ConfigError, match="rl.sde_step"):
         validate(load_config(None, [*base, "rl.sde_step=10"]))
+    with pytest.raises(ConfigError, match="rl.sde_every_step"):
+        validate(load_config(None, [*base, "rl.sde_every_step=true", "rl.random_sde_step=true"]))
     with pytest.raises(ConfigError, match="rl.horizon"):
         validate(load_config(None, [*base, "rl.horizon=9"]))
     with pytest.raises(ConfigError, match="rl.algorithm"):

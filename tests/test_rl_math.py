@@ -173,11 +173,11 @@ def test_flow_sde_with_a_stochastic_step_per_row(pi0: PI0Policy) -> None:
         torch.testing.assert_close(mixed.x_before[row], alone.x_before[row], rtol=1e-5, atol=1e-5)
     assert (mixed.x_before[0] - mixed.x_before[1]).abs().max() > 1e-3
     sample = sample_chunk(pi0, batch, step=steps, noise_level=0.5, generator=torch.Generator().manual_seed(3))
-    assert sample.step.tolist() == [2, 7, 4]
+    assert sample.steps.tolist() == [[2], [7], [4]]
     torch.testing.assert_close(chunk_log_prob(pi0, batch, sample, noise_level=0.5), sample.log_prob,
                                rtol=1e-5, atol=1e-3)
     # Recomputed at another step, the same x before/after is another transition: a wrong step shows.
-    shifted = dataclasses.replace(sample, step=torch.tensor([3, 6, 5]))
+    shifted = dataclasses.replace(sample, steps=torch.tensor([[3], [6], [5]]))
     assert (chunk_log_prob(pi0, batch, shifted, noise_level=0.5) - sample.log_prob).abs().min() > 1e-2
     with pytest.raises(ValueError, match="stochastic step"):
         sample_chunk(pi0, batch, step=torch.tensor([1, 10, 4]), noise_level=0.5)
@@ -189,7 +189,7 @@ def test_flow_sde_with_a_stochastic_step_per_row(pi0: PI0Policy) -> None:
         policy.reset(torch.zeros(3, dtype=torch.long), batch.instructions, [11, 12, 13])
         _, log_prob, record = policy.sample_decision(batch)
         assert isinstance(record, SDESample) and torch.isfinite(log_prob).all()
-        drawn.append(record.step.tolist())
+        drawn.append(record.steps[:, 0].tolist())
     num_steps = pi0.spec.num_inference_steps
     assert drawn[0] == drawn[1] and all(1 <= s < num_steps for s in drawn[0]), drawn
     assert len(set(drawn[0])) > 1, drawn  # per env, not one draw for the batch
@@ -203,12 +203,58 @@ def test_flow_sde_with_a_stochastic_step_per_row(pi0: PI0Policy) -> None:
         alone.reset(torch.zeros(1, dtype=torch.long), batch.instructions[row : row + 1], [seed])
         one = PolicyInputs(batch.images[row : row + 1], batch.state[row : row + 1], batch.instructions[row : row + 1])
         actions_alone, log_prob_alone, record_alone = alone.sample_decision(one)
-        assert record_alone.step.tolist() == [int(record.step[row])]  # type: ignore[union-attr]
+        assert record_alone.steps.tolist() == [[int(record.steps[row, 0])]]  # type: ignore[union-attr]
         torch.testing.assert_close(actions_alone[0], actions[row], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(log_prob_alone[0], log_prob[row], rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="not both"):  # two streams for one draw: refused, not guessed
         sample_chunk(pi0, batch, step=1, noise_level=0.5, generator=torch.Generator(),
                      generators=[torch.Generator() for _ in range(3)])
+
+
+def test_flow_sde_at_every_step_credits_the_exploration_the_one_step_sampler_leaves_out(pi0: PI0Policy) -> None:
+    """rl.sde_every_step (Flow-GRPO's sampler): steps 1..N-1 all stochastic, their log-probabilities
+    summed and recomputed exactly from the stored x before/after each; a wrong x at any one step shows.
+    With the initial noise held fixed, the one-step sampler's actions spread little and the every-step
+    sampler's far more: what the every-step log-probability sees and the one-step one cannot."""
+    from vla_dist.rl.flow_sde import every_step, sample_env_chunks, step_log_probs
+
+    batch = make_batch(pi0, size=2)
+    num_steps = pi0.spec.num_inference_steps
+    steps = every_step(2, num_steps)
+    assert steps.tolist() == [list(range(1, num_steps))] * 2
+    sample = sample_chunk(pi0, batch, step=steps, noise_level=0.5, generator=torch.Generator().manual_seed(4))
+    assert sample.x_before.shape == (2, num_steps - 1, pi0.chunk_size, pi0.max_action_dim)
+    # chained: each stochastic step starts where the one before ended
+    torch.testing.assert_close(sample.x_before[:, 1:], sample.x_after[:, :-1])
+    torch.testing.assert_close(sample.x_after[:, -1], sample.actions.cpu())
+    recomputed = chunk_log_prob(pi0, batch, sample, noise_level=0.5)
+    torch.testing.assert_close(recomputed, sample.log_prob, rtol=1e-5, atol=1e-3)
+    # the sum over the steps: each step's own log-probability, one step at a time
+    one_at_a_time = sum(step_log_probs(pi0, batch, dataclasses.replace(
+        sample, steps=sample.steps[:, j : j + 1], x_before=sample.x_before[:, j : j + 1],
+        x_after=sample.x_after[:, j : j + 1]), noise_level=0.5).sum(-1) for j in range(num_steps - 1))
+    torch.testing.assert_close(one_at_a_time, recomputed, rtol=1e-4, atol=1e-3)
+    tampered = sample.x_after.clone()
+    tampered[:, 3] += 0.05
+    moved = chunk_log_prob(pi0, batch, dataclasses.replace(sample, x_after=tampered), noise_level=0.5)
+    assert (moved - sample.log_prob).abs().min() > 1e-2
+    with pytest.raises(ValueError, match="distinct"):
+        sample_chunk(pi0, batch, step=torch.tensor([[2, 2], [3, 4]]), noise_level=0.5)
+    # Same initial noise, 16 draws of the stochastic steps: the spread each sampler's log-probability sees.
+    noise = torch.randn(1, pi0.chunk_size, pi0.action_dim, generator=torch.Generator().manual_seed(6))
+    noise = noise.expand(16, -1, -1)
+    many = make_batch(pi0, size=16)
+    one = sample_chunk(pi0, many, step=num_steps // 2, noise_level=0.5, noise=noise,
+                       generator=torch.Generator().manual_seed(1)).actions[..., : pi0.action_dim]
+    every = sample_chunk(pi0, many, step=every_step(16, num_steps), noise_level=0.5, noise=noise,
+                         generator=torch.Generator().manual_seed(1)).actions[..., : pi0.action_dim]
+    assert float(every.var(0).mean()) > 3 * float(one.var(0).mean()) > 0
+    # The rollout policy's "every" mode draws from each env's stream, reproducibly.
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    actions, drawn = sample_env_chunks(pi0, batch, generators, 0.5, "every")
+    again, _ = sample_env_chunks(pi0, batch, [torch.Generator().manual_seed(s) for s in (1, 2)], 0.5, "every")
+    torch.testing.assert_close(actions, again)
+    assert drawn.steps.shape == (2, num_steps - 1)
 
 
 def test_gaussian_log_prob_matches_torch_distributions(pi0: PI0Policy) -> None:

@@ -61,6 +61,9 @@ def _rl_sampling(cfg: RunConfig) -> None:
     if cfg.model.family == "pi0" and rl.sde_step and not 1 <= rl.sde_step < steps:
         raise ConfigError("rl.sde_step", f"must lie in 1..model.num_inference_steps-1 = 1..{steps - 1} "
                           f"(t=1 has infinite noise), got {rl.sde_step}")
+    if rl.sde_every_step and (rl.sde_step or rl.random_sde_step):
+        raise ConfigError("rl.sde_every_step", "makes every denoising step stochastic: leave rl.sde_step at 0 and "
+                          f"rl.random_sde_step false (got {rl.sde_step}, {rl.random_sde_step})")
 
 
 RL_CHECKS: list[Check] = [

@@ -263,6 +263,10 @@ class RLSection:
     noise_level: float = 0.5  # pi0 Flow-SDE: exploration noise scale of the stochastic denoising step
     sde_step: int = 0  # pi0: which Euler step (1..model.num_inference_steps-1) is stochastic; 0: the middle one
     random_sde_step: bool = False  # pi0: each decision draws its stochastic step uniformly (1..N-1) instead
+    # pi0: every denoising step 1..N-1 stochastic (Flow-GRPO's sampler) instead of one: the log-probability then
+    # sees most of the exploration (one step leaves the initial noise, most of an action's spread, outside it),
+    # at N-1 model forwards per decision in the update
+    sde_every_step: bool = False
     temperature: float = 1.0  # action tokens: sampling temperature
     # > 0: rollouts execute as evaluation with eval.temporal_ensemble does, each step the ACT average
     # (weights exp(-k i)) of the overlapping sampled chunks; 0: each chunk's first rl.horizon actions as they are

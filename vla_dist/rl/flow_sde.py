@@ -2,7 +2,7 @@
 
 pi0 samples actions by integrating an ODE from noise (t=1) to actions (t=0) with Euler steps
 x <- x + dt * v(x, t), dt = -1/N: deterministic, so a sampled chunk has no likelihood to take a
-ratio of. Flow-SDE replaces ONE denoising step k (1 <= k < N) by the Euler-Maruyama step of the
+ratio of. Flow-SDE replaces denoising steps k (1 <= k < N) by the Euler-Maruyama step of the
 reverse SDE that has the same marginals as the ODE (Liu et al. 2025, Flow-GRPO, eq. 9; pi-RL's
 "Flow-SDE"), with x_t = t * noise + (1 - t) * actions and v = noise - actions (transformers' PI0):
 
@@ -10,13 +10,18 @@ reverse SDE that has the same marginals as the ODE (Liu et al. 2025, Flow-GRPO, 
     sigma_t = noise_level * sqrt(t / (1 - t)).
 
 Given x_t the step is Gaussian: the log-probability PPO/GRPO take ratios of is that of the
-stochastic transition, log N(x_{t+dt}; mean, std^2), with x_t (reached deterministically from the
-initial noise) treated as part of the state, as pi-RL does when it casts denoising as an MDP.
-Why one stochastic step and not all N: one model forward per sample recomputes the log-probability
-(the cost of an SFT step), where N would multiply the update cost by N on a CPU. Which step is
-stochastic may differ per row (`step` a tensor): with `rl.random_sde_step` every decision draws its
-own, so updates reach the velocity field at every t the deterministic sampler passes through, not
-at one (Flow-GRPO samples the step the same way).
+stochastic transitions, the sum over them of log N(x_{t+dt}; mean, std^2), with the x each starts from
+(reached from the initial noise) treated as part of the state, as pi-RL does when it casts denoising
+as an MDP.
+
+Which steps are stochastic: K per row (`steps` [B, K]). K = 1 (the default, `rl.sde_step`, or drawn
+per decision with `rl.random_sde_step`): one model forward per decision recomputes the log-probability
+(the cost of an SFT step). Its blind spot: the initial noise x_1 is a draw the log-probability does not
+contain, and for a trained policy most of an action's spread comes from it (measured in
+docs/recipes.md): the update credits a decision with a small part of what made its outcome.
+K = N - 1 (`rl.sde_every_step`, Flow-GRPO's sampler): every step but the first (t = 1, infinite
+sigma) is stochastic, so most of the spread is injected where the log-probability sees it, at N - 1
+forwards per decision in the update.
 Why Flow-SDE and not Flow-Noise (a learned noise head): it adds no parameters, so an SFT checkpoint
 starts RL unchanged and an exported policy stays a plain PI0.
 """
@@ -73,10 +78,11 @@ def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float | torc
 @dataclass
 class SDESample:
     """One stochastic chunk per batch row: the normalized, padded actions [B, chunk, max_action_dim]
-    and what recomputing its log-probability needs (each row's stochastic step, x before and after it)."""
+    and what recomputing its log-probability needs: each row's K stochastic denoising steps (`steps`
+    long [B, K], ascending) and x before and after each ([B, K, chunk, max_action_dim])."""
 
     actions: torch.Tensor
-    step: torch.Tensor  # long [B]: the denoising step that was stochastic, per row
+    steps: torch.Tensor
     x_before: torch.Tensor
     x_after: torch.Tensor
     log_prob: torch.Tensor  # [B] float32, under the sampling weights
@@ -84,14 +90,35 @@ class SDESample:
     @classmethod
     def cat(cls, samples: list[SDESample]) -> SDESample:
         """Their rows concatenated."""
-        return cls(actions=torch.cat([s.actions for s in samples]), step=torch.cat([s.step for s in samples]),
+        return cls(actions=torch.cat([s.actions for s in samples]), steps=torch.cat([s.steps for s in samples]),
                    x_before=torch.cat([s.x_before for s in samples]), x_after=torch.cat([s.x_after for s in samples]),
                    log_prob=torch.cat([s.log_prob for s in samples]))
 
     def rows(self, count: int) -> SDESample:
         """The first `count` rows."""
-        return SDESample(actions=self.actions[:count], step=self.step[:count], x_before=self.x_before[:count],
+        return SDESample(actions=self.actions[:count], steps=self.steps[:count], x_before=self.x_before[:count],
                          x_after=self.x_after[:count], log_prob=self.log_prob[:count])
+
+
+def stochastic_steps(step: int | torch.Tensor, batch: int, num_steps: int) -> torch.Tensor:
+    """long [B, K]: `step` as each row's stochastic steps. An int: that step for every row (K = 1); long
+    [B]: one per row; long [B, K]: K per row, distinct. Every step must lie in 1..N-1 (t=1 has infinite sigma)."""
+    steps = torch.as_tensor(step, dtype=torch.long)
+    steps = steps.reshape(1, 1).expand(batch, 1) if steps.ndim == 0 else steps
+    steps = steps[:, None] if steps.ndim == 1 else steps
+    if steps.ndim != 2 or steps.shape[0] != batch:
+        raise ValueError(f"stochastic steps must be an int, [B] or [B, K] with B={batch}, got {tuple(steps.shape)}")
+    if not bool(((steps >= 1) & (steps < num_steps)).all()):
+        raise ValueError(f"the stochastic step must lie in [1, {num_steps - 1}] (t=1 has infinite sigma), got {step}")
+    steps = steps.sort(dim=1).values
+    if steps.shape[1] > 1 and bool((steps[:, 1:] == steps[:, :-1]).any()):
+        raise ValueError(f"a row's stochastic steps must be distinct, got {step}")
+    return steps.clone()
+
+
+def every_step(batch: int, num_steps: int) -> torch.Tensor:
+    """long [B, N-1]: Flow-GRPO's sampler, every denoising step but the first stochastic."""
+    return torch.arange(1, num_steps).expand(batch, num_steps - 1).clone()
 
 
 def _velocity(policy: PI0Policy, prefix: dict[str, torch.Tensor], x: torch.Tensor,
@@ -104,33 +131,33 @@ def _velocity(policy: PI0Policy, prefix: dict[str, torch.Tensor], x: torch.Tenso
 def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int | torch.Tensor, noise_level: float,
                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                  generators: list[torch.Generator] | None = None) -> SDESample:
-    """pi0's Euler sampler with denoising step `step` (one for all rows, or long [B], one per row)
-    made stochastic (module docstring). `noise` (the initial x, [B, chunk, A or max_action_dim]) and
-    the SDE's noise come from `generator` when not given, so a seeded generator reproduces the sample.
-    `generators` (one per row) instead: row i draws from generators[i] exactly what it would draw
-    alone, so one batched call gives each row the sample a batch of one would (up to the rounding of
-    batched matmuls) at the cost of about one."""
+    """pi0's Euler sampler with the denoising steps `step` made stochastic (module docstring; an int for
+    all rows, long [B] one per row, or long [B, K] several per row: `stochastic_steps`). `noise` (the
+    initial x, [B, chunk, A or max_action_dim]) and the SDE's noise come from `generator` when not given,
+    so a seeded generator reproduces the sample. `generators` (one per row) instead: row i draws from
+    generators[i] exactly what it would draw alone, so one batched call gives each row the sample a
+    batch of one would (up to the rounding of batched matmuls) at the cost of about one."""
     num_steps = policy.spec.num_inference_steps
     batch = policy.check_inputs(inputs)
     if generators is not None and len(generators) != batch:
         raise ValueError(f"{len(generators)} generators for a batch of {batch}: give one per row")
     if generators is not None and generator is not None:  # which would draw is not obvious: refuse
         raise ValueError("give generator (the batch's stream) or generators (one per row), not both")
-    steps = torch.as_tensor(step, dtype=torch.long).expand(batch).clone()
-    if not bool(((steps >= 1) & (steps < num_steps)).all()):
-        raise ValueError(f"the stochastic step must lie in [1, {num_steps - 1}] (t=1 has infinite sigma), got {step}")
+    steps = stochastic_steps(step, batch, num_steps)
     prefix = policy.prepare_prefix(inputs)
     if noise is None:
         noise = (torch.cat([policy.make_noise(1, g) for g in generators]) if generators is not None
                  else policy.make_noise(batch, generator))
     x = policy.full_noise(noise, batch).float()
-    x_before, x_after = torch.empty_like(x), torch.empty_like(x)
-    log_prob = torch.zeros(batch, dtype=torch.float32, device=x.device)
+    x_before = torch.zeros(batch, steps.shape[1], *x.shape[1:])
+    x_after = torch.zeros_like(x_before)
+    log_prob = torch.zeros(batch, dtype=torch.float32)
     dt = -1.0 / num_steps
     for k in range(num_steps):
         t = step_time(k, num_steps)
         velocity = _velocity(policy, prefix, x, t)
-        here = (steps == k).to(x.device)
+        slots = steps == k  # [B, K]: which of a row's stochastic steps this is
+        here = slots.any(1)
         if not bool(here.any()):
             x = x + dt * velocity
             continue
@@ -144,38 +171,48 @@ def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int | torch.T
             eps = eps.to(x.device)
         eps[..., policy.action_dim :] = 0
         stochastic = mean + std * eps
-        x_before[here], x_after[here] = x[here], stochastic[here]
-        log_prob[here] = gaussian_log_prob(stochastic, mean, std, policy.action_dim)[here]
-        x = torch.where(here[:, None, None], stochastic, x + dt * velocity)
-    return SDESample(actions=x, step=steps, x_before=x_before, x_after=x_after, log_prob=log_prob)
+        rows, slot = slots.nonzero(as_tuple=True)
+        x_before[rows, slot], x_after[rows, slot] = x[rows].cpu(), stochastic[rows].cpu()
+        log_prob[rows] += gaussian_log_prob(stochastic, mean, std, policy.action_dim)[rows].cpu()
+        x = torch.where(here.to(x.device)[:, None, None], stochastic, x + dt * velocity)
+    return SDESample(actions=x, steps=steps, x_before=x_before, x_after=x_after, log_prob=log_prob.to(x.device))
 
 
 def sample_env_chunks(policy: PI0Policy, inputs: PolicyInputs, generators: list[torch.Generator],
-                      noise_level: float, sde_step: int | None = None) -> tuple[torch.Tensor, SDESample]:
+                      noise_level: float, sde_step: int | str | None = None) -> tuple[torch.Tensor, SDESample]:
     """(raw actions [B, chunk, A], the sample) for B envs, each drawing from its own stream: the
-    stochastic step is `sde_step`, or (None) drawn per env from 1..N-1 on its stream first, then the
-    sampler's noise (`sample_chunk(generators=...)`). RL's rollouts and `eval.noise_level` share it."""
+    stochastic step is `sde_step`, "every" (every step 1..N-1), or (None) drawn per env from 1..N-1 on
+    its stream first, then the sampler's noise (`sample_chunk(generators=...)`). RL's rollouts and
+    `eval.noise_level` share it."""
+    num_steps = policy.spec.num_inference_steps
+    steps: int | torch.Tensor
     if sde_step is None:
-        num_steps = policy.spec.num_inference_steps
         steps = torch.tensor([int(torch.randint(1, num_steps, (1,), generator=g)) for g in generators])
+    elif sde_step == "every":
+        steps = every_step(len(generators), num_steps)
     else:
-        steps = torch.tensor([sde_step] * len(generators))
+        steps = torch.tensor([int(sde_step)] * len(generators))
     sample = sample_chunk(policy, inputs, step=steps, noise_level=noise_level, generators=generators)
     return policy.unnormalize_actions(sample.actions[..., : policy.action_dim]), sample
 
 
 def step_log_probs(policy: PI0Policy, inputs: PolicyInputs, sample: SDESample, noise_level: float) -> torch.Tensor:
-    """[B, chunk] log-probability of `sample`'s stochastic step per chunk step, under the policy's
-    current weights, with gradients: one forward of the model per row (the cost of a flow-matching
-    loss), each row at its own step's t. RL sums it over the steps that ran (rl/objective.py)."""
+    """[B, chunk] log-probability of `sample`'s stochastic steps per chunk step (summed over a row's K
+    steps), under the policy's current weights, with gradients: K forwards of the model per row, in
+    one batch of B * K rows, each at its own step's t (one forward per row is the cost of a
+    flow-matching loss). RL sums it over the chunk steps that ran (rl/objective.py)."""
     prefix = policy.prepare_prefix(inputs)
     num_steps = policy.spec.num_inference_steps
-    x_before = sample.x_before.to(policy.device).float()
-    t = step_time(sample.step.to(device=x_before.device, dtype=torch.float32), num_steps)  # per row
+    batch, k = sample.steps.shape
+    if k > 1:  # every row's prefix once per stochastic step: one forward for all B * K transitions
+        prefix = {name: value.repeat_interleave(k, dim=0) for name, value in prefix.items()}
+    x_before = sample.x_before.to(policy.device).float().flatten(0, 1)
+    x_after = sample.x_after.to(policy.device).float().flatten(0, 1)
+    t = step_time(sample.steps.to(device=x_before.device, dtype=torch.float32).flatten(), num_steps)
     dt = -1.0 / num_steps
     velocity = _velocity(policy, prefix, x_before, t)
     mean, std = sde_transition(x_before, velocity, t, dt, noise_level)
-    return gaussian_step_log_probs(sample.x_after.to(policy.device).float(), mean, std, policy.action_dim)
+    return gaussian_step_log_probs(x_after, mean, std, policy.action_dim).reshape(batch, k, -1).sum(1)
 
 
 def chunk_log_prob(policy: PI0Policy, inputs: PolicyInputs, sample: SDESample, noise_level: float) -> torch.Tensor:

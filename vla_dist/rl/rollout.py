@@ -34,7 +34,8 @@ def _stream_seed(seed: int, stream: int, version: int) -> int:
 @dataclass(frozen=True)
 class Exploration:
     """How the policy explores: pi0 through Flow-SDE (`sde_step`, `noise_level`; `random_sde_step`:
-    each decision draws its stochastic step from 1..N-1 with its env's generator instead), action
+    each decision draws its stochastic step from 1..N-1 with its env's generator instead;
+    `sde_every_step`: every step 1..N-1 stochastic, Flow-GRPO's sampler), action
     tokens by sampling at `temperature`. `horizon`: control steps between decisions; without
     `temporal_ensemble` each sampled chunk's first `horizon` actions are executed as they are. With
     `temporal_ensemble` > 0 every control step executes ACT's average (weights exp(-k i)) of what each
@@ -47,6 +48,7 @@ class Exploration:
     temperature: float = 1.0
     random_sde_step: bool = False
     temporal_ensemble: float = 0.0
+    sde_every_step: bool = False
 
 
 def exploration_from(cfg: RunConfig) -> Exploration:
@@ -54,7 +56,7 @@ def exploration_from(cfg: RunConfig) -> Exploration:
     horizon, sde_step = rl_exploration_steps(cfg)
     return Exploration(horizon=horizon, noise_level=cfg.rl.noise_level, sde_step=sde_step,
                        temperature=cfg.rl.temperature, random_sde_step=cfg.rl.random_sde_step,
-                       temporal_ensemble=cfg.rl.temporal_ensemble)
+                       temporal_ensemble=cfg.rl.temporal_ensemble, sde_every_step=cfg.rl.sde_every_step)
 
 
 class ExplorationPolicy:
@@ -117,7 +119,11 @@ class ExplorationPolicy:
         model, exploration = self.model, self.exploration
         if model.family == "pi0":  # one batched call, each row drawing from its own env's stream
             # a random step is drawn from the env's stream: reproducible like the noise
-            sde_step = None if exploration.random_sde_step else exploration.sde_step
+            sde_step: int | str | None = exploration.sde_step
+            if exploration.sde_every_step:
+                sde_step = "every"
+            elif exploration.random_sde_step:
+                sde_step = None
             actions, sample = sample_env_chunks(model, inputs, self.generators,  # type: ignore[arg-type]
                                                 exploration.noise_level, sde_step)
             return actions, sample.log_prob, sample

@@ -3,9 +3,9 @@
 noise), each decision's sampler record and sampling-time log-probability, and the outcome (rewards,
 dones, success). Kept apart from shard encoding: nothing here is written to a dataset.
 
-The sampler record a log-probability is recomputed from: pi0 (Flow-SDE) the stochastic step's x
-before and after it (`x_before`, `x_after` [E, D, chunk, max_action_dim], its step `sde_steps`); action
-tokens the sampled bins (`bins` long [E, D, chunk, A]).
+The sampler record a log-probability is recomputed from: pi0 (Flow-SDE) the stochastic steps' x
+before and after each (`x_before`, `x_after` [E, D, K, chunk, max_action_dim], the steps `sde_steps`
+[E, D, K]); action tokens the sampled bins (`bins` long [E, D, chunk, A]).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Trajectories:
     lengths: torch.Tensor  # long [E]: control steps each episode ran
     reach: torch.Tensor | None  # float32 [E, D] or None
     version: int
-    sde_steps: torch.Tensor | None = None  # long [E, D]: pi0, each decision's stochastic denoising step
+    sde_steps: torch.Tensor | None = None  # long [E, D, K]: pi0, each decision's stochastic denoising steps
     x_before: torch.Tensor | None = None
     x_after: torch.Tensor | None = None
     bins: torch.Tensor | None = None
@@ -61,7 +61,7 @@ class Trajectories:
             return self.bins[e, d]
         assert self.x_before is not None and self.x_after is not None
         assert self.sde_steps is not None
-        return SDESample(actions=self.x_after[e, d], step=self.sde_steps[e, d], x_before=self.x_before[e, d],
+        return SDESample(actions=self.x_after[e, d, -1], steps=self.sde_steps[e, d], x_before=self.x_before[e, d],
                          x_after=self.x_after[e, d], log_prob=self.sample_log_probs[e, d])
 
     def shaped_rewards(self, weight: float) -> torch.Tensor:
@@ -95,7 +95,7 @@ def join_rollouts(batches: list[RolloutBatch], tasks: list[list[str]], seeds: li
     pi0 = isinstance(batches[0].records[0], SDESample)
     per_decision: dict[str, torch.Tensor] = {}
     if pi0:
-        for field, key in (("x_before", "x_before"), ("x_after", "x_after"), ("step", "sde_steps")):
+        for field, key in (("x_before", "x_before"), ("x_after", "x_after"), ("steps", "sde_steps")):
             per_decision[key] = torch.cat([pad(torch.stack([getattr(r, field) for r in b.records], dim=1))
                                             for b in batches])
     else:
