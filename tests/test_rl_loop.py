@@ -57,6 +57,7 @@ def weights(policy_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("family", "algorithm"), [
     pytest.param("pi0", "ppo", marks=[pytest.mark.heavy, pytest.mark.ci]),  # 2 RL iterations + 2 evals: ~80 s
     pytest.param("action_tokens", "grpo", marks=pytest.mark.heavy),  # token-by-token sampling: ~2x pi0's time
+    pytest.param("pi0-every-step", "grpo", marks=pytest.mark.heavy),  # rl.sde_every_step: 9 steps per decision
 ])
 def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_ray: None, tmp_path: Path,
                                             family: str, algorithm: str) -> None:
@@ -64,9 +65,12 @@ def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_r
     # pi0 draws each decision's stochastic denoising step (the logprob_drift check below then also
     # checks that every decision's log-probability is recomputed at its own step) and executes its
     # rollouts as evaluation does, the overlapping chunks averaged (rl.temporal_ensemble)
-    extra = ["rl.temporal_ensemble=0.01"] if family == "pi0" else []
+    # (or, every-step, makes every denoising step stochastic: the drift check then covers 9 per decision)
+    extra = {"pi0": ["rl.temporal_ensemble=0.01", "rl.random_sde_step=true"],
+             "pi0-every-step": ["rl.sde_every_step=true"]}.get(family, [])
+    family = family.removesuffix("-every-step")
     cfg = rl_cfg(run_dir, pretrained[family], family, f"rl.algorithm={algorithm}", "rl.eval_every=2",
-                 "eval.episodes=2", "rl.random_sde_step=true", *extra)
+                 "eval.episodes=2", *extra)
     report = run_rl(cfg)
     rows = read_metrics(run_dir / "metrics.jsonl")
     updates = [r for r in rows if "kind" not in r]
