@@ -65,9 +65,10 @@ def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_r
     # pi0 draws each decision's stochastic denoising step (the logprob_drift check below then also
     # checks that every decision's log-probability is recomputed at its own step) and executes its
     # rollouts as evaluation does, the overlapping chunks averaged (rl.temporal_ensemble)
-    # (or, every-step, makes every denoising step stochastic: the drift check then covers 9 per decision)
+    # (or, every-step, makes every denoising step stochastic: the drift check then covers 9 per decision;
+    # with every episode weighed once in the loss)
     extra = {"pi0": ["rl.temporal_ensemble=0.01", "rl.random_sde_step=true"],
-             "pi0-every-step": ["rl.sde_every_step=true"]}.get(family, [])
+             "pi0-every-step": ["rl.sde_every_step=true", "rl.loss_weighting=episode"]}.get(family, [])
     family = family.removesuffix("-every-step")
     cfg = rl_cfg(run_dir, pretrained[family], family, f"rl.algorithm={algorithm}", "rl.eval_every=2",
                  "eval.episodes=2", *extra)
@@ -157,6 +158,8 @@ def test_rl_config_errors_name_their_keys(tmp_path: Path) -> None:
         validate(load_config(None, [*base, "rl.sde_step=10"]))
     with pytest.raises(ConfigError, match="rl.sde_every_step"):
         validate(load_config(None, [*base, "rl.sde_every_step=true", "rl.random_sde_step=true"]))
+    with pytest.raises(ConfigError, match="rl.loss_weighting"):
+        validate(load_config(None, [*base, "rl.loss_weighting=token"]))
     with pytest.raises(ConfigError, match="rl.horizon"):
         validate(load_config(None, [*base, "rl.horizon=9"]))
     with pytest.raises(ConfigError, match="rl.algorithm"):

@@ -13,7 +13,7 @@ import torch
 from tests.test_models import build, make_batch
 from vla_dist.models.pi0 import PI0Policy
 from vla_dist.models.policy import PolicyInputs
-from vla_dist.rl.advantages import explained_variance, gae, group_relative_advantages
+from vla_dist.rl.advantages import episode_weights, explained_variance, gae, group_relative_advantages
 from vla_dist.rl.flow_sde import SDESample, chunk_log_prob, sample_chunk, sde_transition
 from vla_dist.rl.losses import ppo_policy_loss, value_loss
 
@@ -77,6 +77,23 @@ def test_ppo_clipped_surrogate_and_its_gradient() -> None:
     loss.backward()
     # Clipped samples (2nd: r A above the band, 4th: below) pass no gradient; d(-rA/4)/dlogp = -rA/4.
     assert new.grad.tolist() == pytest.approx([-0.25, 0.0, 1.6 / 4, 0.0], abs=1e-6)
+
+
+def test_episode_weighting_counts_every_episode_once() -> None:
+    """rl.loss_weighting=episode: a failure of 6 decisions and a success of 2 (GRPO advantages -1, +1)
+    weigh the same in the loss; over decisions the failure's 6 outweigh (mean advantage -0.5)."""
+    episodes = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    weights = episode_weights(episodes)
+    assert weights.tolist() == pytest.approx([4 / 6] * 6 + [2.0] * 2) and float(weights.mean()) == pytest.approx(1.0)
+    advantages = torch.tensor([-1.0] * 6 + [1.0] * 2)
+    assert float(advantages.mean()) == pytest.approx(-0.5) and float((weights * advantages).mean()) == pytest.approx(0)
+    logp = torch.zeros(8, requires_grad=True)  # ratio 1 everywhere: the loss is -mean(w A)
+    loss, _ = ppo_policy_loss(logp, torch.zeros(8), advantages, clip=0.2, weights=weights)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    loss.backward()  # each decision's gradient is its weighted advantage: per episode, they sum to -/+1
+    assert float(logp.grad[:6].sum()) == pytest.approx(0.5) and float(logp.grad[6:].sum()) == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="weights"):
+        ppo_policy_loss(logp, torch.zeros(8), advantages, clip=0.2, weights=torch.ones(3))
 
 
 def test_value_loss_clipping() -> None:

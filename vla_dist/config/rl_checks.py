@@ -69,6 +69,7 @@ def _rl_sampling(cfg: RunConfig) -> None:
 RL_CHECKS: list[Check] = [
     at_least("rl.iterations", 1),
     one_of("rl.algorithm", ("ppo", "grpo")),
+    one_of("rl.loss_weighting", ("decision", "episode")),
     at_least("rl.episodes_per_iteration", 1),
     at_least("rl.layouts", 0),
     at_least("rl.group_size", 1),

@@ -275,6 +275,9 @@ class RLSection:
     epochs: int = 2  # passes over each iteration's decisions
     minibatch_size: int = 8  # decisions per rank per optimizer step
     clip: float = 0.2  # PPO ratio clip
+    # "decision": the policy loss is a mean over decisions (a failed rollout, longer, outweighs a success);
+    # "episode": each decision weighted by 1 / its episode's decisions (times their mean), every episode once
+    loss_weighting: str = "decision"
     # stop an iteration's update early once a minibatch's approx KL to the sampling policy (mean over ranks)
     # passes 1.5x this (Stable-Baselines3's rule); 0: off. Large first steps are what undid a 75% policy
     target_kl: float = 0.0

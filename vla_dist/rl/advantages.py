@@ -65,3 +65,16 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     if spread < 1e-12:
         return 0.0
     return 1.0 - float((returns - values).var(unbiased=False)) / spread
+
+
+def episode_weights(episodes: torch.Tensor) -> torch.Tensor:
+    """[N] per-decision loss weights under which every episode counts equally (rl.loss_weighting=episode):
+    the mean decisions per episode over the decisions of this one (mean weight 1). `episodes` [N] is
+    each decision's episode. Without them a failed rollout, which runs to the step limit, holds more
+    decisions than a success and outweighs it in a mean over decisions; GRPO's group-relative
+    advantages sum to zero per group only when each episode counts once (Shao et al. 2024 average
+    tokens within a sequence first)."""
+    if episodes.ndim != 1:
+        raise ValueError(f"episodes must be [N], got {tuple(episodes.shape)}")
+    _, inverse, counts = torch.unique(episodes, return_inverse=True, return_counts=True)
+    return (episodes.numel() / counts.numel()) / counts[inverse].float()

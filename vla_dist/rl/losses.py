@@ -11,15 +11,20 @@ def ppo_policy_loss(
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
     clip: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017), averaged over samples:
-    -mean(min(r A, clip(r, 1-clip, 1+clip) A)), r = exp(log_prob - old_log_prob).
+    -mean(min(r A, clip(r, 1-clip, 1+clip) A)), r = exp(log_prob - old_log_prob); with `weights` [B],
+    -mean(w * min(...)) (not renormalized per minibatch, so a weighting set over the whole iteration,
+    e.g. rl.loss_weighting=episode, holds across its minibatches).
     Stats: clip_fraction (samples whose ratio left the band) and approx_kl (the k3 estimator,
     mean((r - 1) - log r), non-negative and unbiased for KL(old || new))."""
     if not (log_probs.shape == old_log_probs.shape == advantages.shape):
         raise ValueError(f"shapes differ: {log_probs.shape} {old_log_probs.shape} {advantages.shape}")
     if clip <= 0:
         raise ValueError(f"clip must be > 0, got {clip}")
+    if weights is not None and weights.shape != log_probs.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must match the samples {tuple(log_probs.shape)}")
     log_ratio = log_probs - old_log_probs.detach()
     ratio = log_ratio.exp()
     advantages = advantages.detach()
@@ -29,6 +34,8 @@ def ppo_policy_loss(
             "clip_fraction": float(((ratio - 1).abs() > clip).float().mean()),
             "approx_kl": float(((ratio - 1) - log_ratio).mean()),
         }
+    if weights is not None:
+        surrogate = surrogate * weights.detach().to(surrogate.dtype)
     return -surrogate.mean(), stats
 
 

@@ -21,7 +21,7 @@ import torch
 
 from vla_dist.config.schema import RunConfig, TrainSection
 from vla_dist.distributed.rank import DeepSpeedRank
-from vla_dist.rl.advantages import explained_variance, gae, group_relative_advantages
+from vla_dist.rl.advantages import episode_weights, explained_variance, gae, group_relative_advantages
 from vla_dist.rl.losses import ppo_policy_loss, value_loss
 from vla_dist.rl.trajectories import Trajectories
 
@@ -124,6 +124,7 @@ class RLWorker(DeepSpeedRank):
         else:  # GRPO: the episode's group-relative return on each of its decisions
             episode_adv = group_relative_advantages((rewards * traj.valid).sum(1), traj.groups)
             advantages, returns = episode_adv[positions[:, 0]], torch.zeros(count)
+        weights = episode_weights(positions[:, 0]) if rl.loss_weighting == "episode" else torch.ones(count)
         self.engine.train()
         fit = self._fit_value(value_inputs, returns[mine], iteration) if rl.value_epochs else {}
         per_step = rl.minibatch_size * self.world_size
@@ -139,7 +140,7 @@ class RLWorker(DeepSpeedRank):
             for minibatch in torch.tensor_split(order, steps_per_epoch):
                 mine = torch.tensor_split(minibatch, self.world_size)[self.rank]
                 stats = self._step(traj, positions[mine], old_log_probs[mine], advantages[mine], returns[mine],
-                                   train_policy=not warming)
+                                   weights[mine], train_policy=not warming)
                 optimizer_steps += 1
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
@@ -156,7 +157,9 @@ class RLWorker(DeepSpeedRank):
         out |= {"lr": lrs[0], **({"value_lr": lrs[-1]} if len(lrs) > 1 else {})}
         return {**out, **fit, "decisions": count, "optimizer_steps": optimizer_steps, "kl_stopped": kl_stopped,
                 "critic_warmup": warming, "logprob_drift": drift, "update_s": time.perf_counter() - started,
-                "advantage_nonzero": float((advantages.abs() > 1e-6).float().mean())}
+                "advantage_nonzero": float((advantages.abs() > 1e-6).float().mean()),
+                # as the loss weighs them (rl.loss_weighting): < 0 when failures' decisions outweigh successes'
+                "advantage_mean": float((weights * advantages).mean())}
 
     def _fit_value(self, inputs: torch.Tensor | None, returns: torch.Tensor, iteration: int) -> dict[str, float]:
         """Collective: rl.value_epochs passes of value-only steps, each rank on its share of the decisions
@@ -216,13 +219,14 @@ class RLWorker(DeepSpeedRank):
         return self.engine(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]])
 
     def _step(self, traj: Trajectories, at: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-              returns: torch.Tensor, train_policy: bool = True) -> dict[str, float]:
+              returns: torch.Tensor, weights: torch.Tensor, train_policy: bool = True) -> dict[str, float]:
         """One optimizer step; `train_policy=False` (critic warm-up): the value loss alone, so the policy's
         gradients are zero (the value head reads detached features unless rl.value_trains_backbone)."""
         rl = self.cfg.rl
         log_prob, _, value, entropy, _ = self._forward(traj, at)
         device = log_prob.device
-        policy_loss, stats = ppo_policy_loss(log_prob.float(), old_log_probs.to(device), advantages.to(device), rl.clip)
+        policy_loss, stats = ppo_policy_loss(log_prob.float(), old_log_probs.to(device), advantages.to(device), rl.clip,
+                                             weights.to(device))
         loss = policy_loss if train_policy else torch.zeros((), device=device)
         if value is not None:
             critic = value_loss(value.float(), returns.to(device))
