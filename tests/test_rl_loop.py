@@ -5,6 +5,7 @@ gradient in a few steps (success is out of reach for them)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -283,3 +284,23 @@ def test_lora_rl_syncs_the_adapter_only_and_saves_an_evaluable_policy(pretrained
     again = load_policy(tmp_path / "merged").state_dict()
     for name in changed[:5]:
         torch.testing.assert_close(again[name], tuned[name])
+
+
+def test_rollout_summary_counts_each_repeated_layout() -> None:
+    """GRPO on a practised pool: each layout's successes of its tries, so a layout that gives no
+    signal (all succeed or all fail) and one that RL moves can be told apart in metrics.jsonl."""
+    from vla_dist.rl.loop import rollout_summary
+    from vla_dist.rl.trajectories import Trajectories
+
+    success = torch.tensor([True, False, True, True, False, False])
+    e, d = 6, 2
+    traj = Trajectories(images=torch.zeros(e, d, 1, 2, 2, 3, dtype=torch.uint8), states=torch.zeros(e, d, 1),
+                        instructions=["pick"] * e, tasks=["pick_cube"] * e, seeds=[7, 7, 9, 9, 11, 11],
+                        groups=torch.tensor([0, 0, 1, 1, 2, 2]), sample_log_probs=torch.zeros(e, d),
+                        valid=torch.ones(e, d, dtype=torch.bool), executed=torch.ones(e, d, 4, dtype=torch.bool),
+                        rewards=torch.zeros(e, d), dones=torch.zeros(e, d, dtype=torch.bool), success=success,
+                        lengths=torch.full((e,), 8), reach=None, version=1)
+    summary = rollout_summary(traj, ["pick_cube"])
+    assert summary["successes"] == 3 and summary["per_layout_successes"] == {"7": "1/2", "9": "2/2", "11": "0/2"}
+    fresh = rollout_summary(dataclasses.replace(traj, seeds=[1, 2, 3, 4, 5, 6]), ["pick_cube"])
+    assert "per_layout_successes" not in fresh  # every layout tried once: nothing to add

@@ -88,8 +88,15 @@ def rollout_summary(traj: Trajectories, tasks: list[str]) -> dict[str, Any]:
     for task in tasks:
         mine = [i for i, t in enumerate(traj.tasks) if t == task]
         per_task[task] = sum(int(traj.success[i]) for i in mine) / max(len(mine), 1)
+    # A layout rolled out several times (GRPO groups, rl.layouts): its successes of its tries. A layout
+    # every try of which succeeds (or fails) gives GRPO no signal; one that moves is what RL learned.
+    per_layout: dict[str, list[int]] = {}
+    for seed, won in zip(traj.seeds, traj.success.tolist(), strict=True):
+        per_layout.setdefault(str(seed), [0, 0])[0 if won else 1] += 1
+    repeated = {seed: f"{w}/{w + f}" for seed, (w, f) in per_layout.items()} if len(per_layout) < traj.episodes else {}
     return {"success_rate": wins / traj.episodes, "successes": wins, "episodes": traj.episodes,
             "ci95": [round(low, 4), round(high, 4)], "per_task_success": per_task,
+            **({"per_layout_successes": repeated} if repeated else {}),
             "mean_return": float((traj.rewards * traj.valid).sum(1).mean()),
             "mean_length": float(traj.lengths.float().mean())}
 
