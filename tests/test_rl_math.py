@@ -274,6 +274,43 @@ def test_flow_sde_at_every_step_credits_the_exploration_the_one_step_sampler_lea
     assert drawn.steps.shape == (2, num_steps - 1)
 
 
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_flow_sde_policy_gradient_moves_the_actions_where_the_reward_points(direction: float) -> None:
+    """A bandit that can fail: one observation, 16 chunks per iteration, reward -(chunk mean of action
+    dim 0 - target)^2, group-relative advantages and the PPO surrogate on the every-step Flow-SDE
+    log-probability. The ODE sampler's action (the deployed policy) must move toward the target, up or
+    down as the reward says: a sign error, a log-probability that ignores the weights or credit given to
+    the wrong samples would leave it or send it the other way."""
+    from vla_dist.rl.advantages import group_relative_advantages
+    from vla_dist.rl.flow_sde import every_step
+
+    torch.manual_seed(0)
+    policy = build("pi0")
+    num_steps, group = policy.spec.num_inference_steps, 16
+    one = make_batch(policy, size=1)
+    inputs = PolicyInputs(one.images.expand(group, -1, -1, -1, -1), one.state.expand(group, -1),
+                          one.instructions * group)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    draws = torch.Generator().manual_seed(0)
+
+    def deployed() -> float:  # the ODE sampler's chunk mean of dim 0, the same initial noise each time
+        sample = sample_chunk(policy, inputs, step=1, noise_level=1e-6, generator=torch.Generator().manual_seed(9))
+        return float(sample.actions[..., 0].mean())
+
+    start = deployed()
+    target = start + 0.3 * direction
+    for _ in range(8):
+        sample = sample_chunk(policy, inputs, step=every_step(group, num_steps), noise_level=0.5, generator=draws)
+        reward = -(sample.actions[..., 0].mean(-1) - target) ** 2
+        advantages = group_relative_advantages(reward, torch.zeros(group, dtype=torch.long))
+        loss, _ = ppo_policy_loss(chunk_log_prob(policy, inputs, sample, 0.5), sample.log_prob, advantages, clip=0.2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    progress = (deployed() - start) / (target - start)
+    assert progress > 0.3, progress
+
+
 def test_gaussian_log_prob_matches_torch_distributions(pi0: PI0Policy) -> None:
     from vla_dist.rl.flow_sde import gaussian_log_prob
 
