@@ -149,9 +149,9 @@ def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int | torch.T
         noise = (torch.cat([policy.make_noise(1, g) for g in generators]) if generators is not None
                  else policy.make_noise(batch, generator))
     x = policy.full_noise(noise, batch).float()
-    x_before = torch.zeros(batch, steps.shape[1], *x.shape[1:])
+    x_before = torch.zeros(batch, steps.shape[1], *x.shape[1:], device=x.device)
     x_after = torch.zeros_like(x_before)
-    log_prob = torch.zeros(batch, dtype=torch.float32)
+    log_prob = torch.zeros(batch, dtype=torch.float32, device=x.device)
     dt = -1.0 / num_steps
     for k in range(num_steps):
         t = step_time(k, num_steps)
@@ -171,11 +171,11 @@ def sample_chunk(policy: PI0Policy, inputs: PolicyInputs, *, step: int | torch.T
             eps = eps.to(x.device)
         eps[..., policy.action_dim :] = 0
         stochastic = mean + std * eps
-        rows, slot = slots.nonzero(as_tuple=True)
-        x_before[rows, slot], x_after[rows, slot] = x[rows].cpu(), stochastic[rows].cpu()
-        log_prob[rows] += gaussian_log_prob(stochastic, mean, std, policy.action_dim)[rows].cpu()
+        rows, slot = slots.to(x.device).nonzero(as_tuple=True)
+        x_before[rows, slot], x_after[rows, slot] = x[rows], stochastic[rows]
+        log_prob[rows] += gaussian_log_prob(stochastic, mean, std, policy.action_dim)[rows]
         x = torch.where(here.to(x.device)[:, None, None], stochastic, x + dt * velocity)
-    return SDESample(actions=x, steps=steps, x_before=x_before, x_after=x_after, log_prob=log_prob.to(x.device))
+    return SDESample(actions=x, steps=steps, x_before=x_before, x_after=x_after, log_prob=log_prob)
 
 
 def sample_env_chunks(policy: PI0Policy, inputs: PolicyInputs, generators: list[torch.Generator],
