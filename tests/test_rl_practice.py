@@ -60,3 +60,39 @@ def test_scoring_the_pool_needs_the_pool(tmp_path: Path) -> None:
         _cfg(tmp_path, "rl.layouts=-1")
     with pytest.raises(ConfigError, match="eval.seeds"):
         _cfg(tmp_path, "eval.seeds=practice")
+
+
+def test_repeated_plays_of_a_pool_layout_draw_their_own_noise(tmp_path: Path) -> None:
+    """eval.seeds=rl with more episodes than layouts plays each layout again: same layout and task, but
+    each play's policy noise has its own seed (draw 0: the layout seed, as single plays always had), so
+    a pi0 policy's repeated plays are different samples, not copies of the first."""
+    import torch
+
+    from tests.test_models import build
+    from tests.test_temporal_ensemble import observations
+    from vla_dist.rollout.policies import ModelPolicy, PolicySource
+    from vla_dist.rollout.runner import Observation
+
+    _, requests = eval_requests(_cfg(tmp_path, "task.name=pick_cube", "rl.layouts=2", "eval.seeds=rl",
+                                     "eval.episodes=6"), 6)
+    assert [r.draw for r in requests] == [0, 0, 1, 1, 2, 2]
+    assert [r.seed for r in requests[2:]] == [r.seed for r in requests[:2]] * 2  # the same two layouts
+    assert [r.policy_seed for r in requests[:2]] == [r.seed for r in requests[:2]]
+    assert len({r.policy_seed for r in requests}) == 6
+    _, held_out = eval_requests(_cfg(tmp_path, "task.name=pick_cube"), 4)
+    assert all(r.draw == 0 and r.policy_seed == r.seed for r in held_out)
+
+    build("pi0").save_pretrained(tmp_path / "policy")
+    policy = ModelPolicy(PolicySource(kind="model", path=str(tmp_path / "policy")))
+    first = observations()[0]  # env 0's observation in both envs: the same layout, seen the same
+    obs = Observation({cam: image[[0, 0]] for cam, image in first.images.items()}, first.proprio[[0, 0]], {},
+                      first.instructions)
+
+    def first_actions(seeds: list[int]) -> torch.Tensor:
+        policy.reset(torch.zeros(2, dtype=torch.long), obs.instructions, seeds)
+        return policy.act(obs)
+
+    same = first_actions([requests[0].policy_seed, requests[0].policy_seed])
+    assert torch.equal(same[0], same[1])  # what every play of a layout got before: one sample, repeated
+    plays = first_actions([requests[0].policy_seed, requests[2].policy_seed])
+    assert (plays[0] - plays[1]).abs().max() > 1e-3

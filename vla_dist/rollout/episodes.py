@@ -59,3 +59,14 @@ DAGGER_SEED_STREAM = 3  # DAgger's rollouts (vla_dist/dagger.py): apart from dem
 def dagger_seed(run_seed: int, round_number: int, index: int) -> int:
     """Layout seed of episode `index` of DAgger round `round_number`."""
     return int(np.random.SeedSequence([run_seed, round_number, index, DAGGER_SEED_STREAM]).generate_state(1)[0])
+
+
+DRAW_SEED_STREAM = 4  # repeated plays of one layout (EpisodeRequest.draw): a policy noise seed per play
+
+
+def draw_seed(layout_seed: int, draw: int) -> int:
+    """The policy noise seed of play `draw` of a layout: the layout seed itself on play 0 (so single plays
+    are as before), an independent one on each later play."""
+    if draw == 0:
+        return layout_seed
+    return int(np.random.SeedSequence([layout_seed, draw, DRAW_SEED_STREAM]).generate_state(1)[0])

@@ -109,14 +109,15 @@ def eval_requests(cfg: RunConfig, episodes_per_task: int) -> tuple[list[str], li
     """(tasks, requests): the same seeds for the same run.seed, so evals of one run score the same layouts.
     Episode i runs tasks[i % len(tasks)] on a held-out layout, or (eval.seeds="collection") on the layout
     collection episode i had: the task rotation and seed of `vla-dist collect` under the same run.seed,
-    or (eval.seeds="rl") on layout i mod rl.layouts of the pool an RL run practised, with its task."""
+    or (eval.seeds="rl") on layout i mod rl.layouts of the pool an RL run practised, with its task: play
+    i // rl.layouts of that layout, each play drawing its own policy noise (EpisodeRequest.draw)."""
     tasks = selected_tasks(cfg.task.name)
     total = episodes_per_task * len(tasks)
     paraphrases = tuple(cfg.task.paraphrases)
     if cfg.eval.seeds == "rl":  # layout j = i mod rl.layouts of the pool, with the task it is practised on
         slots = [i % cfg.rl.layouts for i in range(total)]
-        return tasks, [EpisodeRequest(i, tasks[j % len(tasks)], practice_seed(cfg.run.seed, j), paraphrases=paraphrases)
-                       for i, j in enumerate(slots)]
+        return tasks, [EpisodeRequest(i, tasks[j % len(tasks)], practice_seed(cfg.run.seed, j), paraphrases=paraphrases,
+                                      draw=i // cfg.rl.layouts) for i, j in enumerate(slots)]
     seed_of = episode_seed if cfg.eval.seeds == "collection" else eval_seed
     return tasks, [EpisodeRequest(i, tasks[i % len(tasks)], seed_of(cfg.run.seed, i), paraphrases=paraphrases)
                    for i in range(total)]

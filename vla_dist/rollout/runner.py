@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from vla_dist.data.episode import Episode
+from vla_dist.rollout.episodes import draw_seed
 from vla_dist.sim.appearance import lighting_of, sample_scene
 from vla_dist.sim.expert import TCP_OFFSET, ScriptedExpert
 from vla_dist.sim.geometry import quat_rotate
@@ -135,10 +136,19 @@ class EpisodeRequest:
     # before the id: datasets trained on together need distinct ids (readers skip a repeated one), e.g.
     # DAgger's rounds beside the demonstrations ("dagger1-pick_cube-0000000")
     id_prefix: str = ""
+    # Which play of a repeated layout this is (eval.seeds=rl with more episodes than the pool has layouts):
+    # draw 0 gives a stochastic policy the episode seed itself, draw k > 0 a seed of its own, so episodes of
+    # one layout sample different noise instead of replaying the first one's.
+    draw: int = 0
 
     @property
     def episode_id(self) -> str:
         return f"{self.id_prefix}{self.task}-{self.index:07d}"
+
+    @property
+    def policy_seed(self) -> int:
+        """The seed a policy's noise stream gets (Policy.reset): the layout seed on draw 0."""
+        return draw_seed(self.seed, self.draw)
 
 
 def run_batch(
@@ -167,9 +177,9 @@ def run_batch(
     starts = [sample_scene(r.task, r.seed, scene.appearance) for r in padded]
     scene.reset(stack_layouts(starts))
     scene.set_lighting(lighting_of(scene.appearance, padded[0].seed))  # one light per render pass: per batch
-    policy.reset(task_ids, instructions, [r.seed for r in padded])
+    policy.reset(task_ids, instructions, [r.policy_seed for r in padded])
     if labeller is not None:
-        labeller.reset(task_ids, instructions, [r.seed for r in padded])
+        labeller.reset(task_ids, instructions, [r.policy_seed for r in padded])
 
     n = scene.n_envs
     frames: list[dict[str, np.ndarray]] = []
