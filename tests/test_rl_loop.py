@@ -67,9 +67,11 @@ def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_r
     # checks that every decision's log-probability is recomputed at its own step) and executes its
     # rollouts as evaluation does, the overlapping chunks averaged (rl.temporal_ensemble)
     # (or, every-step, makes every denoising step stochastic: the drift check then covers 9 per decision;
-    # with every episode weighed once in the loss)
+    # with every episode weighed once in the loss and the KL penalty to the start policy)
     extra = {"pi0": ["rl.temporal_ensemble=0.01", "rl.random_sde_step=true"],
-             "pi0-every-step": ["rl.sde_every_step=true", "rl.loss_weighting=episode"]}.get(family, [])
+             "pi0-every-step": ["rl.sde_every_step=true", "rl.loss_weighting=episode", "rl.kl_coef=0.1"],
+             }.get(family, [])
+    anchored = family == "pi0-every-step"
     family = family.removesuffix("-every-step")
     cfg = rl_cfg(run_dir, pretrained[family], family, f"rl.algorithm={algorithm}", "rl.eval_every=2",
                  "eval.episodes=2", *extra)
@@ -90,6 +92,8 @@ def test_rl_iterations_update_sync_and_save(pretrained: dict[str, Path], local_r
     assert updates[1]["logprob_drift"] < 1e-2, updates[1]["logprob_drift"]
     if algorithm == "ppo":
         assert updates[0]["value_loss"] > 0
+    # rl.kl_coef: iteration 2 samples from moved weights, so its paths are less likely under the start policy
+    assert ("reference_kl" in updates[1]) == anchored and (not anchored or updates[1]["reference_kl"] > 0)
     # Checkpoints carry the policy as a directory eval reads; its weights are not the start's.
     latest = ckpt.latest_checkpoint(run_dir)
     assert latest is not None and latest.name == "step_2" and report["last_iteration"] == 2
@@ -159,6 +163,8 @@ def test_rl_config_errors_name_their_keys(tmp_path: Path) -> None:
         validate(load_config(None, [*base, "rl.sde_step=10"]))
     with pytest.raises(ConfigError, match="rl.sde_every_step"):
         validate(load_config(None, [*base, "rl.sde_every_step=true", "rl.random_sde_step=true"]))
+    with pytest.raises(ConfigError, match="rl.kl_coef"):
+        validate(load_config(None, [*base, "rl.kl_coef=-0.1"]))
     with pytest.raises(ConfigError, match="rl.loss_weighting"):
         validate(load_config(None, [*base, "rl.loss_weighting=token"]))
     with pytest.raises(ConfigError, match="rl.horizon"):

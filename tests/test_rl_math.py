@@ -15,7 +15,7 @@ from vla_dist.models.pi0 import PI0Policy
 from vla_dist.models.policy import PolicyInputs
 from vla_dist.rl.advantages import episode_weights, explained_variance, gae, group_relative_advantages
 from vla_dist.rl.flow_sde import SDESample, chunk_log_prob, sample_chunk, sde_transition
-from vla_dist.rl.losses import ppo_policy_loss, value_loss
+from vla_dist.rl.losses import ppo_policy_loss, reference_kl, value_loss
 
 
 def test_gae_matches_a_hand_computation() -> None:
@@ -309,6 +309,70 @@ def test_flow_sde_policy_gradient_moves_the_actions_where_the_reward_points(dire
         optimizer.step()
     progress = (deployed() - start) / (target - start)
     assert progress > 0.3, progress
+
+
+def test_reference_kl_and_its_gradient() -> None:
+    logp = torch.tensor([0.0, -1.0, -3.0]).requires_grad_()
+    ref = torch.tensor([0.0, -2.0, -1.0])
+    kl = reference_kl(logp, ref)  # 0.5 * (0, 1, 4) averaged
+    assert kl.item() == pytest.approx(5 / 6)
+    kl.backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, 1 / 3, -2 / 3])  # (log pi - log ref) / n: toward ref
+    weighted = reference_kl(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0]), torch.tensor([2.0, 0.0]))
+    assert float(weighted) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="shapes"):
+        reference_kl(logp, torch.zeros(2))
+
+
+@pytest.mark.parametrize("coef", [1.0, 0.0])
+def test_reference_kl_pulls_a_policy_back_where_the_advantages_say_nothing(coef: float) -> None:
+    """What rl.kl_coef is for: a GRPO group every rollout of which succeeded has advantage 0, so the
+    policy loss leaves its states to whatever the other groups' updates do. With the reference penalty
+    on the every-step Flow-SDE log-probabilities, steps on such samples bring a drifted policy's sampling
+    back toward the start policy's (KL on fresh samples down >3x, the deployed ODE chunk closer); without
+    it they move nothing."""
+    import copy
+
+    from vla_dist.rl.flow_sde import every_step
+
+    torch.manual_seed(0)
+    reference = build("pi0").eval()
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():  # the drift: what updates for other layouts did to these states
+        for p in policy.parameters():
+            p.add_(0.005 * torch.randn_like(p))
+    num_steps, group = policy.spec.num_inference_steps, 16
+    one = make_batch(policy, size=1)
+    inputs = PolicyInputs(one.images.expand(group, -1, -1, -1, -1), one.state.expand(group, -1),
+                          one.instructions * group)
+    steps = every_step(group, num_steps)
+
+    @torch.no_grad()
+    def distance() -> tuple[float, float]:  # (KL on the same fresh draws, deployed chunk gap)
+        sample = sample_chunk(policy, inputs, step=steps, noise_level=0.5, generator=torch.Generator().manual_seed(7))
+        kl = reference_kl(chunk_log_prob(policy, inputs, sample, 0.5), chunk_log_prob(reference, inputs, sample, 0.5))
+        ode = [sample_chunk(m, inputs, step=1, noise_level=1e-6, generator=torch.Generator().manual_seed(9)).actions
+               for m in (policy, reference)]
+        return float(kl), float((ode[0] - ode[1]).norm())
+
+    kl_before, gap_before = distance()
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=3e-5)
+    draws = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        with torch.no_grad():
+            sample = sample_chunk(policy, inputs, step=steps, noise_level=0.5, generator=draws)
+            anchored = chunk_log_prob(reference, inputs, sample, 0.5)
+        logp = chunk_log_prob(policy, inputs, sample, 0.5)
+        loss, _ = ppo_policy_loss(logp, sample.log_prob, torch.zeros(group), clip=0.2)  # all solved: A = 0
+        loss = loss + coef * reference_kl(logp, anchored)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    kl_after, gap_after = distance()
+    if coef:
+        assert kl_after < kl_before / 3 and gap_after < 0.95 * gap_before, (kl_before, kl_after, gap_before, gap_after)
+    else:
+        assert (kl_after, gap_after) == pytest.approx((kl_before, gap_before), rel=1e-4)
 
 
 def test_gaussian_log_prob_matches_torch_distributions(pi0: PI0Policy) -> None:

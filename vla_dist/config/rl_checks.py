@@ -83,6 +83,7 @@ RL_CHECKS: list[Check] = [
     at_least("rl.minibatch_size", 1),
     greater_than("rl.clip", 0),
     at_least("rl.target_kl", 0),
+    at_least("rl.kl_coef", 0),
     at_least("rl.critic_warmup", 0),
     at_least("rl.value_coef", 0),
     at_least("rl.value_lr", 0),

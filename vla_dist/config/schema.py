@@ -281,6 +281,11 @@ class RLSection:
     # stop an iteration's update early once a minibatch's approx KL to the sampling policy (mean over ranks)
     # passes 1.5x this (Stable-Baselines3's rule); 0: off. Large first steps are what undid a 75% policy
     target_kl: float = 0.0
+    # > 0: add kl_coef * KL(policy || start policy) on each iteration's decisions to the loss (GRPO's
+    # reference penalty; the k2 estimator 0.5 (log pi - log pi_ref)^2 on the sampled paths, weighted as the
+    # policy loss is). It holds the states the advantages leave alone, e.g. a layout every rollout of its
+    # GRPO group solved (advantage 0). Costs a frozen copy of the start policy per rank and one more forward
+    kl_coef: float = 0.0
     # PPO: the first N iterations train the value head only, so no policy step follows a random critic's
     # advantages (with rl.value_trains_backbone the value loss still moves the shared backbone)
     critic_warmup: int = 0

@@ -39,6 +39,20 @@ def ppo_policy_loss(
     return -surrogate.mean(), stats
 
 
+def reference_kl(log_probs: torch.Tensor, reference_log_probs: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(policy || reference) on sampled decisions, by the k2 estimator mean(0.5 (log pi - log pi_ref)^2)
+    (Schulman's "Approximating KL divergence"): its gradient, (log pi - log pi_ref) grad log pi, is the
+    KL's on the policy's own samples, and unlike k3 (exp of the log-ratio) it cannot overflow when a
+    log-probability sums many denoising steps. `weights` as in ppo_policy_loss."""
+    if log_probs.shape != reference_log_probs.shape:
+        raise ValueError(f"shapes differ: {log_probs.shape} {reference_log_probs.shape}")
+    k2 = 0.5 * (log_probs - reference_log_probs.detach()) ** 2
+    if weights is not None:
+        k2 = k2 * weights.detach().to(k2.dtype)
+    return k2.mean()
+
+
 def value_loss(values: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor | None = None,
                clip: float | None = None) -> torch.Tensor:
     """0.5 * mean squared error of the value head against the GAE returns; with `clip`, PPO's clipped

@@ -22,7 +22,7 @@ import torch
 from vla_dist.config.schema import RunConfig, TrainSection
 from vla_dist.distributed.rank import DeepSpeedRank
 from vla_dist.rl.advantages import episode_weights, explained_variance, gae, group_relative_advantages
-from vla_dist.rl.losses import ppo_policy_loss, value_loss
+from vla_dist.rl.losses import ppo_policy_loss, reference_kl, value_loss
 from vla_dist.rl.trajectories import Trajectories
 
 RL_STATE = "rl_state.json"  # iteration and weight version of a checkpoint (rank 0, plain JSON)
@@ -74,6 +74,13 @@ class RLWorker(DeepSpeedRank):
         else:  # one group as before rl.value_lr, so checkpoints saved by earlier versions still resume
             groups = [{"params": [p for p in module.parameters() if p.requires_grad]}]
         self.engine, *_ = deepspeed.initialize(model=module, config=ds_config, model_parameters=groups)
+        self.reference: ActorCritic | None = None
+        if rl.kl_coef:  # the start policy, frozen (resumed runs too: cfg.model.pretrained is the start)
+            start = load_policy(cfg.model.pretrained)
+            start.spec.num_inference_steps = cfg.model.num_inference_steps
+            start.hf_model.to(DTYPES[cfg.model.dtype])
+            self.reference = ActorCritic(start.requires_grad_(False), None, Sampling(rl.noise_level, rl.temperature))
+            self.reference.to(self.engine.device).eval()
         self.iteration, self.version = 0, 0
         if resume is not None:
             from vla_dist.checkpoint.universal import load_resume
@@ -110,7 +117,7 @@ class RLWorker(DeepSpeedRank):
         started = time.perf_counter()
         positions = traj.positions()  # [N, 2]
         count = positions.shape[0]
-        old_log_probs, whole, values, mine, value_inputs = self._evaluate(traj, positions)
+        old_log_probs, whole, values, reference, mine, value_inputs = self._evaluate(traj, positions)
         drift = float((whole - traj.sample_log_probs[positions[:, 0], positions[:, 1]]).abs().max())
         rewards = traj.shaped_rewards(rl.shaped_reward)
         if rl.algorithm == "ppo":
@@ -140,7 +147,7 @@ class RLWorker(DeepSpeedRank):
             for minibatch in torch.tensor_split(order, steps_per_epoch):
                 mine = torch.tensor_split(minibatch, self.world_size)[self.rank]
                 stats = self._step(traj, positions[mine], old_log_probs[mine], advantages[mine], returns[mine],
-                                   weights[mine], train_policy=not warming)
+                                   weights[mine], reference[mine], train_policy=not warming)
                 optimizer_steps += 1
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
@@ -191,7 +198,8 @@ class RLWorker(DeepSpeedRank):
     def _evaluate(self, traj: Trajectories, positions: torch.Tensor) -> tuple[Any, ...]:
         """Collective: (log-probs over executed steps, whole-chunk log-probs, values) of every
         decision, each rank computing a share and all ranks receiving all; then this rank's share
-        (indices into positions) and what its value head read for them (kept for rl.value_epochs; else None)."""
+        (indices into positions) and what its value head read for them (kept for rl.value_epochs; else None).
+        With rl.kl_coef also the start policy's log-probabilities of the same sampled paths (else zeros)."""
         import torch.distributed as dist
 
         self.engine.eval()
@@ -204,30 +212,40 @@ class RLWorker(DeepSpeedRank):
             value = value if value is not None else torch.zeros_like(log_prob)
             if value_inputs is not None and self.cfg.rl.value_epochs:  # only rl.value_epochs' fit reads them
                 read.append(value_inputs.detach().float().cpu())
-            rows.append(torch.stack([log_prob.float().cpu(), whole.float().cpu(), value.float().cpu()], dim=1))
-        local = torch.cat(rows) if rows else torch.zeros(0, 3)
+            reference = torch.zeros_like(log_prob)
+            if self.reference is not None:
+                reference = self.reference(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]]).log_prob
+            rows.append(torch.stack([t.float().cpu() for t in (log_prob, whole, value, reference)], dim=1))
+        local = torch.cat(rows) if rows else torch.zeros(0, 4)
         longest = max(len(s) for s in shares)
-        padded = torch.zeros(longest, 3)
+        padded = torch.zeros(longest, 4)
         padded[: len(local)] = local
-        gathered = [torch.zeros(longest, 3) for _ in range(self.world_size)]
+        gathered = [torch.zeros(longest, 4) for _ in range(self.world_size)]
         dist.all_gather(gathered, padded)
         out = torch.cat([g[: len(s)] for g, s in zip(gathered, shares, strict=True)])
-        return out[:, 0], out[:, 1], out[:, 2], mine, (torch.cat(read) if read else None)
+        return out[:, 0], out[:, 1], out[:, 2], out[:, 3], mine, (torch.cat(read) if read else None)
 
     def _forward(self, traj: Trajectories, at: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The engine on the decisions at `at` [n, 2]: ActorCritic's Evaluation."""
         return self.engine(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]])
 
     def _step(self, traj: Trajectories, at: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-              returns: torch.Tensor, weights: torch.Tensor, train_policy: bool = True) -> dict[str, float]:
+              returns: torch.Tensor, weights: torch.Tensor, reference: torch.Tensor,
+              train_policy: bool = True) -> dict[str, float]:
         """One optimizer step; `train_policy=False` (critic warm-up): the value loss alone, so the policy's
-        gradients are zero (the value head reads detached features unless rl.value_trains_backbone)."""
+        gradients are zero (the value head reads detached features unless rl.value_trains_backbone).
+        `reference`: the start policy's log-probabilities of these decisions (rl.kl_coef)."""
         rl = self.cfg.rl
         log_prob, _, value, entropy, _ = self._forward(traj, at)
         device = log_prob.device
         policy_loss, stats = ppo_policy_loss(log_prob.float(), old_log_probs.to(device), advantages.to(device), rl.clip,
                                              weights.to(device))
         loss = policy_loss if train_policy else torch.zeros((), device=device)
+        if self.reference is not None:
+            kl = reference_kl(log_prob.float(), reference.to(device), weights.to(device))
+            stats["reference_kl"] = float(kl.detach())
+            if train_policy:
+                loss = loss + rl.kl_coef * kl
         if value is not None:
             critic = value_loss(value.float(), returns.to(device))
             loss = loss + rl.value_coef * critic
