@@ -312,7 +312,10 @@ def test_joint_scenes_run_the_expert_through_their_ik_and_replay(scene: Tabletop
             # the joint targets lead the measured joints by a control step's motion, no more; the
             # delta space records exactly that lead (target - measured joints)
             lead = joint.actions[:, :7] - (0.0 if space == "joint_delta" else joint.state[:, :7])
-            assert np.abs(lead).max() < 0.5
+            # Before the episode's last step: there Genesis' IK, whose solve from the current joints can miss
+            # its tolerance as the expert lets go, restarts from sampled joints and may land on another branch
+            # (1.8 rad on push's last step with mujoco 4.0.1 on an AMD EPYC; both scenes execute it alike)
+            assert np.abs(lead[:-1]).max() < 0.5
             assert np.abs(lead[1:]).mean() > 1e-3  # targets, not the state
         if space == "joint_delta":  # the same motion: each delta is the joint-position scene's target minus
             targets = run("joint_position", 0)  # the joints measured at that step
