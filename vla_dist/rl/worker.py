@@ -47,7 +47,6 @@ class RLWorker(DeepSpeedRank):
 
         from vla_dist.distributed.ds_config import build_ds_config
         from vla_dist.models.build import load_policy
-        from vla_dist.models.policy import DTYPES
         from vla_dist.rl.objective import ActorCritic, Sampling
         from vla_dist.rl.value import ValueHead, value_input_size
         from vla_dist.train.lora import apply_lora, trainable_count
@@ -55,8 +54,7 @@ class RLWorker(DeepSpeedRank):
         assert cfg.model.pretrained, "validated by the driver"
         torch.manual_seed(cfg.run.seed)  # the value head's init, the same on every rank
         policy, load = self.measured_load(lambda: load_policy(cfg.model.pretrained))
-        policy.spec.num_inference_steps = cfg.model.num_inference_steps
-        policy.hf_model.to(DTYPES[cfg.model.dtype])
+        _as_configured(policy, cfg)
         self.lora = cfg.train.lora.enabled
         if self.lora:
             if self.rank == 0 and not resume:  # the base every checkpoint's adapter applies to
@@ -76,10 +74,8 @@ class RLWorker(DeepSpeedRank):
         self.engine, *_ = deepspeed.initialize(model=module, config=ds_config, model_parameters=groups)
         self.reference: ActorCritic | None = None
         if rl.kl_coef:  # the start policy, frozen (resumed runs too: cfg.model.pretrained is the start)
-            start = load_policy(cfg.model.pretrained)
-            start.spec.num_inference_steps = cfg.model.num_inference_steps
-            start.hf_model.to(DTYPES[cfg.model.dtype])
-            self.reference = ActorCritic(start.requires_grad_(False), None, Sampling(rl.noise_level, rl.temperature))
+            start = _as_configured(load_policy(cfg.model.pretrained), cfg).requires_grad_(False)
+            self.reference = ActorCritic(start, None, Sampling(rl.noise_level, rl.temperature))
             self.reference.to(self.engine.device).eval()
         self.iteration, self.version = 0, 0
         if resume is not None:
@@ -207,14 +203,14 @@ class RLWorker(DeepSpeedRank):
         mine = shares[self.rank]
         rows, read = [], []
         for chunk in torch.split(mine, self.cfg.rl.minibatch_size):
-            at = positions[chunk]
-            log_prob, whole, value, _, value_inputs = self._forward(traj, at)
+            decisions = _decisions(traj, positions[chunk])
+            log_prob, whole, value, _, value_inputs = self.engine(*decisions)
             value = value if value is not None else torch.zeros_like(log_prob)
             if value_inputs is not None and self.cfg.rl.value_epochs:  # only rl.value_epochs' fit reads them
                 read.append(value_inputs.detach().float().cpu())
             reference = torch.zeros_like(log_prob)
-            if self.reference is not None:
-                reference = self.reference(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]]).log_prob
+            if self.reference is not None:  # the same decisions' inputs, built once for both
+                reference = self.reference(*decisions).log_prob
             rows.append(torch.stack([t.float().cpu() for t in (log_prob, whole, value, reference)], dim=1))
         local = torch.cat(rows) if rows else torch.zeros(0, 4)
         longest = max(len(s) for s in shares)
@@ -227,7 +223,7 @@ class RLWorker(DeepSpeedRank):
 
     def _forward(self, traj: Trajectories, at: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The engine on the decisions at `at` [n, 2]: ActorCritic's Evaluation."""
-        return self.engine(traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]])
+        return self.engine(*_decisions(traj, at))
 
     def _step(self, traj: Trajectories, at: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
               returns: torch.Tensor, weights: torch.Tensor, reference: torch.Tensor,
@@ -294,6 +290,20 @@ def learning_rate_zero(group: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         group["lr"] = lr
+
+
+def _as_configured(policy: Any, cfg: RunConfig) -> Any:
+    """A loaded policy with the run's denoising steps and dtype (the trained one and the KL reference alike)."""
+    from vla_dist.models.policy import DTYPES
+
+    policy.spec.num_inference_steps = cfg.model.num_inference_steps
+    policy.hf_model.to(DTYPES[cfg.model.dtype])
+    return policy
+
+
+def _decisions(traj: Trajectories, at: torch.Tensor) -> tuple[Any, Any, torch.Tensor]:
+    """ActorCritic's arguments for the decisions at `at` [n, 2]: inputs, sampling record, executed steps."""
+    return traj.inputs(at), traj.record(at), traj.executed[at[:, 0], at[:, 1]]
 
 
 def _save_base(policy: Any, out: Path) -> None:
